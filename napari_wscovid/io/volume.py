@@ -1,0 +1,118 @@
+"""The CT volume every other module works on.
+
+Geometry convention (BAD_INPUTS case 23): arrays are indexed (z, y, x) and every
+geometric quantity here is given in the same (z, y, x) order, so it can be handed
+to napari as ``scale`` / ``translate`` without reordering. World coordinates are
+patient LPS millimetres (DICOM / ITK convention) written as (z_LPS, y_LPS, x_LPS).
+
+``direction[:, a]`` is the unit vector of array axis ``a`` expressed in world
+(z, y, x) components, i.e. ITK's direction matrix with both axes reversed:
+``direction_zyx = direction_itk[::-1, ::-1]``. A voxel index ``(k, j, i)`` maps to
+
+    world = origin + direction @ (spacing * (k, j, i))
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class CTLoadError(ValueError):
+    """A file or series that cannot be loaded; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series found in a folder, described without reading its pixels."""
+
+    key: str  # pseudonymous series key (never a UID or a patient identifier)
+    modality: str
+    n_slices: int
+    rows: int
+    columns: int
+    description: str  # SeriesDescription, protocol text; no patient data
+    files: tuple[str, ...] = field(repr=False, default=())
+    excluded: tuple[str, ...] = ()  # human-readable reasons why files were left out
+    is_ct: bool = True
+
+
+@dataclass
+class CTVolume:
+    """A CT (or display-intensity) volume with its geometry in millimetres."""
+
+    hu: np.ndarray  # (z, y, x); Hounsfield units when is_hu, float32 or int16
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    origin: tuple[float, float, float]  # (z, y, x) mm, patient LPS, centre of voxel (0, 0, 0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))  # see module docstring
+    is_hu: bool = True
+    series_key: str = ""
+    source: str = ""  # format, e.g. "DICOM", "NIfTI"; never a path or a patient name
+    warnings: list[str] = field(default_factory=list)
+    padding_mask: np.ndarray | None = None  # True where a voxel is padding / outside the FOV
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        if self.hu.ndim != 3:
+            raise ValueError(f"CTVolume.hu must be 3-D (z, y, x), got shape {self.hu.shape}")
+        if not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise CTLoadError(f"spacing must be finite and positive, got {self.spacing}")
+        if not self.series_key:
+            self.series_key = geometry_key(self.hu.shape, self.spacing, self.origin, self.direction)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.hu.shape)
+
+    @property
+    def is_axis_aligned(self) -> bool:
+        return bool(np.allclose(np.abs(self.direction), np.eye(3), atol=1e-6))
+
+    def index_to_world(self, index_zyx) -> np.ndarray:
+        """Voxel indices (..., 3) in (z, y, x) -> LPS mm (..., 3) in (z, y, x)."""
+        idx = np.asarray(index_zyx, dtype=float)
+        return np.asarray(self.origin) + (idx * np.asarray(self.spacing)) @ self.direction.T
+
+    def world_to_index(self, world_zyx) -> np.ndarray:
+        """LPS mm (..., 3) in (z, y, x) -> fractional voxel indices (..., 3)."""
+        w = np.asarray(world_zyx, dtype=float) - np.asarray(self.origin)
+        return (w @ np.linalg.inv(self.direction).T) / np.asarray(self.spacing)
+
+    def geometry(self) -> dict:
+        """A JSON-friendly description of the grid, used to match boxes to a CT."""
+        return {
+            "shape": list(self.shape),
+            "spacing": [round(s, 6) for s in self.spacing],
+            "origin": [round(o, 4) for o in self.origin],
+            "direction": np.round(self.direction, 6).tolist(),
+        }
+
+    def layer_kwargs(self) -> dict:
+        """``scale``/``translate`` (and ``rotate`` when oblique) for a napari layer."""
+        kwargs = {"scale": self.spacing, "translate": self.origin}
+        if not self.is_axis_aligned:
+            kwargs["rotate"] = self.direction.tolist()
+        return kwargs
+
+
+def geometry_key(shape, spacing, origin, direction) -> str:
+    """A short, stable, non-identifying key derived from the grid alone."""
+    text = repr(
+        (
+            tuple(int(n) for n in shape),
+            tuple(round(float(s), 4) for s in spacing),
+            tuple(round(float(o), 2) for o in origin),
+            tuple(np.round(np.asarray(direction, dtype=float).ravel(), 4)),
+        )
+    )
+    return "ct-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def pseudonymous_key(*identifiers: str, salt: str = "napari-wscovid") -> str:
+    """Hash identifiers (e.g. a SeriesInstanceUID) into a key that reveals none of them."""
+    digest = hashlib.sha256("\x1f".join((salt, *identifiers)).encode()).hexdigest()
+    return "ct-" + digest[:12]

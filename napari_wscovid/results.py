@@ -1,0 +1,56 @@
+"""Plain data types shared by the pipeline, the CLI, the exporters and the widgets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+BOX_ORIGINS = ("detected", "edited", "added")
+
+
+@dataclass
+class Box:
+    """An axis-aligned lesion box on one axial slice.
+
+    ``y0, x0, y1, x1`` are voxel indices of the input volume, end-exclusive, so
+    ``hu[slice, y0:y1, x0:x1]`` is the boxed region.
+    """
+
+    slice: int
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    class_name: str
+    score: float
+    area_mm2: float = 0.0
+    origin: str = "detected"  # one of BOX_ORIGINS
+    source: str = "joint"  # which saliency made it: "joint", "conv3", ... or "user"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DetectionResult:
+    """Everything one detection run produced for one volume."""
+
+    classes: tuple[str, ...]
+    slice_probs: np.ndarray  # (z, K) float32; rows of slices without lung are NaN
+    patient_probs: np.ndarray  # (K,) float32
+    lung_mask: np.ndarray  # (z, y, x) uint8, 1 = right lung, 2 = left lung
+    cams: dict[str, np.ndarray] = field(default_factory=dict)  # "conv3".. -> (z, y, x) float16 in [0, 1]
+    saliency: dict[str, np.ndarray] = field(default_factory=dict)  # "conv3".."joint" -> (z, y, x) float16
+    boxes: list[Box] = field(default_factory=list)
+    involvement: dict = field(default_factory=dict)  # {"total_percent": float, "per_slice_percent": array}
+    model_info: dict = field(default_factory=dict)  # {"name", "version", "sha256", ...}
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    device: str = "cpu"
+    lung_volume_ml: float = 0.0
+    saliency_slices: tuple[int, ...] = ()  # slices whose saliency was computed
+    patient_rule: str = ""  # how slice probabilities became patient probabilities
+
+    @property
+    def predicted_class(self) -> str:
+        return self.classes[int(np.argmax(self.patient_probs))]
