@@ -1,0 +1,157 @@
+"""Command line: ``python -m napari_wscovid detect PATH --out DIR``.
+
+Writes ``summary.json``, ``slices.csv``, ``boxes.csv``, ``boxes.json`` and ``lung_mask.nii.gz``
+into DIR. Refuses to overwrite existing result files unless ``--overwrite`` is given, and
+checks that before any computation, so a typo never costs a long run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("napari_wscovid")
+
+OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_mask.nii.gz")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m napari_wscovid", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    det = sub.add_parser("detect", help="detect COVID-19 / CAP lesions in a CT and write the results")
+    det.add_argument("path", help="DICOM folder or file, NIfTI, MHA/MHD, NRRD, or a 2-D PNG/JPG")
+    det.add_argument("--out", required=True, help="output folder (created if missing)")
+    det.add_argument("--model", default="default", help="registry name or a .safetensors file")
+    det.add_argument("--sha256", default=None, help="expected SHA-256 of a user's weights file")
+    det.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    det.add_argument("--series", default=None, help="series key or index when the folder holds several")
+    det.add_argument(
+        "--saliency", default="positive", choices=("positive", "all", "none"), help="slices to explain"
+    )
+    det.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps")
+    det.add_argument("--min-box-area", type=float, default=20.0, help="smallest box kept, in mm^2")
+    det.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    det.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("models", help="list the registered models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.command == "models":
+        from napari_wscovid.models.registry import available_models, model_info
+
+        for name in available_models():
+            info = model_info(name)
+            print(f"{name}\t{', '.join(info.get('classes', []))}\t{info.get('sha256', '')}")
+        return 0
+    try:
+        return _detect(args)
+    except KeyboardInterrupt:
+        logger.error("interrupted; no result files were written")
+        return 130
+    except (OSError, ValueError, RuntimeError) as err:
+        # Bad input, bad weights or a full disk: one clear line, no traceback, non-zero exit.
+        logger.error("%s", err)
+        return 2
+
+
+def _detect(args) -> int:
+    from tqdm import tqdm
+
+    from napari_wscovid.io import load_ct
+    from napari_wscovid.pipeline import detect_iter
+
+    out = Path(args.out)
+    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them"
+        )
+    series = int(args.series) if args.series is not None and args.series.isdigit() else args.series
+    volume = load_ct(args.path, series=series)
+    for warning in volume.warnings:
+        logger.warning("%s", warning)
+    model = args.model
+    if args.sha256 and Path(model).is_file():
+        from napari_wscovid.models.registry import load_model
+
+        load_model(model, device=args.device, sha256=args.sha256)  # verifies and caches
+    gen = detect_iter(
+        volume,
+        model=model,
+        device=args.device,
+        saliency=args.saliency,
+        ig_steps=args.ig_steps,
+        min_box_area_mm2=args.min_box_area,
+    )
+    with tqdm(total=4, disable=args.quiet or not sys.stderr.isatty(), unit="stage") as bar:
+        while True:
+            try:
+                done, total, message = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            bar.n = done
+            bar.set_description(message)
+            bar.refresh()
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(result, volume, out, overwrite=args.overwrite)
+    logger.info(
+        "%s: %s (%s), %d boxes; results in %s",
+        volume.series_key,
+        result.predicted_class,
+        ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.patient_probs)),
+        len(result.boxes),
+        out,
+    )
+    return 0
+
+
+def summary_dict(result, volume) -> dict:
+    """The JSON summary of one run (no patient identifier: only the pseudonymous series key)."""
+    return {
+        "series_key": volume.series_key,
+        "classes": list(result.classes),
+        "patient_probs": {c: float(p) for c, p in zip(result.classes, result.patient_probs)},
+        "predicted_class": result.predicted_class,
+        "patient_rule": result.patient_rule,
+        "lung_volume_ml": round(result.lung_volume_ml, 1),
+        "involvement_percent": float(result.involvement.get("total_percent", 0.0)),
+        "model": result.model_info,
+        "device": result.device,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "n_boxes": len(result.boxes),
+        "saliency_slices": list(result.saliency_slices),
+        "is_hu": volume.is_hu,
+        "warnings": list(volume.warnings),
+    }
+
+
+def write_results(result, volume, out: Path, *, overwrite: bool = False) -> None:
+    """Write every output file atomically into ``out``."""
+    from napari_wscovid.io.atomic import atomic_write_text
+    from napari_wscovid.io.boxes_io import save_boxes
+    from napari_wscovid.io.write import write_image
+
+    atomic_write_text(
+        out / "summary.json", json.dumps(summary_dict(result, volume), indent=2), overwrite=overwrite
+    )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["slice", *result.classes])
+    for z, row in enumerate(result.slice_probs):
+        writer.writerow([z, *("" if np.isnan(p) else f"{p:.6f}" for p in row)])
+    atomic_write_text(out / "slices.csv", buffer.getvalue(), overwrite=overwrite)
+    meta = {"model": result.model_info, "classes": list(result.classes), "series_key": volume.series_key}
+    for name in ("boxes.json", "boxes.csv"):
+        save_boxes(out / name, result.boxes, volume.geometry(), overwrite=overwrite, **meta)
+    write_image(result.lung_mask, out / "lung_mask.nii.gz", like=volume, overwrite=overwrite)

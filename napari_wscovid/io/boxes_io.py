@@ -1,0 +1,534 @@
+"""Lesion boxes on disk: a versioned JSON format and a CSV with the same columns.
+
+No napari, no Qt. Coordinates are written twice:
+
+* voxels: ``slice, y0, x0, y1, x1`` -- indices of the CT array, end-exclusive, so
+  ``hu[slice, y0:y1, x0:x1]`` is the boxed region;
+* millimetres: ``z_mm, y0_mm, x0_mm, y1_mm, x1_mm`` -- patient LPS coordinates of the
+  box's two corners. The corners are voxel **edges**, not centres: corner 0 is the
+  outer edge of voxel ``(slice, y0, x0)`` at index ``(slice, y0 - 0.5, x0 - 0.5)``
+  and corner 1 the outer edge of voxel ``(slice, y1 - 1, x1 - 1)`` at index
+  ``(slice, y1 - 0.5, x1 - 0.5)``, both mapped with ``index_to_world``. ``z_mm`` is
+  the slice-centre coordinate of corner 0 (the slice position for axis-aligned CTs).
+  The same edge convention places the rectangles of a napari Shapes layer (see
+  :func:`boxes_to_rectangles`), so the exported mm corners are exactly the world
+  coordinates of the rectangle drawn on the screen.
+
+Both formats identify the CT only by its pseudonymous ``series_key`` and its grid
+geometry; they never carry a patient identifier (BAD_INPUTS case 38).
+
+Saving is atomic (temporary file in the destination folder, fsync, ``os.replace``),
+refuses to overwrite unless asked, and keeps the previous file as a timestamped
+``.bak`` copy when it does overwrite (cases 33-34).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from napari_wscovid.results import BOX_ORIGINS, Box
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "napari-wscovid-boxes"
+FORMAT_VERSION = 1
+
+COLUMNS = (
+    "slice",
+    "y0",
+    "x0",
+    "y1",
+    "x1",
+    "z_mm",
+    "y0_mm",
+    "x0_mm",
+    "y1_mm",
+    "x1_mm",
+    "class",
+    "score",
+    "origin",
+    "source",
+    "area_mm2",
+)
+_INT_COLUMNS = ("slice", "y0", "x0", "y1", "x1")
+_MM_COLUMNS = ("z_mm", "y0_mm", "x0_mm", "y1_mm", "x1_mm")
+
+# Tolerances used to decide whether two grids are "the same CT"; geometry() already
+# rounds spacing to 1e-6 mm and origin to 1e-4 mm, so these only absorb loader noise.
+_SPACING_TOL = 1e-4
+_ORIGIN_TOL = 1e-2
+_DIRECTION_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------- geometry
+def _geometry_arrays(geometry: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    try:
+        spacing = np.asarray(geometry["spacing"], dtype=float).reshape(3)
+        origin = np.asarray(geometry["origin"], dtype=float).reshape(3)
+        direction = np.asarray(geometry.get("direction", np.eye(3)), dtype=float).reshape(3, 3)
+        shape = tuple(int(n) for n in geometry["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"invalid CT geometry {geometry!r}: {exc}") from exc
+    if len(shape) != 3:
+        raise ValueError(f"invalid CT geometry: shape must have 3 entries, got {shape}")
+    return spacing, origin, direction, shape
+
+
+def geometry_index_to_world(geometry: dict, index_zyx) -> np.ndarray:
+    """Voxel indices (..., 3) -> LPS mm (..., 3), the same formula as ``CTVolume.index_to_world``."""
+    spacing, origin, direction, _ = _geometry_arrays(geometry)
+    idx = np.asarray(index_zyx, dtype=float)
+    return origin + (idx * spacing) @ direction.T
+
+
+def geometry_layer_kwargs(geometry: dict) -> dict:
+    """``scale``/``translate`` (and ``rotate`` when oblique) for a layer on this grid."""
+    spacing, origin, direction, _ = _geometry_arrays(geometry)
+    kwargs = {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(o) for o in origin)}
+    if not np.allclose(np.abs(direction), np.eye(3), atol=1e-6):
+        kwargs["rotate"] = direction.tolist()
+    return kwargs
+
+
+def geometry_mismatch(a: dict, b: dict) -> str:
+    """Describe how two geometries differ; an empty string when they match."""
+    sa, oa, da, sha = _geometry_arrays(a)
+    sb, ob, db, shb = _geometry_arrays(b)
+    problems = []
+    if sha != shb:
+        problems.append(f"shape {list(sha)} != {list(shb)}")
+    if not np.allclose(sa, sb, rtol=0, atol=_SPACING_TOL):
+        problems.append(f"spacing {sa.tolist()} != {sb.tolist()}")
+    if not np.allclose(oa, ob, rtol=0, atol=_ORIGIN_TOL):
+        problems.append(f"origin {oa.tolist()} != {ob.tolist()}")
+    if not np.allclose(da, db, rtol=0, atol=_DIRECTION_TOL):
+        problems.append(f"direction {da.tolist()} != {db.tolist()}")
+    return "; ".join(problems)
+
+
+def _format_geometry(g: dict) -> str:
+    return f"shape={list(g['shape'])} spacing={list(g['spacing'])} origin={list(g['origin'])}"
+
+
+# ------------------------------------------------------------------------ rows <-> boxes
+def box_corners_mm(box: Box, geometry: dict) -> dict[str, float]:
+    """The mm columns of one box (voxel-edge corners, see the module docstring)."""
+    c0, c1 = geometry_index_to_world(
+        geometry,
+        [[box.slice, box.y0 - 0.5, box.x0 - 0.5], [box.slice, box.y1 - 0.5, box.x1 - 0.5]],
+    )
+    return {
+        "z_mm": float(c0[0]),
+        "y0_mm": float(c0[1]),
+        "x0_mm": float(c0[2]),
+        "y1_mm": float(c1[1]),
+        "x1_mm": float(c1[2]),
+    }
+
+
+def box_area_mm2(y0: int, x0: int, y1: int, x1: int, geometry: dict) -> float:
+    """In-plane area of an end-exclusive voxel box in mm²."""
+    spacing = _geometry_arrays(geometry)[0]
+    return float((y1 - y0) * (x1 - x0) * spacing[1] * spacing[2])
+
+
+def box_to_row(box: Box, geometry: dict) -> dict:
+    """One box as a row with every column of :data:`COLUMNS`."""
+    row = {
+        "slice": int(box.slice),
+        "y0": int(box.y0),
+        "x0": int(box.x0),
+        "y1": int(box.y1),
+        "x1": int(box.x1),
+        **box_corners_mm(box, geometry),
+        "class": str(box.class_name),
+        "score": float(box.score),
+        "origin": str(box.origin),
+        "source": str(box.source),
+        "area_mm2": float(box.area_mm2),
+    }
+    return row
+
+
+def row_to_box(row: dict, where: str = "") -> Box:
+    """A row (from JSON or CSV) back to a :class:`Box`; raises ValueError naming the problem."""
+    try:
+        ints = {k: _as_int(row[k]) for k in _INT_COLUMNS}
+        box = Box(
+            slice=ints["slice"],
+            y0=ints["y0"],
+            x0=ints["x0"],
+            y1=ints["y1"],
+            x1=ints["x1"],
+            class_name=str(row["class"]),
+            score=_as_float(row.get("score")),
+            area_mm2=_as_float(row.get("area_mm2", 0.0)),
+            origin=str(row.get("origin") or "detected"),
+            source=str(row.get("source") or ""),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}invalid box row {row!r}: {exc!r}") from exc
+    if box.origin not in BOX_ORIGINS:
+        raise ValueError(f"{where}box origin must be one of {BOX_ORIGINS}, got {box.origin!r}")
+    if box.y1 <= box.y0 or box.x1 <= box.x0:
+        raise ValueError(f"{where}empty box (y0={box.y0}, y1={box.y1}, x0={box.x0}, x1={box.x1})")
+    return box
+
+
+def _as_int(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    f = float(value)
+    if not f.is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(f)
+
+
+def _as_float(value) -> float:
+    # JSON has no NaN: a missing score (a box the user drew) is written as null / an empty cell.
+    if value is None or value == "":
+        return math.nan
+    return float(value)
+
+
+def _json_number(value: float):
+    return None if value is None or not math.isfinite(value) else value
+
+
+# ------------------------------------------------------------------------ serialisation
+def boxes_to_json_text(
+    boxes: Iterable[Box],
+    geometry: dict,
+    *,
+    series_key: str = "",
+    model: dict | None = None,
+    classes: Sequence[str] = (),
+) -> str:
+    """The JSON document for these boxes (floats at full ``repr`` precision)."""
+    rows = []
+    for box in boxes:
+        row = box_to_row(box, geometry)
+        row["score"] = _json_number(row["score"])
+        row["area_mm2"] = _json_number(row["area_mm2"])
+        rows.append(row)
+    model = dict(model or {})
+    doc = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "series_key": str(series_key),
+        "geometry": _plain_geometry(geometry),
+        "model": {k: model.get(k, "") for k in ("name", "version", "sha256")},
+        "classes": [str(c) for c in classes],
+        "boxes": rows,
+    }
+    # json writes floats with repr(), the shortest text that reads back to the same double.
+    return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+
+
+def boxes_to_csv_text(boxes: Iterable[Box], geometry: dict) -> str:
+    """CSV with a header row always, so an export with no boxes is still a valid file."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for box in boxes:
+        row = box_to_row(box, geometry)
+        writer.writerow([_csv_cell(row[c]) for c in COLUMNS])
+    return buf.getvalue()
+
+
+def _csv_cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def _plain_geometry(geometry: dict) -> dict:
+    spacing, origin, direction, shape = _geometry_arrays(geometry)
+    return {
+        "shape": list(shape),
+        "spacing": [float(s) for s in spacing],
+        "origin": [float(o) for o in origin],
+        "direction": direction.tolist(),
+    }
+
+
+# ------------------------------------------------------------------------------- saving
+def save_boxes(
+    path,
+    boxes: Iterable[Box],
+    volume_geometry: dict,
+    *,
+    series_key: str = "",
+    model: dict | None = None,
+    classes: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write boxes to ``path`` (``.csv`` -> CSV, anything else -> JSON), atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination file.
+    boxes : iterable of Box
+        The boxes, in voxel indices of the CT described by ``volume_geometry``.
+    volume_geometry : dict
+        ``CTVolume.geometry()`` of the CT the boxes were made on.
+    series_key, model, classes
+        Pseudonymous CT key, ``{"name", "version", "sha256"}`` and class names (JSON only).
+    overwrite : bool
+        If False and ``path`` exists, raise FileExistsError. If True, the previous
+        file is first copied to ``<name>.<timestamp>.bak<ext>`` beside it.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    path = Path(path)
+    boxes = list(boxes)
+    if path.suffix.lower() == ".csv":
+        text = boxes_to_csv_text(boxes, volume_geometry)
+    else:
+        text = boxes_to_json_text(
+            boxes, volume_geometry, series_key=series_key, model=model, classes=classes
+        )
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            backup = backup_path(path)
+            shutil.copy2(path, backup)
+            logger.info("kept the previous boxes file as %s", backup.name)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def backup_path(path: Path) -> Path:
+    """A free ``<name>.<timestamp>.bak<ext>`` name beside ``path``."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    stem, ext = path.name[: -len(path.suffix)] if path.suffix else path.name, path.suffix
+    candidate = path.with_name(f"{stem}.{stamp}.bak{ext}")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{stem}.{stamp}-{n}.bak{ext}")
+        n += 1
+    return candidate
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform (Windows), hence best effort.
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# ------------------------------------------------------------------------------ loading
+def load_boxes(path, expected_geometry: dict | None = None) -> tuple[list[Box], dict]:
+    """Read boxes written by :func:`save_boxes`.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.json`` or ``.csv`` boxes file.
+    expected_geometry : dict, optional
+        ``geometry()`` of the CT the boxes are meant for. When given and the file was
+        made on a different grid, a ValueError naming both geometries is raised.
+
+    Returns
+    -------
+    boxes : list of Box
+    meta : dict
+        ``format``, ``version``, ``series_key``, ``geometry`` (None for CSV), ``model``, ``classes``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read boxes file {path.name}: {exc}") from exc
+    if path.suffix.lower() == ".csv":
+        return _load_csv(text, path.name, expected_geometry)
+    return _load_json(text, path.name, expected_geometry)
+
+
+def _load_json(text: str, name: str, expected_geometry: dict | None) -> tuple[list[Box], dict]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise ValueError(f"{name} is not a {FORMAT_NAME} file (missing 'format': '{FORMAT_NAME}')")
+    version = doc.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ValueError(
+            f"{name} has boxes format version {version!r}; this napari-wscovid reads version "
+            f"{FORMAT_VERSION} or older"
+        )
+    geometry = doc.get("geometry")
+    _geometry_arrays(geometry if isinstance(geometry, dict) else {})
+    if expected_geometry is not None:
+        diff = geometry_mismatch(geometry, expected_geometry)
+        if diff:
+            raise ValueError(
+                f"the boxes in {name} were made on a CT with a different geometry ({diff}). "
+                f"Boxes: {_format_geometry(geometry)}; this CT: {_format_geometry(expected_geometry)}"
+            )
+    rows = doc.get("boxes")
+    if not isinstance(rows, list):
+        raise ValueError(f"{name}: 'boxes' must be a list")
+    boxes = [row_to_box(r, f"{name} box {i}: ") for i, r in enumerate(rows)]
+    _check_in_grid(boxes, geometry, name)
+    meta = {
+        "format": FORMAT_NAME,
+        "version": version,
+        "series_key": str(doc.get("series_key", "")),
+        "geometry": geometry,
+        "model": dict(doc.get("model") or {}),
+        "classes": list(doc.get("classes") or []),
+    }
+    return boxes, meta
+
+
+def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[list[Box], dict]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{name} is not a boxes CSV: missing columns {missing}")
+    boxes, mm_rows = [], []
+    for i, row in enumerate(reader):
+        boxes.append(row_to_box(row, f"{name} row {i + 2}: "))
+        mm_rows.append(row)
+    if expected_geometry is not None:
+        # A CSV carries no geometry block, but its mm columns pin down origin and spacing:
+        # recompute them on the expected grid and refuse if they disagree.
+        _check_in_grid(boxes, expected_geometry, name)
+        for box, row in zip(boxes, mm_rows, strict=True):
+            expected = box_corners_mm(box, expected_geometry)
+            stored = {k: float(row[k]) for k in _MM_COLUMNS}
+            if any(abs(stored[k] - expected[k]) > _ORIGIN_TOL for k in _MM_COLUMNS):
+                raise ValueError(
+                    f"the boxes in {name} were made on a CT with a different geometry: box on slice "
+                    f"{box.slice} has mm corners {stored} but on this CT "
+                    f"({_format_geometry(expected_geometry)}) they would be {expected}"
+                )
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "series_key": "",
+        "geometry": None,
+        "model": {},
+        "classes": sorted({b.class_name for b in boxes}),
+    }
+    return boxes, meta
+
+
+def _check_in_grid(boxes: list[Box], geometry: dict, name: str) -> None:
+    shape = _geometry_arrays(geometry)[3]
+    for b in boxes:
+        if not (0 <= b.slice < shape[0] and 0 <= b.y0 and b.y1 <= shape[1] and 0 <= b.x0 and b.x1 <= shape[2]):
+            raise ValueError(f"{name}: box {b.as_dict()} lies outside the CT grid {list(shape)}")
+
+
+# ------------------------------------------------------------- napari rectangles <-> boxes
+def boxes_to_rectangles(boxes: Iterable[Box]) -> list[np.ndarray]:
+    """Rectangles (4, 3) in CT data coordinates, ``z = slice``, corners on voxel edges."""
+    rects = []
+    for b in boxes:
+        ya, yb = b.y0 - 0.5, b.y1 - 0.5
+        xa, xb = b.x0 - 0.5, b.x1 - 0.5
+        z = float(b.slice)
+        rects.append(np.array([[z, ya, xa], [z, ya, xb], [z, yb, xb], [z, yb, xa]], dtype=float))
+    return rects
+
+
+def rectangle_to_voxels(vertices, shape_zyx: Sequence[int] | None = None) -> tuple[int, int, int, int, int]:
+    """``(slice, y0, x0, y1, x1)`` of a drawn or moved rectangle, snapped to whole voxels."""
+    v = np.asarray(vertices, dtype=float)
+    z = int(np.rint(v[:, 0].mean()))
+    y0, y1 = (int(np.rint(t + 0.5)) for t in (v[:, 1].min(), v[:, 1].max()))
+    x0, x1 = (int(np.rint(t + 0.5)) for t in (v[:, 2].min(), v[:, 2].max()))
+    if shape_zyx is not None:
+        nz, ny, nx = (int(n) for n in shape_zyx)
+        z = min(max(z, 0), nz - 1)
+        y0, y1 = min(max(y0, 0), ny - 1), min(max(y1, 1), ny)
+        x0, x1 = min(max(x0, 0), nx - 1), min(max(x1, 1), nx)
+    # A rectangle thinner than a voxel still marks one voxel rather than vanishing.
+    y1, x1 = max(y1, y0 + 1), max(x1, x0 + 1)
+    return z, y0, x0, y1, x1
+
+
+def rectangles_to_boxes(rectangles: Sequence, features, geometry: dict) -> list[Box]:
+    """Boxes from Shapes-layer rectangles and their features table.
+
+    ``features`` is a mapping (or DataFrame) with the columns ``class``, ``score``,
+    ``origin``, ``source`` and ``area_mm2``; a missing or non-finite area is
+    recomputed from the snapped voxel box.
+    """
+    shape = _geometry_arrays(geometry)[3]
+    n = len(rectangles)
+
+    def column(name, default):
+        if features is not None and name in features:
+            values = list(features[name])
+            if len(values) == n:
+                return values
+        return [default] * n
+
+    classes = column("class", "")
+    scores = column("score", math.nan)
+    origins = column("origin", "added")
+    sources = column("source", "user")
+    areas = column("area_mm2", math.nan)
+    boxes = []
+    for i, rect in enumerate(rectangles):
+        z, y0, x0, y1, x1 = rectangle_to_voxels(rect, shape)
+        area = _as_float(areas[i])
+        if not math.isfinite(area):
+            area = box_area_mm2(y0, x0, y1, x1, geometry)
+        origin = str(origins[i]) if str(origins[i]) in BOX_ORIGINS else "added"
+        boxes.append(
+            Box(
+                slice=z,
+                y0=y0,
+                x0=x0,
+                y1=y1,
+                x1=x1,
+                class_name=str(classes[i]),
+                score=_as_float(scores[i]),
+                area_mm2=area,
+                origin=origin,
+                source=str(sources[i]),
+            )
+        )
+    return boxes
