@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     det.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sub.add_parser("models", help="list the registered models")
+    view = sub.add_parser("view", help="open napari with a CT (default: the bundled sample) and the widget")
+    view.add_argument("path", nargs="?", default=None, help="CT to open; omitted: the bundled sample")
     return parser
 
 
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             info = model_info(name)
             print(f"{name}\t{', '.join(info.get('classes', []))}\t{info.get('sha256', '')}")
         return 0
+    if args.command == "view":
+        return _view(args.path)
     try:
         return _detect(args)
     except KeyboardInterrupt:
@@ -113,6 +117,19 @@ def _detect(args) -> int:
         len(result.boxes),
         out,
     )
+    return 0
+
+
+def _view(path: str | None) -> int:
+    import napari
+
+    viewer = napari.Viewer(title="napari-wscovid")
+    if path is None:
+        viewer.open_sample("napari-wscovid", "covid_phantom")
+    else:
+        viewer.open(path, plugin="napari-wscovid")
+    viewer.window.add_plugin_dock_widget("napari-wscovid", "Run detection")
+    napari.run()
     return 0
 
 
