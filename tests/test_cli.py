@@ -1,0 +1,126 @@
+"""``python -m napari_wscovid detect`` on the bundled sample, a phantom file and real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from napari_wscovid.cli import OUTPUT_FILES, main
+
+REPO = Path(__file__).resolve().parents[1]
+BOX_COLUMNS = ["slice", "y0", "x0", "y1", "x1", "z_mm", "y0_mm", "x0_mm", "y1_mm", "x1_mm", "class", "score"]
+
+
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory):
+    from napari_wscovid.io.write import write_image
+    from napari_wscovid.phantom import make_phantom
+
+    phantom = make_phantom("CAP", n_slices=12, size=128, seed=5)
+    path = tmp_path_factory.mktemp("ct") / "phantom.nii.gz"
+    write_image(phantom.volume, path)
+    return path
+
+
+def _check_outputs(out: Path, n_slices: int) -> dict:
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["patient_probs"]) == set(summary["classes"])
+    assert summary["predicted_class"] in summary["classes"]
+    assert abs(sum(summary["patient_probs"].values()) - 1) < 1e-3
+    assert summary["lung_volume_ml"] > 0
+    assert set(summary["model"]) >= {"name", "version", "sha256"}
+    assert summary["device"] == "cpu"
+    with open(out / "slices.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["slice", *summary["classes"]] and len(rows) == n_slices + 1
+    with open(out / "boxes.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[: len(BOX_COLUMNS)] == BOX_COLUMNS
+    boxes = json.loads((out / "boxes.json").read_text())
+    assert len(boxes["boxes"]) == summary["n_boxes"]
+    return summary
+
+
+def test_cli_detect_writes_every_file(phantom_file, tmp_path):
+    out = tmp_path / "res"
+    code = main(["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q",
+                 "--ig-steps", "2"])
+    assert code == 0
+    _check_outputs(out, 12)
+    import SimpleITK as sitk
+
+    mask = sitk.ReadImage(str(out / "lung_mask.nii.gz"))
+    source = sitk.ReadImage(str(phantom_file))
+    assert mask.GetSize() == source.GetSize()
+    assert mask.GetSpacing() == pytest.approx(source.GetSpacing())
+    assert mask.GetOrigin() == pytest.approx(source.GetOrigin())
+
+
+def test_cli_never_overwrites_without_flag(phantom_file, tmp_path):
+    out = tmp_path / "res"
+    args = ["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q", "--saliency", "none"]
+    assert main(args) == 0
+    before = (out / "summary.json").read_bytes()
+    assert main(args) == 2  # refused before any work
+    assert (out / "summary.json").read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_cli_bad_input_exits_nonzero_with_message(tmp_path, caplog):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    code = main(["detect", str(bad), "--out", str(tmp_path / "o"), "--model", "tiny-test", "-q"])
+    assert code == 2
+    assert "broken.nii.gz" in caplog.text
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_cli_runs_as_module_on_the_bundled_sample(tmp_path):
+    sample = REPO / "sample_data" / "phantom_covid" / "dicom"
+    if not sample.is_dir():
+        pytest.skip("bundled sample not present")
+    out = tmp_path / "res"
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_wscovid", "detect", str(sample), "--out", str(out),
+         "--model", "tiny-test", "--saliency", "none"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _check_outputs(out, len(list(sample.glob("*.dcm"))))
+
+
+def test_cli_png_input_gives_single_slice(tmp_path):
+    import numpy as np
+    from skimage.io import imsave
+
+    from napari_wscovid.phantom import make_phantom
+
+    phantom = make_phantom("COVID-19", n_slices=8, size=128, seed=1)
+    hu = phantom.volume.hu[4].astype(np.float32)
+    png = ((np.clip(hu, -1350, 150) + 1350) / 1500 * 255).astype(np.uint8)
+    path = tmp_path / "slice.png"
+    imsave(path, png)
+    out = tmp_path / "res"
+    assert main(["detect", str(path), "--out", str(out), "--model", "tiny-test", "-q",
+                 "--ig-steps", "2"]) == 0
+    summary = _check_outputs(out, 1)
+    assert summary["is_hu"] is False
+
+
+@pytest.mark.real_data
+def test_cli_on_a_real_series(covid_ct_md, tmp_path):
+    series = covid_ct_md / "Normal subjects" / "normal001"
+    out = tmp_path / "res"
+    assert main(["detect", str(series), "--out", str(out), "--model", "tiny-test", "-q",
+                 "--saliency", "none"]) == 0
+    summary = _check_outputs(out, 154)
+    assert 2500 < summary["lung_volume_ml"] < 8000
+    text = (out / "summary.json").read_text() + (out / "boxes.json").read_text()
+    assert "normal001" not in text  # the folder name could identify the patient

@@ -1,0 +1,149 @@
+"""End-to-end detection on a small phantom with the tiny test model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_wscovid.pipeline import (
+    SALIENCY_LAYERS,
+    detect,
+    detect_iter,
+    lung_slices,
+    patient_probabilities,
+)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from napari_wscovid.phantom import make_phantom
+
+    return make_phantom("COVID-19", n_slices=16, size=128, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(phantom):
+    return detect(
+        phantom.volume, model="tiny-test", saliency="all", lung_mask=phantom.lung_mask, ig_steps=4
+    )
+
+
+def test_patient_rule_uses_most_abnormal_slices():
+    classes = ("NP", "CAP", "COVID-19")
+    probs = np.array([[0.9, 0.05, 0.05]] * 40 + [[0.1, 0.1, 0.8]] * 4 + [[np.nan] * 3] * 5)
+    patient, rule = patient_probabilities(probs, classes)
+    assert classes[int(np.argmax(patient))] == "COVID-19"  # 4 sick slices of 44 decide it
+    assert "lowest NP" in rule
+    healthy, _ = patient_probabilities(np.array([[0.9, 0.05, 0.05]] * 20), classes)
+    assert classes[int(np.argmax(healthy))] == "NP"
+
+
+def test_patient_rule_without_lung_is_nan():
+    patient, rule = patient_probabilities(np.full((3, 2), np.nan), ("NP", "COVID-19"))
+    assert np.isnan(patient).all() and rule == "no lung slice"
+
+
+def test_lung_slices_drops_slices_with_little_lung():
+    mask = np.zeros((3, 50, 50), np.uint8)
+    mask[1, 10:40, 10:40] = 1  # 900 px of 1 mm^2
+    mask[2, 0:2, 0:2] = 2  # 4 px
+    assert lung_slices(mask, (5.0, 1.0, 1.0)).tolist() == [1]
+
+
+def test_detect_end_to_end_shapes_and_ranges(phantom, tiny_result):
+    r = tiny_result
+    z, y, x = phantom.volume.shape
+    assert r.classes == ("NP", "CAP", "COVID-19")
+    assert r.slice_probs.shape == (z, 3)
+    lung_idx = lung_slices(phantom.lung_mask, phantom.volume.spacing)
+    assert np.allclose(r.slice_probs[lung_idx].sum(1), 1, atol=1e-4)
+    outside = np.setdiff1d(np.arange(z), lung_idx)
+    assert np.isnan(r.slice_probs[outside]).all()
+    assert r.patient_probs.shape == (3,) and abs(float(r.patient_probs.sum()) - 1) < 1e-4
+    assert set(r.cams) == {"conv3", "conv4", "conv5"}
+    for cam in r.cams.values():
+        assert cam.shape == (z, y, x) and cam.dtype == np.float16
+        assert float(cam.min()) >= 0 and float(cam.max()) <= 1.0 + 1e-3
+    assert set(r.saliency) == set(SALIENCY_LAYERS)
+    for name, sal in r.saliency.items():
+        assert sal.shape == (z, y, x)
+        assert np.abs(sal[phantom.lung_mask == 0]).max() == 0, f"{name} saliency leaks outside the lung"
+    assert set(r.saliency_slices) == set(lung_idx.tolist())
+    assert r.model_info["name"] == "tiny-test" and len(r.model_info["sha256"]) == 64
+    assert r.device == "cpu"
+    expected_ml = np.count_nonzero(phantom.lung_mask) * np.prod(phantom.volume.spacing) / 1000
+    assert r.lung_volume_ml == pytest.approx(expected_ml)
+    assert 0 <= r.involvement["total_percent"] <= 100
+    for box in r.boxes:
+        assert box.slice in r.saliency_slices
+        assert 0 <= box.y0 < box.y1 <= y and 0 <= box.x0 < box.x1 <= x
+        assert box.class_name in r.classes and 0 <= box.score <= 1
+    assert {"lung_segmentation", "classification", "saliency_and_boxes"} <= set(r.timings)
+
+
+def test_joint_saliency_is_product_of_scaled_maps(tiny_result):
+    z = tiny_result.saliency_slices[len(tiny_result.saliency_slices) // 2]
+    s = {k: v[z].astype(np.float32) for k, v in tiny_result.saliency.items()}
+    product = s["conv3"] * s["conv4"] * s["conv5"]
+    # float16 storage of each factor bounds the agreement
+    assert np.allclose(s["joint"], product, atol=2e-3)
+
+
+def test_detect_iter_progress_and_no_saliency(phantom):
+    gen = detect_iter(phantom.volume, model="tiny-test", saliency="none", lung_mask=phantom.lung_mask)
+    messages = []
+    while True:
+        try:
+            done, total, message = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        assert 0 <= done <= total
+        messages.append(message)
+    assert any("Classif" in m for m in messages) and messages[-1] == "Done"
+    assert result.saliency == {} and result.boxes == [] and result.saliency_slices == ()
+
+
+def test_detect_iter_can_be_cancelled_at_a_yield(phantom):
+    gen = detect_iter(phantom.volume, model="tiny-test", saliency="all", lung_mask=phantom.lung_mask)
+    next(gen)
+    next(gen)
+    gen.close()  # what napari's worker.quit() does between yields
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_detect_refuses_a_mismatched_lung_mask(phantom):
+    with pytest.raises(ValueError, match="lung mask shape"):
+        detect(phantom.volume, model="tiny-test", lung_mask=np.zeros((2, 2, 2), np.uint8))
+
+
+def test_detect_refuses_unknown_scope(phantom):
+    with pytest.raises(ValueError, match="saliency must be one of"):
+        detect(phantom.volume, model="tiny-test", saliency="everything")
+
+
+def test_detect_accepts_an_injected_model(phantom):
+    import torch
+
+    from napari_wscovid.models.wsnet import TASK_CLASSES, WSNet, tiny_config
+
+    torch.manual_seed(0)
+    net = WSNet(tiny_config(TASK_CLASSES["np_vs_covid"]))
+    r = detect(phantom.volume, model=net, saliency="slices", slices=[8], lung_mask=phantom.lung_mask,
+               ig_steps=2)
+    assert r.classes == ("NP", "COVID-19")
+    assert r.saliency_slices in ((8,), ())
+
+
+def test_nan_output_is_a_clear_error(phantom):
+    import torch
+
+    from napari_wscovid.models.wsnet import WSNet, tiny_config
+
+    net = WSNet(tiny_config())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        detect(phantom.volume, model=net, saliency="none", lung_mask=phantom.lung_mask)
