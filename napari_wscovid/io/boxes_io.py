@@ -303,9 +303,7 @@ def save_boxes(
     if path.suffix.lower() == ".csv":
         text = boxes_to_csv_text(boxes, volume_geometry)
     else:
-        text = boxes_to_json_text(
-            boxes, volume_geometry, series_key=series_key, model=model, classes=classes
-        )
+        text = boxes_to_json_text(boxes, volume_geometry, series_key=series_key, model=model, classes=classes)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
     folder = path.parent if str(path.parent) else Path(".")
@@ -456,7 +454,9 @@ def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[lis
 def _check_in_grid(boxes: list[Box], geometry: dict, name: str) -> None:
     shape = _geometry_arrays(geometry)[3]
     for b in boxes:
-        if not (0 <= b.slice < shape[0] and 0 <= b.y0 and b.y1 <= shape[1] and 0 <= b.x0 and b.x1 <= shape[2]):
+        if not (
+            0 <= b.slice < shape[0] and 0 <= b.y0 and b.y1 <= shape[1] and 0 <= b.x0 and b.x1 <= shape[2]
+        ):
             raise ValueError(f"{name}: box {b.as_dict()} lies outside the CT grid {list(shape)}")
 
 

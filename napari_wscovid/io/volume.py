@@ -37,6 +37,7 @@ class SeriesInfo:
     files: tuple[str, ...] = field(repr=False, default=())
     excluded: tuple[str, ...] = ()  # human-readable reasons why files were left out
     is_ct: bool = True
+    incomplete: bool = False  # some files are truncated or corrupt; loading it is refused
 
 
 @dataclass
