@@ -1,0 +1,96 @@
+"""Segment the lungs of the three COVID-CT-MD sample series; print volumes, draw outlines.
+
+Run: ``python scripts/lung_masks_real.py [--data ../shared/data] [--out docs/lung_masks_real.png]``
+Writes a figure with three axial and one coronal slice per series, right lung red,
+left lung blue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+from napari_wscovid.io.volume import CTVolume  # noqa: E402
+from napari_wscovid.lung import LEFT, RIGHT, lung_volumes_ml, segment_lungs  # noqa: E402
+
+SERIES = {
+    "P001 (COVID-19)": "COVID-19 subjects/P001",
+    "cap001 (CAP)": "Cap subjects/cap001",
+    "normal001 (normal)": "Normal subjects/normal001",
+}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_series(folder: Path) -> CTVolume:
+    """A DICOM series as a CTVolume (GDCM decodes the JPEG-lossless pixels)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    return CTVolume(
+        hu=sitk.GetArrayFromImage(image),
+        spacing=image.GetSpacing()[::-1],
+        origin=image.GetOrigin()[::-1],
+        direction=np.asarray(image.GetDirection()).reshape(3, 3)[::-1, ::-1],
+        source="DICOM",
+    )
+
+
+def draw(axis, image, labels, aspect=1.0, title="") -> None:
+    axis.imshow(image, cmap="gray", vmin=-1200, vmax=300, aspect=aspect, interpolation="nearest")
+    for side, colour in ((RIGHT, "red"), (LEFT, "deepskyblue")):
+        if (labels == side).any():
+            axis.contour(labels == side, levels=[0.5], colors=colour, linewidths=0.8)
+    axis.set_title(title, fontsize=9)
+    axis.axis("off")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "lung_masks_real.png")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    root = args.data / "covid-ct-md" / "sample_data"
+    figure, axes = plt.subplots(len(SERIES), 4, figsize=(16, 4.2 * len(SERIES)))
+    for row, (name, relative) in enumerate(SERIES.items()):
+        volume = read_series(root / relative)
+        start = time.perf_counter()
+        labels = segment_lungs(volume)
+        seconds = time.perf_counter() - start
+        litres = {key: value / 1000 for key, value in lung_volumes_ml(labels, volume.spacing).items()}
+        print(
+            f"{name}: {volume.shape}, {seconds:.1f} s, right {litres['right']:.2f} L, "
+            f"left {litres['left']:.2f} L, total {litres['total']:.2f} L"
+        )
+        occupied = np.flatnonzero(labels.any(axis=(1, 2)))
+        for column, fraction in enumerate((0.2, 0.5, 0.85)):
+            z = int(occupied[0] + fraction * (occupied[-1] - occupied[0]))
+            draw(axes[row, column], volume.hu[z], labels[z], title=f"{name} axial z={z}")
+        y = int(np.nonzero(labels.any(axis=(0, 2)))[0].mean())
+        coronal_aspect = volume.spacing[0] / volume.spacing[2]
+        # Slice index grows towards the head; flip so the head is up.
+        draw(
+            axes[row, 3],
+            volume.hu[::-1, y],
+            labels[::-1, y],
+            aspect=coronal_aspect,
+            title=f"coronal y={y}, total {litres['total']:.2f} L",
+        )
+    figure.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=80)
+    print(f"figure written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
