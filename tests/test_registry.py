@@ -1,0 +1,241 @@
+"""Weights registry: hash before deserialising, safe formats only, clear refusals (BAD_INPUTS 28-31)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from napari_wscovid.models import registry
+from napari_wscovid.models.registry import (
+    ModelLoadError,
+    available_models,
+    file_sha256,
+    load_model,
+    model_info,
+    save_model,
+    select_device,
+)
+from napari_wscovid.models.wsnet import TASK_CLASSES, WSNet, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    registry.clear_cache()
+    yield
+    registry.clear_cache()
+
+
+@pytest.fixture
+def tmp_registry(tmp_path, monkeypatch):
+    """A copy of the bundled registry and tiny weights that a test may damage."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(registry.REGISTRY_FILE, folder / "registry.json")
+    shutil.copy(registry.WEIGHTS_DIR / "tiny-test.safetensors", folder / "tiny-test.safetensors")
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", folder)
+    monkeypatch.setattr(registry, "REGISTRY_FILE", folder / "registry.json")
+    return folder
+
+
+def _forbid_deserialising(monkeypatch):
+    import safetensors
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the file was deserialised before its hash was checked")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", boom)
+    monkeypatch.setattr(safetensors, "safe_open", boom)
+    monkeypatch.setattr(torch, "load", boom)
+
+
+def test_tiny_test_is_registered_and_pinned():
+    assert "tiny-test" in available_models()
+    info = model_info("tiny-test")
+    assert {
+        "file",
+        "sha256",
+        "architecture",
+        "classes",
+        "input_size",
+        "normalisation",
+        "training_data",
+    } <= set(info)
+    assert info["available"] and file_sha256(info["path"]) == info["sha256"]
+    assert pathlib.Path(info["path"]).stat().st_size < 64_000
+
+
+def test_load_tiny_test_gives_eval_float32_model_and_info():
+    model, info = load_model("tiny-test", device="cpu")
+    assert isinstance(model, WSNet) and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert info["classes"] == list(TASK_CLASSES["3class"]) and info["input_size"] == 64
+    assert info["sha256_verified"] and info["fallback"] is None and info["device"] == "cpu"
+    assert info["normalisation"]["method"] in ("window", "sliding")
+    out = model(torch.rand(2, 1, 64, 64))
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.logits).all()
+
+
+def test_hash_mismatch_refused_before_deserialising(tmp_registry, monkeypatch):
+    path = tmp_registry / "tiny-test.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # one flipped bit in the tensor data: the header still parses
+    path.write_bytes(bytes(data))
+    _forbid_deserialising(monkeypatch)
+    with pytest.raises(ModelLoadError, match="SHA-256 mismatch"):
+        load_model("tiny-test")
+
+
+def test_truncated_file_refused(tmp_path, monkeypatch):
+    source = registry.WEIGHTS_DIR / "tiny-test.safetensors"
+    sha = model_info("tiny-test")["sha256"]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(source.read_bytes()[:5000])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(cut)  # no hash given: safetensors notices the short file
+    _forbid_deserialising(monkeypatch)
+    with pytest.raises(ModelLoadError, match="SHA-256 mismatch"):
+        load_model(cut, sha256=sha)
+
+
+class _Payload:
+    """Pickles to a call that creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_is_not_executed_nor_retried(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _Payload(marker)}, evil)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(ModelLoadError, match="weights_only") as err:
+        load_model(evil)
+    assert not marker.exists()
+    assert calls == [True]
+    assert "evil.pt" in str(err.value)
+
+
+def test_wrong_class_count_names_both(tmp_path):
+    two = WSNet(tiny_config(classes=TASK_CLASSES["np_vs_covid"]))
+    path = tmp_path / "binary.safetensors"
+    save_model(two, path, name="binary", version="0")
+    with pytest.raises(ModelLoadError) as err:
+        load_model(path, expected_classes=TASK_CLASSES["3class"])
+    message = str(err.value)
+    assert "2 classes" in message and "3 classes" in message
+
+
+def test_state_dict_for_other_class_count_than_config_names_both(tmp_path):
+    """Metadata says 3 classes, tensors hold 2: a shape mismatch naming both."""
+    two = WSNet(tiny_config(classes=TASK_CLASSES["np_vs_covid"]))
+    meta = {"config": json.dumps(tiny_config().to_dict())}
+    path = tmp_path / "mixed.safetensors"
+    path.write_bytes(registry._safetensors_bytes(dict(two.state_dict()), meta))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(path)
+    assert "2 classes" in str(err.value) and "3 classes" in str(err.value)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+    with pytest.raises(ModelLoadError, match="wsnet-hu2020"):
+        load_model(path)
+
+
+def test_plain_state_dict_pt_loads_with_inferred_config(tmp_path):
+    model = WSNet(tiny_config()).eval()
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    loaded, info = load_model(path, expected_classes=None)
+    assert info["input_size"] == 224  # not recorded in a bare state dict: the default
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.allclose(loaded(x).logits, model(x).logits)
+
+
+def test_nan_weights_refused(tmp_path):
+    model = WSNet(tiny_config())
+    state = model.state_dict()
+    state["heads.conv5.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save({"state_dict": state, "config": tiny_config().to_dict()}, path)
+    with pytest.raises(ModelLoadError, match="NaN"):
+        load_model(path)
+
+
+def test_user_file_with_sha256_verified_and_without_it_logged(tmp_path, caplog):
+    model = WSNet(tiny_config()).eval()
+    path = tmp_path / "mine.safetensors"
+    sha = save_model(
+        model, path, name="mine", version="7", extra_metadata={"normalisation": {"method": "sliding"}}
+    )
+    assert sha == file_sha256(path)
+    loaded, info = load_model(path, sha256=sha, cache=False)
+    assert info["sha256_verified"] and info["name"] == "mine" and info["version"] == "7"
+    assert info["normalisation"] == {"method": "sliding"}
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.allclose(loaded(x).logits, model(x).logits, atol=2e-2)  # float16 storage
+    with caplog.at_level(logging.WARNING, logger="napari_wscovid.models.registry"):
+        _, info = load_model(path, cache=False)
+    assert not info["sha256_verified"]
+    assert "unverified" in caplog.text and sha in caplog.text
+
+
+def test_save_model_is_reproducible_and_exact_without_half(tmp_path):
+    torch.manual_seed(3)
+    model = WSNet(tiny_config()).eval()
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert save_model(model, a, name="m", version="1", half=False) == save_model(
+        model, b, name="m", version="1", half=False
+    )
+    loaded, _ = load_model(a)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(FileExistsError):
+        save_model(model, a, name="m", version="1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_cuda_request_falls_back_to_cpu_and_says_so(caplog):
+    device, message = select_device("cuda")
+    assert device.type == "cpu" and "CUDA is not available" in message
+    with caplog.at_level(logging.WARNING):
+        model, info = load_model("tiny-test", device="cuda")
+    assert next(model.parameters()).device.type == "cpu"
+    assert info["fallback"] and "running on CPU" in info["fallback"]
+    assert "running on CPU" in caplog.text
+    assert select_device("cpu") == (torch.device("cpu"), "")
+    with pytest.raises(ValueError):
+        select_device("tpu")
+
+
+def test_cache_returns_same_object():
+    first, _ = load_model("tiny-test", device="cpu")
+    second, _ = load_model("tiny-test", device="cpu")
+    fresh, _ = load_model("tiny-test", device="cpu", cache=False)
+    assert first is second and fresh is not first
+
+
+def test_unknown_name_and_missing_default_are_clear():
+    with pytest.raises(ModelLoadError, match="unknown model 'nope'"):
+        load_model("nope")
+    if "wsnet-3class" not in available_models():
+        with pytest.raises(ModelLoadError, match="wsnet-3class.safetensors"):
+            load_model("default")
