@@ -1,0 +1,759 @@
+"""Train the multi-scale WSNet slice classifier (Hu et al. 2020, section II.G).
+
+Recipe: Adam (lr 1e-4, betas (0.5, 0.9), eps 1e-8), class-balanced focal loss with gamma 1,
+the paper's augmentation, first the per-scale auxiliary classifiers then the joint classifier,
+validation every 500 iterations, early stop when the validation loss has not improved for 1000
+iterations, and the checkpoint with the best validation accuracy kept and exported.
+
+Run ``python -m training.train_classifier --help``; under ``torchrun`` it trains with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from napari_wscovid.models.wsnet import TASK_CLASSES, WSNet, WSNetConfig, tiny_config
+from training import _export
+from training.augment import Augment
+from training.datasets import (
+    PhantomSliceDataset,
+    SliceImageFolderDataset,
+    SliceSet,
+    VolumeFolderDataset,
+    covid_ct_md_slices,
+    infinite_indices,
+    patient_kfold,
+    stream_seed,
+)
+from training.losses import MultiScaleLoss, class_weights
+from training.metrics import classification_report
+
+log = logging.getLogger("training.train_classifier")
+
+
+def _opt(default, help_text):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
+
+    # task and network
+    task: str = _opt("3class", f"classes to learn: one of {sorted(TASK_CLASSES)}")
+    model: str = _opt("full", "'full' (the paper's widths) or 'tiny' (tests, CI)")
+    input_size: int = _opt(224, "side of the network input in pixels (the paper: 224)")
+    # optimisation (paper II.G.2)
+    iterations: int = _opt(20000, "maximum training iterations, both phases together (paper: 20,000)")
+    aux_fraction: float = _opt(
+        0.5, "share of the iterations (and of --max-minutes, whichever ends first) in the auxiliary phase"
+    )
+    batch_size: int = _opt(16, "slices per iteration (over all DDP ranks together)")
+    lr: float = _opt(1e-4, "Adam learning rate")
+    beta1: float = _opt(0.5, "Adam beta1")
+    beta2: float = _opt(0.9, "Adam beta2")
+    eps: float = _opt(1e-8, "Adam epsilon")
+    warmup: int = _opt(0, "linear learning-rate warm-up iterations (the paper uses none)")
+    gamma: float = _opt(1.0, "focal-loss focusing parameter (eq. 1)")
+    joint_aux_weight: float = _opt(1.0, "weight of the auxiliary losses during the joint phase")
+    augment: bool = _opt(True, "the paper's random crop/rotation/flip/contrast augmentation")
+    # validation and stopping
+    val_every: int = _opt(500, "iterations between validations")
+    select_metric: str = _opt(
+        "balanced_acc",
+        "validation metric of the kept checkpoint: 'balanced_acc' (mean per-class recall; lesion-free "
+        "slices make NP the majority, so plain accuracy rewards predicting NP) or 'acc' (the paper)",
+    )
+    patience: int = _opt(
+        1000, "stop (or end the aux phase) after this many iterations without a lower val loss"
+    )
+    max_minutes: float | None = _opt(
+        None,
+        "wall-clock budget of this process (a resumed run gets a new one); the run then stops, "
+        "evaluates and exports by itself",
+    )
+    # phantom data
+    phantom: bool = _opt(True, "train on synthetic phantom slices")
+    phantom_size: int = _opt(256, "in-plane size of generated phantoms (smaller is faster)")
+    phantom_slices: int = _opt(64, "slices per generated phantom")
+    phantom_spacing_z: float = _opt(5.0, "slice spacing of generated phantoms in mm")
+    phantom_balanced: bool = _opt(
+        True, "draw phantom slice classes uniformly (else by patient kind: NP-heavy, loss-weighted)"
+    )
+    phantom_pool: int = _opt(4, "phantom volumes kept per class and per loader worker")
+    phantom_refresh: int = _opt(256, "draws between replacing one pooled phantom (0: never)")
+    val_volumes: int = _opt(3, "phantom volumes per class in the validation set")
+    test_volumes: int = _opt(3, "phantom volumes per class in the test set")
+    # real data (optional)
+    covid_ct_md_root: str | None = _opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
+    volume_csv: str | None = _opt(None, "CSV of CT volumes: patient_id,label[,path][,slice_labels]")
+    image_root: str | None = _opt(None, "folder of 2-D slice images in class folders (UCSD layout)")
+    k_folds: int = _opt(5, "patient-level folds used to split the real data")
+    fold: int = _opt(0, "which fold is the test fold (the next one validates)")
+    # run
+    out_dir: str = _opt("runs/wsnet", "folder for config.json, checkpoints, metrics and the model card")
+    seed: int = _opt(0, "seed of the data streams, augmentation and initialisation")
+    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    num_workers: int = _opt(1, "DataLoader workers (phantom generation runs there, beside training)")
+    threads: int | None = _opt(None, "torch intra-op threads of the training process")
+    resume: str | None = _opt(None, "checkpoint to resume from (e.g. OUT/last.pt)")
+    log_every: int = _opt(50, "iterations between log lines")
+    eval_batch_size: int = _opt(64, "slices per forward pass when evaluating")
+    n_boot: int = _opt(1000, "bootstrap resamples for the confidence intervals")
+    export: str | None = _opt(
+        None, "where to write the exported safetensors (default OUT/<export_name>.safetensors)"
+    )
+    export_name: str = _opt("wsnet-3class-phantom", "model name stored in the exported file")
+    export_version: str = _opt("0.1.0", "model version stored in the exported file")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _field_type(f):
+    text = str(f.type)
+    if "bool" in text:
+        return bool
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def config_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """An argparse parser with one option per :class:`TrainConfig` field."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    parser.add_argument("--log-file", default=None, help="also write the log to this file")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(requested: str, info: DistInfo) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            log.warning("CUDA requested but not available: training on CPU")
+            return torch.device("cpu")
+        if info.world_size > 1:
+            return torch.device("cuda", info.local_rank)
+    return torch.device(requested)
+
+
+def _broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Rank 0's decision, shared with every rank, so all stop at the same step."""
+    if info.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _SliceStream(IterableDataset):
+    """Endless random draws from a finite :class:`SliceSet`, a different stream per rank/worker."""
+
+    def __init__(self, data: SliceSet, seed: int, rank: int = 0):
+        self.data, self.seed, self.rank, self.start_step = data, seed, rank, 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        for i in infinite_indices(len(self.data), stream_seed(self.seed, worker, self.start_step), self.rank):
+            yield self.data[i]
+
+
+class _Mixture(IterableDataset):
+    """Draw from several endless streams with given probabilities."""
+
+    def __init__(self, streams, probs, seed: int, rank: int = 0):
+        self.streams, self.probs, self.seed, self.rank = list(streams), np.asarray(probs, float), seed, rank
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng(stream_seed(self.seed, self.rank, worker, 17))
+        its = [iter(s) for s in self.streams]
+        while True:
+            yield next(its[int(rng.choice(len(its), p=self.probs / self.probs.sum()))])
+
+
+@dataclass
+class Data:
+    """Training streams with their mixing weights, and the fixed validation and test sets."""
+
+    streams: list
+    probs: list[float]
+    class_freq: np.ndarray  # expected class frequencies of the training stream
+    val: SliceSet
+    tests: dict[str, SliceSet]
+    description: list[str]
+
+
+def _freq(counts) -> np.ndarray:
+    counts = np.asarray(counts, float)
+    return counts / max(counts.sum(), 1.0)
+
+
+def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Data:
+    """Phantom and real-data sources, split by patient, for one fold."""
+    streams, probs, freqs, vals, tests, desc = [], [], [], [], {}, []
+    if cfg.phantom:
+        common = dict(
+            size=cfg.input_size,
+            phantom_size=cfg.phantom_size,
+            n_slices=cfg.phantom_slices,
+            spacing_z=cfg.phantom_spacing_z,
+            pool_per_class=cfg.phantom_pool,
+        )
+        train = PhantomSliceDataset(
+            classes,
+            refresh_every=cfg.phantom_refresh,
+            seed=stream_seed(cfg.seed, 0, cfg.fold),
+            rank=info.rank,
+            balanced=cfg.phantom_balanced,
+            **common,
+        )
+        val = PhantomSliceDataset(classes, seed=stream_seed(cfg.seed, 1, cfg.fold), **common).fixed_set(
+            cfg.val_volumes
+        )
+        test = PhantomSliceDataset(classes, seed=stream_seed(cfg.seed, 2, cfg.fold), **common).fixed_set(
+            cfg.test_volumes
+        )
+        streams.append(train)
+        probs.append(1.0)
+        # The validation phantoms come from the same generator, so their class mix estimates an
+        # unbalanced stream's without generating anything twice.
+        freqs.append(train.expected_frequencies(val))
+        vals.append(val)
+        tests["phantom"] = test
+        desc.append(
+            f"synthetic phantoms ({cfg.phantom_size}x{cfg.phantom_size}x{cfg.phantom_slices}, "
+            f"{cfg.phantom_spacing_z:g} mm slices; {'class-balanced' if cfg.phantom_balanced else 'by kind'}"
+            f" draws from a pool per worker, refreshed every "
+            f"{cfg.phantom_refresh} draws); val {len(val)} slices of {cfg.val_volumes} phantoms/class, "
+            f"test {len(test)} slices of {cfg.test_volumes} phantoms/class, disjoint seeds"
+        )
+    real = []
+    if cfg.covid_ct_md_root:
+        real.append(("covid-ct-md", covid_ct_md_slices(cfg.covid_ct_md_root, classes, size=cfg.input_size)))
+    if cfg.volume_csv:
+        records = VolumeFolderDataset.read_csv(cfg.volume_csv)
+        real.append(("volumes", VolumeFolderDataset(records, classes, size=cfg.input_size)))
+    if cfg.image_root:
+        real.append(("images", SliceImageFolderDataset(cfg.image_root, classes=classes, size=cfg.input_size)))
+    for name, data in real:
+        folds = patient_kfold(data.patient_ids, data.patient_classes, k=cfg.k_folds, seed=cfg.seed)
+        fold = folds[cfg.fold]
+        train = data.subset(fold.train)
+        streams.append(_SliceStream(train, stream_seed(cfg.seed, 3, cfg.fold), info.rank))
+        probs.append(1.0)
+        freqs.append(_freq(train.label_counts()))
+        vals.append(data.subset(fold.val))
+        tests[name] = data.subset(fold.test)
+        desc.append(
+            f"{name}: {len(set(data.patient_ids))} patients, {len(data)} slices; fold {cfg.fold} of "
+            f"{cfg.k_folds} by patient: train {len(fold.train)}, val {len(fold.val)}, "
+            f"test {len(fold.test)} slices"
+        )
+    if not streams:
+        raise ValueError("no training data: enable --phantom or give a real-data root")
+    p = np.asarray(probs) / np.sum(probs)
+    class_freq = np.sum([pi * f for pi, f in zip(p, freqs, strict=True)], axis=0)
+    return Data(streams, list(p), class_freq, SliceSet.concat(vals), tests, desc)
+
+
+def _worker_init(_):
+    # Workers generate phantoms with numpy/scipy; one torch thread each leaves the cores to training.
+    torch.set_num_threads(1)
+
+
+def make_loader(data: Data, cfg: TrainConfig, info: DistInfo, start_step: int = 0) -> DataLoader:
+    """An endless loader of training batches for this rank."""
+    for s in data.streams:
+        s.start_step = start_step  # a resumed run draws new data rather than replaying the first batches
+    stream = (
+        data.streams[0] if len(data.streams) == 1 else _Mixture(data.streams, data.probs, cfg.seed, info.rank)
+    )
+    per_rank = max(1, cfg.batch_size // info.world_size)
+    return DataLoader(
+        stream,
+        batch_size=per_rank,
+        num_workers=cfg.num_workers,
+        worker_init_fn=_worker_init if cfg.num_workers else None,
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
+
+
+# ----------------------------------------------------------------------------- model, schedule, checkpoints
+
+
+def build_model(cfg: TrainConfig, classes: tuple[str, ...]) -> WSNet:
+    if cfg.model == "tiny":
+        return WSNet(tiny_config(classes, input_size=cfg.input_size))
+    if cfg.model == "full":
+        return WSNet(WSNetConfig(classes=classes, input_size=cfg.input_size))
+    raise ValueError(f"model must be 'full' or 'tiny', got {cfg.model!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: optional linear warm-up, then the paper's constant rate."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr
+
+
+@dataclass
+class TrainState:
+    """Progress that a resumed run needs besides the weights and the optimiser."""
+
+    step: int = 0
+    phase: str = "aux"
+    aux_end: int = 0  # first iteration of the joint phase
+    best_acc: float = -1.0
+    best_step: int = -1
+    best_val_loss: float = math.inf
+    last_improvement: int = 0  # step of the last lower validation loss (this phase)
+    history: list = field(default_factory=list)
+
+
+def save_checkpoint(
+    path, model, optimizer, state: TrainState, cfg: TrainConfig, augment: Augment | None
+) -> None:
+    """Everything needed to resume, written atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(
+        {
+            "model": _unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": dataclasses.asdict(state),
+            "config": cfg.to_dict(),
+            "model_config": _unwrap(model).config.to_dict(),
+            "augment": augment.state_dict() if augment is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer=None, augment: Augment | None = None) -> TrainState:
+    """Restore weights (and optimiser, augmentation RNG) in place; return the training state."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    _unwrap(model).load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if augment is not None and ckpt.get("augment"):
+        augment.load_state_dict(ckpt["augment"])
+    if ckpt.get("torch_rng") is not None:
+        torch.set_rng_state(ckpt["torch_rng"])
+    return TrainState(**ckpt["state"])
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model, data: SliceSet, loss_fn: MultiScaleLoss, phase: str, device, batch_size: int = 64
+) -> dict:
+    """Loss (of ``phase``'s objective), accuracy and probabilities of the summed logits on ``data``."""
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    probs, losses = [], []
+    for i in range(0, len(data), batch_size):
+        x = data.images[i : i + batch_size].to(device, torch.float32)
+        y = data.labels[i : i + batch_size].to(device)
+        out = net(x)
+        losses.append(float(loss_fn(out, y, phase)) * len(y))
+        probs.append(torch.softmax(out.logits.float(), 1).cpu())
+    net.train(was_training)
+    probs = torch.cat(probs).numpy()
+    labels = data.labels.numpy()
+    hits = probs.argmax(1) == labels
+    recalls = [hits[labels == c].mean() for c in np.unique(labels)]
+    return {
+        "loss": sum(losses) / len(data),
+        "acc": float(hits.mean()),
+        "balanced_acc": float(np.mean(recalls)),
+        "probs": probs,
+        "labels": labels,
+        "patient_ids": data.patient_ids,
+    }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training (one fold); returns the summary written to ``metrics.json``."""
+    t_start = time.monotonic()
+    info = setup_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device, info)
+    if cfg.task not in TASK_CLASSES:
+        raise ValueError(f"task must be one of {sorted(TASK_CLASSES)}, got {cfg.task!r}")
+    classes = tuple(TASK_CLASSES[cfg.task])
+    out = Path(cfg.out_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    torch.manual_seed(stream_seed(cfg.seed, 5, info.rank))
+
+    data = build_data(cfg, classes, info)
+    weight = class_weights(data.class_freq)
+    log.info(
+        "classes %s, expected training frequencies %s, loss weights %s",
+        classes,
+        np.round(data.class_freq, 3).tolist(),
+        np.round(weight.numpy(), 3).tolist(),
+    )
+    for line in data.description:
+        log.info("data: %s", line)
+
+    model = build_model(cfg, classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    augment = (
+        Augment(out_size=cfg.input_size, seed=stream_seed(cfg.seed, 6, info.rank)) if cfg.augment else None
+    )
+    state = TrainState(aux_end=int(round(cfg.aux_fraction * cfg.iterations)))
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, model, optimizer, augment)
+        log.info("resumed from %s at step %d (phase %s)", cfg.resume, state.step, state.phase)
+    if info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loss_fn = MultiScaleLoss(weight.to(device), gamma=cfg.gamma, aux_weight=cfg.joint_aux_weight)
+    loader = make_loader(data, cfg, info, start_step=state.step)
+    model.train()
+
+    def validate():
+        nonlocal state
+        stop = False
+        if info.is_main:
+            res = evaluate(model, data.val, loss_fn, state.phase, device, cfg.eval_batch_size)
+            improved_loss = res["loss"] < state.best_val_loss
+            if improved_loss:
+                state.best_val_loss, state.last_improvement = res["loss"], state.step
+            if res[cfg.select_metric] > state.best_acc:
+                state.best_acc, state.best_step = res[cfg.select_metric], state.step
+                save_checkpoint(out / "best.pt", model, optimizer, state, cfg, augment)
+            state.history.append(
+                {
+                    "step": state.step,
+                    "phase": state.phase,
+                    "val_loss": res["loss"],
+                    "val_acc": res["acc"],
+                    "val_balanced_acc": res["balanced_acc"],
+                }
+            )
+            log.info(
+                "step %d [%s] val loss %.4f acc %.4f balanced acc %.4f (best %s %.4f at %d)",
+                state.step,
+                state.phase,
+                res["loss"],
+                res["acc"],
+                res["balanced_acc"],
+                cfg.select_metric,
+                state.best_acc,
+                state.best_step,
+            )
+            stop = state.step - state.last_improvement >= cfg.patience
+        return _broadcast_flag(stop, info, device)
+
+    it_t0, it_n, timed_out = time.monotonic(), 0, False
+    bar = tqdm(
+        total=cfg.iterations,
+        initial=state.step,
+        disable=not info.is_main,
+        mininterval=5.0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="train",
+    )
+    batches = iter(loader)
+    while state.step < cfg.iterations:
+        if state.phase == "aux" and (state.step >= state.aux_end or _aux_time_up(cfg, t_start, info, device)):
+            _enter_joint(state)
+            if info.is_main:
+                log.info("step %d: joint phase starts", state.step)
+        x, y, _ = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, cfg)
+        loss = loss_fn(model(x), y, state.phase)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.step += 1
+        it_n += 1
+        bar.update(1)
+        if state.step % cfg.log_every == 0 and info.is_main:
+            rate = it_n / (time.monotonic() - it_t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", phase=state.phase)
+            log.info("step %d [%s] loss %.4f  %.3f it/s", state.step, state.phase, loss.item(), rate)
+        over_time = cfg.max_minutes is not None and (time.monotonic() - t_start) / 60 >= cfg.max_minutes
+        over_time = _broadcast_flag(over_time, info, device) if info.world_size > 1 else over_time
+        if state.step % cfg.val_every == 0 or over_time or state.step == cfg.iterations:
+            stop = validate()
+            if info.is_main:
+                save_checkpoint(out / "last.pt", model, optimizer, state, cfg, augment)
+            if over_time:
+                log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, state.step)
+                timed_out = True
+                break
+            if stop and state.phase == "aux":
+                log.info(
+                    "aux phase: no lower val loss for %d iterations; starting the joint phase", cfg.patience
+                )
+                state.aux_end = state.step
+            elif stop:
+                log.info(
+                    "early stop at step %d: no lower val loss for %d iterations", state.step, cfg.patience
+                )
+                break
+    bar.close()
+    rate = it_n / max(time.monotonic() - it_t0, 1e-9)
+    summary = {"steps": state.step, "iterations_per_s": rate, "timed_out": timed_out}
+    if info.is_main:
+        summary.update(
+            finish(cfg, model, data, loss_fn, state, device, classes, rate, time.monotonic() - t_start)
+        )
+    if info.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _aux_time_up(cfg: TrainConfig, t_start: float, info: DistInfo, device) -> bool:
+    """With a time budget the aux phase also ends at ``aux_fraction`` of it, so that a run slower
+    than planned still trains its joint classifier."""
+    if cfg.max_minutes is None:
+        return False
+    up = (time.monotonic() - t_start) / 60 >= cfg.aux_fraction * cfg.max_minutes
+    return _broadcast_flag(up, info, device) if info.world_size > 1 else up
+
+
+def _enter_joint(state: TrainState) -> None:
+    # The joint objective differs from the auxiliary one, so its loss history starts afresh.
+    state.phase = "joint"
+    state.aux_end = state.step
+    state.best_val_loss = math.inf
+    state.last_improvement = state.step
+
+
+def finish(
+    cfg, model, data: Data, loss_fn, state: TrainState, device, classes, rate: float, elapsed: float
+) -> dict:
+    """Test the best checkpoint, export it, and write metrics.json and model_card.md (rank 0)."""
+    out = Path(cfg.out_dir)
+    net = build_model(cfg, classes)
+    if (out / "best.pt").is_file():
+        load_checkpoint(out / "best.pt", net)
+    else:
+        net.load_state_dict(_unwrap(model).state_dict())
+    net.to(device).eval()
+    reports = {}
+    for name, test in data.tests.items():
+        res = evaluate(net, test, loss_fn, "joint", device, cfg.eval_batch_size)
+        np.savez(
+            out / f"test_predictions_{name}.npz",
+            labels=res["labels"],
+            probs=res["probs"],
+            patient_ids=np.asarray(res["patient_ids"]),
+        )
+        reports[name] = classification_report(
+            res["labels"],
+            res["probs"],
+            classes,
+            patient_ids=res["patient_ids"],
+            n_boot=cfg.n_boot,
+            seed=cfg.seed,
+        )
+        log.info("test on %s:\n%s", name, reports[name].to_markdown())
+    path = Path(cfg.export) if cfg.export else out / f"{cfg.export_name}.safetensors"
+    summary = {
+        "task": cfg.task,
+        "classes": list(classes),
+        "steps": state.step,
+        "aux_end": state.aux_end,
+        "best_step": state.best_step,
+        "best_val_acc": state.best_acc,
+        "select_metric": cfg.select_metric,
+        "loss_weights": [round(float(w), 4) for w in loss_fn.weight.cpu()]
+        if loss_fn.weight is not None
+        else None,
+        "iterations_per_s": rate,
+        "elapsed_min": elapsed / 60,
+        "history": state.history,
+        "test": {name: r.to_dict() for name, r in reports.items()},
+    }
+    net_cpu = net.to("cpu")
+    sha = _export.save_model(
+        net_cpu,
+        path,
+        name=cfg.export_name,
+        version=cfg.export_version,
+        extra_metadata={
+            "training_data": "; ".join(data.description),
+            "task": cfg.task,
+            "best_step": state.best_step,
+            "best_val_acc": state.best_acc,
+            "test_overall_acc": {n: r.get("acc")[0] for n, r in reports.items()},
+        },
+    )
+    summary["export"] = {"path": str(path), "sha256": sha}
+    log.info("exported %s sha256 %s", path, sha)
+    (out / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (out / "model_card.md").write_text(model_card(cfg, data, summary, reports))
+    return summary
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def model_card(cfg: TrainConfig, data: Data, summary: dict, reports: dict) -> str:
+    """A short markdown model card: data, recipe, training, test metrics with CIs, export."""
+    aug = "centre crop 0.7-1, rotation +-25 deg, h-flip 0.5, contrast 0.5-1.5" if cfg.augment else "none"
+    budget = f"{cfg.iterations} it" + (f" / {cfg.max_minutes:g} min" if cfg.max_minutes else "")
+    lines = [
+        f"# {cfg.export_name} {cfg.export_version}",
+        "",
+        f"WSNet (Hu et al. 2020, multi-scale weakly supervised) slice classifier, task `{cfg.task}`, "
+        f"classes {list(summary['classes'])}, input {cfg.input_size}x{cfg.input_size}, "
+        f"model size `{cfg.model}`.",
+        "",
+        "**Not for clinical use.** Research weights; trained on the data below only.",
+        "",
+        "## Data",
+        *[f"- {d}" for d in data.description],
+        "- Slice labels: a lesion slice carries its patient's class; a lesion-free lung slice is NP.",
+        "",
+        "## Recipe",
+        f"- Adam lr {cfg.lr:g}, betas ({cfg.beta1:g}, {cfg.beta2:g}), eps {cfg.eps:g}; "
+        f"batch {cfg.batch_size}; class-balanced focal loss, gamma {cfg.gamma:g}, inverse-frequency "
+        f"class weights {summary['loss_weights']} (1 each when the sampling is already balanced).",
+        f"- Phases: per-scale auxiliary classifiers (Conv3/4/5) until step {summary['aux_end']}, then the "
+        f"joint classifier (auxiliary losses weighted {cfg.joint_aux_weight:g}).",
+        f"- Augmentation: {aug}.",
+        f"- Validation every {cfg.val_every} it, early stop after {cfg.patience} it without a lower "
+        f"val loss, best val {cfg.select_metric} kept; budget {budget}.",
+        f"- Seed {cfg.seed}; full configuration in `config.json`.",
+        "",
+        "## Training",
+        f"- {summary['steps']} iterations in {summary['elapsed_min']:.1f} min "
+        f"({summary['iterations_per_s']:.3f} it/s); "
+        f"best validation {cfg.select_metric} {summary['best_val_acc']:.4f} at step {summary['best_step']}.",
+        "",
+        "## Test metrics (best checkpoint)",
+    ]
+    for name, rep in reports.items():
+        lines += ["", f"### {name}", "", rep.to_markdown()]
+    exp = summary["export"]
+    lines += [
+        "",
+        "## File",
+        "",
+        f"- `{exp['path']}` (safetensors, float16)",
+        f"- sha256 `{exp['sha256']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point: parse options, configure logging, train."""
+    args = config_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    handlers = [logging.StreamHandler()]
+    if args.log_file:
+        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(args.log_file))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers
+    )
+    summary = train(cfg)
+    log.info("done: %d steps", summary["steps"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
