@@ -1,0 +1,166 @@
+"""npe2 reader: chest CT (DICOM folder/file, NIfTI, MHA/MHD, NRRD) and exported boxes.
+
+``get_reader`` only looks at names (and, for folders, at a few file headers); the
+returned function does the loading and raises an error with a clear message when
+it fails, which napari shows without closing the viewer. Layer names never carry
+patient data: the CT is called ``CT <series_key>`` with the pseudonymous key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from napari_wscovid.io.boxes_io import geometry_layer_kwargs, geometry_mismatch, load_boxes
+from napari_wscovid.io.volume import CTLoadError, CTVolume
+
+logger = logging.getLogger(__name__)
+
+CT_SUFFIXES = (".dcm", ".ima", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+BOXES_SUFFIX = ".boxes.json"
+HU_WINDOW = (-1350.0, 150.0)  # lung window: level -600, width 1500
+_DICOM_PROBE_FILES = 64
+
+
+def get_reader(path):
+    """Return a reader function for ``path``, or None when this plugin cannot read it."""
+    if isinstance(path, (list, tuple)):
+        paths = [str(p) for p in path]
+        if len(paths) == 1:
+            path = paths[0]
+        elif (
+            paths and all(_is_dicom_file(p) for p in paths) and len({str(Path(p).parent) for p in paths}) == 1
+        ):
+            # Several slices of one series picked in the file dialog: read their folder.
+            folder = str(Path(paths[0]).parent)
+            return lambda _path: read_ct(folder)
+        else:
+            return None
+    path = str(path)
+    lower = path.lower()
+    if lower.endswith(BOXES_SUFFIX):
+        return read_boxes
+    if os.path.isdir(path):
+        return read_ct if _folder_has_dicom(path) else None
+    if lower.endswith(CT_SUFFIXES) or _is_dicom_file(path):
+        return read_ct
+    return None
+
+
+def _is_dicom_file(path: str) -> bool:
+    lower = path.lower()
+    if lower.endswith((".dcm", ".ima")):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _folder_has_dicom(folder: str) -> bool:
+    """True when the folder (or a sub-folder one level down) holds a DICOM file."""
+    checked = 0
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if _is_dicom_file(os.path.join(root, name)):
+                return True
+            checked += 1
+            if checked >= _DICOM_PROBE_FILES:
+                return False
+        if Path(root) != Path(folder):
+            dirs[:] = []
+    return False
+
+
+# ------------------------------------------------------------------------------- CT
+def ct_layer_data(volume: CTVolume, name: str | None = None) -> tuple:
+    """The Image layer tuple for a CT volume, in patient millimetres."""
+    if volume.is_hu:
+        limits = HU_WINDOW
+    else:
+        lo, hi = np.percentile(volume.hu[:: max(1, volume.shape[0] // 16)], (1, 99))
+        limits = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+    kwargs = {
+        **volume.layer_kwargs(),
+        "name": name or f"CT {volume.series_key}",
+        "contrast_limits": limits,
+        "colormap": "gray",
+        "metadata": {
+            "wscovid_geometry": volume.geometry(),
+            "series_key": volume.series_key,
+            "is_hu": volume.is_hu,
+            "warnings": list(volume.warnings),
+            "wscovid_volume": volume,
+        },
+    }
+    return (volume.hu, kwargs, "image")
+
+
+def read_ct(path) -> list[tuple]:
+    """Load a CT with :func:`napari_wscovid.io.load_ct` and return its layer tuple."""
+    from napari_wscovid.io import load_ct
+
+    try:
+        volume = load_ct(path)
+    except CTLoadError:
+        raise
+    except Exception as exc:  # turn any loader bug into a readable message instead of a traceback
+        raise CTLoadError(
+            f"{Path(path).name}: could not be read as a CT ({type(exc).__name__}: {exc})"
+        ) from exc
+    for warning in volume.warnings:
+        logger.warning("%s: %s", volume.series_key, warning)
+    return [ct_layer_data(volume)]
+
+
+# ---------------------------------------------------------------------------- boxes
+def read_boxes(path) -> list[tuple]:
+    """An exported ``*.boxes.json`` as an editable Shapes layer on its CT's grid.
+
+    When a CT is open in the current viewer and none has the grid the boxes were
+    made on, the file is refused with both geometries named (BAD_INPUTS case 36).
+    """
+    from napari_wscovid._widgets.layers import boxes_layer_data, default_box_class
+
+    boxes, meta = load_boxes(path)
+    geometry = meta["geometry"]
+    open_geometries = _open_ct_geometries()
+    if open_geometries and all(geometry_mismatch(geometry, g) for g in open_geometries):
+        # Re-load against the newest CT so the error names both grids.
+        load_boxes(path, expected_geometry=open_geometries[-1])
+    classes = meta["classes"] or sorted({b.class_name for b in boxes})
+    default_class = default_box_class(classes)
+    return [
+        boxes_layer_data(
+            boxes,
+            geometry_layer_kwargs(geometry),
+            geometry=geometry,
+            series_key=meta["series_key"],
+            classes=classes,
+            default_class=default_class,
+            model_info=meta["model"],
+        )
+    ]
+
+
+def _open_ct_geometries() -> list[dict]:
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt / no viewer: nothing to compare against
+        return []
+    if viewer is None:
+        return []
+    return [
+        layer.metadata["wscovid_geometry"]
+        for layer in viewer.layers
+        if type(layer).__name__ == "Image"
+        and isinstance(layer.metadata.get("wscovid_geometry"), dict)
+        and not layer.metadata.get("wscovid_result")
+    ]

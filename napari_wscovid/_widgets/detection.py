@@ -1,0 +1,723 @@
+"""The "Run detection" dock widget: controls, a worker, and hand-offs to layers.py.
+
+torch is not imported here: the pipeline (which needs it) is imported when the
+user presses "Run detection", so the plugin menu opens fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import threading
+import time
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_wscovid._widgets import layers as L
+from napari_wscovid._widgets.results_panel import ResultsPanel
+from napari_wscovid.io.boxes_io import load_boxes, save_boxes
+from napari_wscovid.io.volume import CTVolume
+from napari_wscovid.results import Box, DetectionResult
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_MODULE = "napari_wscovid.pipeline"
+REGISTRY_MODULE = "napari_wscovid.models.registry"
+FALLBACK_MODELS = ("default", "tiny-test")
+CHOOSE_FILE = "Weights file…"
+
+# (label, value passed on): "current" runs detection without saliency, then explains
+# the slice in view on demand.
+SALIENCY_SCOPES = (
+    ("positive slices", "positive"),
+    ("all slices", "all"),
+    ("current slice only", "current"),
+    ("none", "none"),
+)
+DEVICES = (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"))
+_SLICE_DEBOUNCE_MS = 200
+
+
+class _CancelFlag(threading.Event):
+    """Set by Cancel; usable as an Event (``is_set``) or a callable returning True when cancelled."""
+
+    def __call__(self) -> bool:
+        return self.is_set()
+
+
+class _RefreshingCombo(QComboBox):
+    """A combo box that refreshes its items just before it opens."""
+
+    def __init__(self, refresh, parent=None) -> None:
+        super().__init__(parent)
+        self._refresh = refresh
+
+    def showPopup(self) -> None:  # noqa: N802 (Qt override)
+        self._refresh()
+        super().showPopup()
+
+
+class WorkerError(Exception):
+    """An error raised in a worker, passed on as a plain Exception."""
+
+
+def _guarded(func, *args, **kwargs):
+    """Run the generator function ``func``, re-raising RuntimeError as :class:`WorkerError`.
+
+    superqt takes a RuntimeError returned by a worker for "the worker was deleted" and
+    emits neither ``errored`` nor ``finished``; torch reports most failures as RuntimeError,
+    so without this the widget would wait forever and the user would see no reason.
+    """
+    try:
+        return (yield from func(*args, **kwargs))
+    except RuntimeError as exc:
+        raise WorkerError(str(exc)) from exc
+
+
+def _accepted_kwargs(func, kwargs: dict) -> dict:
+    """``kwargs`` restricted to what ``func`` accepts, so optional knobs never break a call."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _camera(viewer):
+    # napari 0.9 moved the camera to viewer.scene; older versions only have viewer.camera.
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def volume_from_layer(layer) -> CTVolume:
+    """The CTVolume behind an image layer (ours carry it; others are rebuilt from scale/translate)."""
+    volume = layer.metadata.get("wscovid_volume")
+    if isinstance(volume, CTVolume) and volume.shape == tuple(layer.data.shape):
+        return volume
+    data = np.asarray(layer.data)
+    if data.ndim != 3:
+        raise ValueError(f"layer {layer.name!r} is {data.ndim}-D; detection needs a 3-D CT (z, y, x)")
+    # A CT opened by another reader: assume Hounsfield units when air (about -1000) is present.
+    is_hu = bool(np.issubdtype(data.dtype, np.number) and float(np.nanmin(data)) < -500)
+    volume = CTVolume(
+        hu=data,
+        spacing=tuple(layer.scale),
+        origin=tuple(layer.translate),
+        direction=np.asarray(layer.rotate, dtype=float),
+        is_hu=is_hu,
+        source="napari layer",
+    )
+    if not is_hu:
+        volume.warnings.append("intensities do not look like Hounsfield units; results may be unreliable")
+    return volume
+
+
+def explain_iter(
+    volume, result, slices, *, model="default", device="auto", ig_steps=None, min_box_area_mm2=20.0
+):
+    """Saliency and boxes of ``slices`` after a run without them; a progress generator.
+
+    Loads the run's model (the registry caches it) and returns
+    ``pipeline.explain_slices``'s dict ``{"saliency": {name: (n, y, x)}, "boxes": [...]}``.
+    """
+    from napari_wscovid.models.registry import load_model
+
+    pipeline = import_module(PIPELINE_MODULE)
+    net, info = load_model(model, device=device)
+    prep = {"size": int(net.config.input_size), "spacing_yx": volume.spacing[1:]}
+    if info.get("normalisation"):
+        prep["normalisation"] = info["normalisation"]
+    return (
+        yield from pipeline.explain_slices(
+            volume,
+            slices,
+            net=net,
+            lung_mask=result.lung_mask,
+            slice_probs=result.slice_probs,
+            classes=result.classes,
+            ig_steps=ig_steps,
+            min_box_area_mm2=min_box_area_mm2,
+            prep_kwargs=prep,
+        )
+    )
+
+
+class DetectionWidget(QWidget):
+    """Run weakly supervised COVID-19 / CAP detection on a CT layer and show why.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer to read the CT from and add result layers to.
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self._viewer = napari_viewer
+        self._worker = None
+        self._cancel: _CancelFlag | None = None
+        self._run_started = 0.0
+        self._result: DetectionResult | None = None
+        self._result_ct = None  # the CT layer the current result belongs to
+        self._result_volume: CTVolume | None = None
+        self._result_scope = ""
+        self._trackers: dict[int, L.BoxEditTracker] = {}
+        self._slice_worker = None
+        self._run_params: dict = {}
+        self._explained: set[int] = set()
+        self._pending_slice: int | None = None
+
+        self._ct_combo = _RefreshingCombo(self._refresh_ct_layers)
+        self._model_combo = _RefreshingCombo(self._refresh_models)
+        self._model_combo.addItems(list(FALLBACK_MODELS) + [CHOOSE_FILE])
+        self._model_combo.activated.connect(self._on_model_activated)
+        self._device_combo = QComboBox()
+        for label, value in DEVICES:
+            self._device_combo.addItem(label, value)
+        self._scope_combo = QComboBox()
+        for label, value in SALIENCY_SCOPES:
+            self._scope_combo.addItem(label, value)
+        self._ig_steps = QSpinBox()
+        self._ig_steps.setRange(0, 512)
+        self._ig_steps.setSpecialValueText("pipeline default")  # 0 = let the pipeline decide
+        self._ig_steps.setToolTip("Integrated-gradients steps; more is smoother and slower")
+        self._min_area = QDoubleSpinBox()
+        self._min_area.setRange(0.0, 1e5)
+        self._min_area.setDecimals(1)
+        self._min_area.setValue(20.0)
+        self._min_area.setSuffix(" mm²")
+        self._run_btn = QPushButton("Run detection")
+        self._cancel_btn = QPushButton("Cancel")
+        self._cancel_btn.setEnabled(False)
+        self._progress = QProgressBar()
+        self._progress.setRange(0, 1)
+        self._progress.setValue(0)
+        self._status = QLabel("")
+        self._status.setWordWrap(True)
+        self._device_label = QLabel("Device: –")
+        self._export_btn = QPushButton("Export boxes…")
+        self._import_btn = QPushButton("Import boxes…")
+        self._results = ResultsPanel()
+        self._slice_timer = QTimer(self)
+        self._slice_timer.setSingleShot(True)
+        self._slice_timer.setInterval(_SLICE_DEBOUNCE_MS)
+
+        form = QFormLayout()
+        form.addRow("CT layer", self._ct_combo)
+        form.addRow("Model", self._model_combo)
+        form.addRow("Device", self._device_combo)
+        form.addRow("Saliency", self._scope_combo)
+        form.addRow("IG steps", self._ig_steps)
+        form.addRow("Min box area", self._min_area)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self._run_btn)
+        buttons.addWidget(self._cancel_btn)
+        io_buttons = QHBoxLayout()
+        io_buttons.addWidget(self._export_btn)
+        io_buttons.addWidget(self._import_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self._progress)
+        layout.addWidget(self._status)
+        layout.addWidget(self._device_label)
+        layout.addWidget(self._results)
+        layout.addLayout(io_buttons)
+
+        self._run_btn.clicked.connect(self._on_run_clicked)
+        self._cancel_btn.clicked.connect(self._on_cancel_clicked)
+        self._export_btn.clicked.connect(self._on_export_clicked)
+        self._import_btn.clicked.connect(self._on_import_clicked)
+        self._results.slice_requested.connect(self._go_to_slice)
+        self._results.box_requested.connect(self._go_to_box)
+        self._slice_timer.timeout.connect(self._explain_current_slice)
+
+        layers_events = self._viewer.layers.events
+        layers_events.inserted.connect(self._on_layers_changed)
+        layers_events.removed.connect(self._on_layers_changed)
+        self._viewer.dims.events.current_step.connect(self._on_current_step)
+        self._refresh_ct_layers()
+        for layer in self._viewer.layers:
+            self._watch_boxes_layer(layer)
+
+    # ------------------------------------------------------------------ controls
+    def _refresh_ct_layers(self) -> None:
+        current = self._ct_combo.currentText()
+        names = [
+            layer.name
+            for layer in self._viewer.layers
+            if type(layer).__name__ == "Image"
+            and layer.ndim == 3
+            and not layer.metadata.get("wscovid_result")
+        ]
+        self._ct_combo.blockSignals(True)
+        self._ct_combo.clear()
+        self._ct_combo.addItems(names)
+        if current in names:
+            self._ct_combo.setCurrentText(current)
+        elif names:
+            # Prefer the newest CT opened by our reader.
+            ours = [n for n in names if "wscovid_volume" in self._viewer.layers[n].metadata]
+            self._ct_combo.setCurrentText((ours or names)[-1])
+        self._ct_combo.blockSignals(False)
+
+    def _refresh_models(self) -> None:
+        current = self._model_combo.currentText()
+        try:
+            names = list(import_module(REGISTRY_MODULE).available_models())
+        except Exception as exc:  # the registry is optional for choosing; the run reports real errors
+            logger.debug("model registry unavailable: %s", exc)
+            names = list(FALLBACK_MODELS)
+        custom = [
+            self._model_combo.itemText(i)
+            for i in range(self._model_combo.count())
+            if self._model_combo.itemText(i) not in (*FALLBACK_MODELS, CHOOSE_FILE, *names)
+        ]
+        self._model_combo.blockSignals(True)
+        self._model_combo.clear()
+        self._model_combo.addItems(names + custom + [CHOOSE_FILE])
+        self._model_combo.setCurrentText(current if current in names + custom else names[0])
+        self._model_combo.blockSignals(False)
+
+    def _on_model_activated(self, index: int) -> None:
+        if self._model_combo.itemText(index) != CHOOSE_FILE:
+            return
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Model weights", "", "Weights (*.safetensors *.pt *.pth);;All files (*)"
+        )
+        if path:
+            self._model_combo.insertItem(index, path)
+            self._model_combo.setCurrentIndex(index)
+        else:
+            self._model_combo.setCurrentIndex(0)
+
+    def _on_layers_changed(self, event=None) -> None:
+        self._refresh_ct_layers()
+        layer = getattr(event, "value", None)
+        if layer is not None and event.type == "inserted":
+            self._watch_boxes_layer(layer)
+        elif layer is not None and event.type == "removed":
+            tracker = self._trackers.pop(id(layer), None)
+            if tracker is not None:
+                tracker.disconnect()
+            if layer is self._result_ct:
+                self._result, self._result_ct = None, None
+                self._results.set_result(None)
+
+    def _watch_boxes_layer(self, layer) -> None:
+        """Track edits on any boxes layer (ours, or one opened from an exported file)."""
+        if type(layer).__name__ == "Shapes" and layer.metadata.get("wscovid_boxes"):
+            if id(layer) not in self._trackers:
+                self._trackers[id(layer)] = L.BoxEditTracker(layer)
+                layer.events.features.connect(self._refresh_box_list)
+            self._refresh_box_list()
+
+    def _ct_layer(self):
+        name = self._ct_combo.currentText()
+        return self._viewer.layers[name] if name in self._viewer.layers else None
+
+    def _scope(self) -> str:
+        return self._scope_combo.currentData()
+
+    def _detect_kwargs(self) -> dict:
+        scope = self._scope()
+        kwargs = {
+            "model": self._model_combo.currentText(),
+            "device": self._device_combo.currentData(),
+            "saliency": "none" if scope == "current" else scope,
+            "min_box_area_mm2": float(self._min_area.value()),
+        }
+        if self._ig_steps.value() > 0:
+            kwargs["ig_steps"] = int(self._ig_steps.value())
+        return kwargs
+
+    # ------------------------------------------------------------------ running
+    def _on_run_clicked(self) -> None:
+        if self._worker is not None:
+            show_info("Detection is already running.")
+            return
+        layer = self._ct_layer()
+        if layer is None:
+            show_error("Open a CT (File > Open) and choose it as the CT layer first.")
+            return
+        try:
+            volume = volume_from_layer(layer)
+            pipeline = import_module(PIPELINE_MODULE)
+        except (ValueError, ImportError) as exc:
+            show_error(f"Cannot run detection: {exc}")
+            return
+        self._stop_slice_worker()
+        self._cancel = _CancelFlag()
+        kwargs = _accepted_kwargs(pipeline.detect_iter, {**self._detect_kwargs(), "cancel": self._cancel})
+        self._run_ct, self._run_volume, self._run_scope = layer, volume, self._scope()
+        self._run_params = {
+            k: v
+            for k, v in self._detect_kwargs().items()
+            if k in ("model", "device", "ig_steps", "min_box_area_mm2")
+        }
+        self._run_started = time.perf_counter()
+        self._set_running(True)
+        self._status.setText("Starting…")
+        self._worker = create_worker(
+            _guarded,
+            pipeline.detect_iter,
+            volume,
+            **kwargs,
+            _connect={
+                "yielded": self._on_progress,
+                "returned": self._on_detection_done,
+                "errored": self._on_detection_errored,
+                "aborted": self._on_detection_aborted,
+                "finished": self._on_worker_finished,
+            },
+        )
+
+    def _on_cancel_clicked(self) -> None:
+        if self._worker is None:
+            return
+        self._cancel.set()
+        self._worker.quit()
+        self._status.setText("Cancelling…")
+
+    def _set_running(self, running: bool) -> None:
+        self._run_btn.setEnabled(not running)
+        self._cancel_btn.setEnabled(running)
+        if running:
+            self._progress.setRange(0, 0)  # busy until the first progress report
+
+    def _on_progress(self, update) -> None:
+        try:
+            done, total, message = update
+            total = max(int(total), 1)
+            self._progress.setRange(0, total)
+            self._progress.setValue(min(int(done), total))
+        except (TypeError, ValueError):
+            message = str(update)
+        self._status.setText(str(message))
+
+    def _on_detection_done(self, result: DetectionResult) -> None:
+        layer = self._run_ct
+        if layer is None or layer not in self._viewer.layers:
+            show_warning("The CT layer was closed while detection ran; the result was discarded.")
+            return
+        try:
+            self._show_result(result, layer, self._run_volume, self._run_scope)
+        except Exception as exc:  # a bad result must not leave half the layers behind silently
+            logger.exception("could not display the detection result")
+            show_error(f"Detection finished but its result could not be shown: {exc}")
+            return
+        seconds = time.perf_counter() - self._run_started
+        self._status.setText(f"Done in {seconds:.1f} s: {result.predicted_class}.")
+        self._device_label.setText(f"Device: {result.device}")
+
+    def _on_detection_errored(self, exc: Exception) -> None:
+        logger.debug("detection failed", exc_info=exc)
+        self._status.setText("Failed; no layers were changed.")
+        show_error(f"Detection failed: {exc}")
+
+    def _on_detection_aborted(self) -> None:
+        self._status.setText("Cancelled; no layers were changed.")
+
+    def _on_worker_finished(self) -> None:
+        self._worker = None
+        self._set_running(False)
+        self._progress.setRange(0, 1)
+        self._progress.setValue(0)
+        if self._result is not None and self._result_scope == "current":
+            self._slice_timer.start()  # explain the slice in view now that the run is over
+
+    # ------------------------------------------------------------------ results -> layers
+    def _show_result(self, result: DetectionResult, ct_layer, volume: CTVolume, scope: str) -> None:
+        kwargs = L.ct_layer_kwargs(ct_layer)
+        geometry, key = volume.geometry(), volume.series_key
+        shown = result
+        if scope == "current" and not result.saliency:
+            # Empty maps, filled slice by slice as the user scrolls.
+            empty = {name: np.zeros(volume.shape, np.uint8) for name in (*L.SALIENCY_LEVELS, "joint")}
+            shown = dataclasses.replace(result, saliency=empty)
+        tuples = L.result_layer_data(shown, kwargs, geometry=geometry, series_key=key)
+        for data, layer_kwargs, layer_type in tuples:
+            L.upsert_layer(self._viewer, data, layer_kwargs, layer_type)
+        L.remove_stale_result_layers(self._viewer, [t[1]["name"] for t in tuples])
+        self._result, self._result_ct, self._result_volume, self._result_scope = (
+            result,
+            ct_layer,
+            volume,
+            scope,
+        )
+        self._explained = set(result.saliency_slices) if scope != "current" else set()
+        self._install_boxes(
+            result.boxes,
+            ct_layer=ct_layer,
+            geometry=geometry,
+            series_key=key,
+            classes=result.classes,
+            default_class=L.default_box_class(result.classes, result.patient_probs),
+            model_info=result.model_info,
+            merge=True,
+        )
+        self._results.set_result(result)
+        self._results.set_current_slice(self._current_slice())
+
+    def _install_boxes(
+        self, boxes, *, ct_layer, geometry, series_key, classes, default_class, model_info, merge
+    ):
+        """Put boxes in the "lesion boxes" layer, keeping the user's boxes (case 37)."""
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        previous: list[Box] = []
+        if layer is not None and layer.metadata.get("wscovid_boxes"):
+            old_boxes = L.layer_boxes(layer)
+            if merge and L.geometries_equal(layer.metadata.get("wscovid_geometry"), geometry):
+                previous = old_boxes
+            elif any(b.origin != "detected" for b in old_boxes):
+                # Edits made on another CT (or before an import) are kept in their own layer.
+                old_key = layer.metadata.get("series_key") or "previous"
+                layer.name = f"{L.BOXES_LAYER} {old_key} (kept)"
+                show_info(f"Your edited boxes were kept in the layer {layer.name!r}.")
+                layer = None
+        elif layer is not None:
+            layer.name = f"{L.BOXES_LAYER} (not ours)"
+            layer = None
+        merged = L.merge_boxes(previous, boxes)
+        data, kwargs, _ = L.boxes_layer_data(
+            merged,
+            L.ct_layer_kwargs(ct_layer),
+            geometry=geometry,
+            series_key=series_key,
+            classes=classes,
+            default_class=default_class,
+            model_info=model_info,
+        )
+        if layer is None:
+            from napari.layers import Layer
+
+            layer = self._viewer.add_layer(Layer.create(data, kwargs, "shapes"))
+            self._watch_boxes_layer(layer)
+            L.refresh_box_colors(layer)
+        else:
+            self._replace_boxes(layer, merged, kwargs)
+        self._refresh_box_list()
+        return layer
+
+    def _replace_boxes(self, layer, boxes: list[Box], kwargs: dict) -> None:
+        tracker = self._trackers.get(id(layer))
+        if tracker is None:
+            self._watch_boxes_layer(layer)
+            tracker = self._trackers[id(layer)]
+        with tracker.paused():
+            layer.metadata = kwargs["metadata"]
+            layer.feature_defaults = kwargs["feature_defaults"]
+            layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+            if layer.nshapes:
+                layer.selected_data = set(range(layer.nshapes))
+                layer.remove_selected()
+            if boxes:
+                layer.add(L.boxes_to_rectangles(boxes), shape_type="rectangle")
+            layer.features = L.box_features(boxes)
+            L.refresh_box_colors(layer)
+
+    def _refresh_box_list(self, event=None) -> None:
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        try:
+            boxes = L.layer_boxes(layer) if layer is not None else []
+        except ValueError:
+            boxes = []
+        self._results.set_boxes(boxes)
+
+    # ------------------------------------------------------------------ navigation
+    def _current_slice(self) -> int:
+        layer = self._result_ct or self._ct_layer()
+        if layer is None:
+            return -1
+        data_point = layer.world_to_data(self._viewer.dims.point)
+        return int(np.clip(round(float(data_point[0])), 0, layer.data.shape[0] - 1))
+
+    def _slice_world_z(self, layer, index: int) -> float:
+        return float(np.asarray(layer.data_to_world((index, 0, 0)))[0])
+
+    def _go_to_slice(self, index: int) -> None:
+        layer = self._result_ct or self._ct_layer()
+        if layer is None:
+            return
+        axis = self._viewer.dims.ndim - 3
+        self._viewer.dims.set_point(axis, self._slice_world_z(layer, index))
+
+    def _go_to_box(self, box: Box) -> None:
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes") or self._result_ct
+        if layer is None:
+            return
+        centre = (box.slice, (box.y0 + box.y1 - 1) / 2, (box.x0 + box.x1 - 1) / 2)
+        world = np.asarray(layer.data_to_world(centre), dtype=float)
+        self._viewer.dims.set_point(self._viewer.dims.ndim - 3, float(world[0]))
+        displayed = 2 if self._viewer.dims.ndisplay == 2 else 3
+        _camera(self._viewer).center = tuple(world[-displayed:])
+
+    def _on_current_step(self, event=None) -> None:
+        self._results.set_current_slice(self._current_slice())
+        if self._result is not None and self._result_scope == "current":
+            self._slice_timer.start()
+
+    # ------------------------------------------------------------------ current-slice saliency
+    def _explain_current_slice(self) -> None:
+        if self._result is None or self._result_scope != "current" or self._worker is not None:
+            return
+        index = self._current_slice()
+        if index < 0 or index in self._explained or index == self._pending_slice:
+            return
+        if self._result.lung_mask[index].max() == 0:
+            self._explained.add(index)  # nothing to explain outside the lungs
+            return
+        # The user moved on: the previous slice's answer is no longer wanted.
+        self._stop_slice_worker()
+        self._pending_slice = index
+        self._status.setText(f"Explaining slice {index}…")
+        result = self._result
+        self._slice_worker = create_worker(
+            _guarded,
+            explain_iter,
+            self._result_volume,
+            result,
+            [index],
+            **self._run_params,
+            _connect={
+                "returned": lambda out: self._on_slices_explained(out, [index], result),
+                "errored": self._on_slice_errored,
+                "finished": self._on_slice_worker_finished,
+            },
+        )
+
+    def _stop_slice_worker(self) -> None:
+        if self._slice_worker is not None:
+            self._slice_worker.quit()
+            self._slice_worker = None
+            self._pending_slice = None
+
+    def _on_slice_worker_finished(self) -> None:
+        self._pending_slice = None
+        self._slice_worker = None
+        if self._result is not None and self._result_scope == "current":
+            # The view may have moved on while this slice was computed.
+            self._slice_timer.start()
+
+    def _on_slice_errored(self, exc: Exception) -> None:
+        show_error(f"Could not explain this slice: {exc}")
+
+    def _on_slices_explained(self, out: dict, slices: list[int], result: DetectionResult) -> None:
+        if result is not self._result:
+            return
+        for name, maps in (out.get("saliency") or {}).items():
+            layer_name = L.JOINT_LAYER if name == "joint" else L.ig_layer_name(name)
+            layer = L.find_layer(self._viewer, layer_name, "image")
+            if layer is None:
+                continue
+            maps = np.asarray(maps)
+            for i, z in enumerate(slices):
+                layer.data[z] = maps[i]
+            if name == "joint":
+                layer.contrast_limits = L.saliency_limits(np.asarray(layer.data))
+            layer.refresh()
+        self._explained.update(slices)
+        new_boxes = [b for b in out.get("boxes", []) if b.slice in slices]
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        if new_boxes and layer is not None:
+            existing = L.layer_boxes(layer)
+            users = [b for b in existing if b.origin != "detected"]
+            keep_new = [b for b in new_boxes if not any(L._overlap(b, u) for u in users)]
+            _, kwargs, _ = L.boxes_layer_data(
+                existing + keep_new,
+                {"scale": tuple(layer.scale), "translate": tuple(layer.translate)},
+                geometry=layer.metadata["wscovid_geometry"],
+                series_key=layer.metadata.get("series_key", ""),
+                classes=layer.metadata.get("classes", []),
+                default_class=layer.metadata.get("default_class", ""),
+                model_info=layer.metadata.get("model"),
+            )
+            self._replace_boxes(layer, existing + keep_new, kwargs)
+            self._refresh_box_list()
+        self._status.setText(f"Slice {', '.join(map(str, slices))} explained.")
+
+    # ------------------------------------------------------------------ export / import
+    def _on_export_clicked(self) -> None:
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        key = layer.metadata.get("series_key", "boxes") if layer is not None else "boxes"
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export lesion boxes", f"{key}.boxes.json", "Boxes JSON (*.json);;CSV (*.csv)"
+        )
+        if path:
+            # The file dialog has already asked before replacing a file; the old one is kept as .bak.
+            self._export_boxes(path, overwrite=True)
+
+    def _export_boxes(self, path, overwrite: bool = False) -> Path | None:
+        """Write the "lesion boxes" layer to ``path`` (.json or .csv); returns the path or None."""
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        if layer is None:
+            show_error("There is no 'lesion boxes' layer to export; run detection first.")
+            return None
+        try:
+            boxes = L.layer_boxes(layer)
+            meta = layer.metadata
+            written = save_boxes(
+                path,
+                boxes,
+                meta["wscovid_geometry"],
+                series_key=meta.get("series_key", ""),
+                model=meta.get("model"),
+                classes=meta.get("classes", ()),
+                overwrite=overwrite,
+            )
+        except (OSError, ValueError) as exc:
+            show_error(f"Boxes not exported: {exc}")
+            return None
+        show_info(f"Exported {len(boxes)} boxes to {Path(written).name}.")
+        return written
+
+    def _on_import_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import lesion boxes", "", "Boxes (*.json *.csv)")
+        if path:
+            self._import_boxes(path)
+
+    def _import_boxes(self, path) -> bool:
+        """Load boxes onto the chosen CT; refused when they were made on another grid (case 36)."""
+        layer = self._ct_layer()
+        if layer is None:
+            show_error("Open the CT the boxes belong to first.")
+            return False
+        try:
+            volume = volume_from_layer(layer)
+            boxes, meta = load_boxes(path, expected_geometry=volume.geometry())
+        except ValueError as exc:
+            show_error(f"Boxes not imported: {exc}")
+            return False
+        classes = meta.get("classes") or sorted({b.class_name for b in boxes})
+        self._install_boxes(
+            boxes,
+            ct_layer=layer,
+            geometry=volume.geometry(),
+            series_key=meta.get("series_key") or volume.series_key,
+            classes=classes,
+            default_class=L.default_box_class(classes),
+            model_info=meta.get("model"),
+            merge=False,
+        )
+        return True

@@ -1,0 +1,404 @@
+"""Layers built from a DetectionResult, and the bookkeeping of edited boxes.
+
+Pure functions of numpy data and napari layer objects (no Qt widgets), so they are
+tested without a window. Every layer made here carries the CT layer's
+``scale``/``translate`` (and ``rotate``), a name without patient data, and
+``metadata["wscovid_result"] = True`` so a re-run finds and re-uses it by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+
+from napari_wscovid.io.boxes_io import (
+    box_area_mm2,
+    boxes_to_rectangles,
+    rectangle_to_voxels,
+    rectangles_to_boxes,
+)
+from napari_wscovid.results import Box, DetectionResult
+
+logger = logging.getLogger(__name__)
+
+LUNG_LAYER = "lung mask"
+BOXES_LAYER = "lesion boxes"
+JOINT_LAYER = "joint saliency"
+SALIENCY_LEVELS = ("conv3", "conv4", "conv5")
+SALIENCY_COLORMAP = "inferno"
+
+# Edge colour of a box by class; other classes cycle through _EXTRA_COLORS.
+CLASS_COLORS = {"COVID-19": "#ff453a", "CAP": "#ffd60a", "NP": "#32d74b", "Normal": "#32d74b"}
+_EXTRA_COLORS = ("#64d2ff", "#bf5af2", "#ff9f0a", "#ffffff")
+
+BOX_FEATURE_DTYPES = {
+    "class": object,
+    "score": float,
+    "slice": int,
+    "area_mm2": float,
+    "origin": object,
+    "source": object,
+}
+
+
+def cam_layer_name(level: str) -> str:
+    return f"CAM {level}"
+
+
+def ig_layer_name(level: str) -> str:
+    return f"IG {level}"
+
+
+def ct_layer_kwargs(ct_layer) -> dict:
+    """``scale``/``translate`` (and ``rotate`` when not identity) of the CT layer."""
+    kwargs = {
+        "scale": tuple(float(s) for s in ct_layer.scale),
+        "translate": tuple(float(t) for t in ct_layer.translate),
+    }
+    rotate = np.asarray(ct_layer.rotate, dtype=float)
+    if not np.allclose(rotate, np.eye(rotate.shape[0])):
+        kwargs["rotate"] = rotate.tolist()
+    return kwargs
+
+
+def class_color(name: str, classes: Sequence[str] = ()) -> str:
+    """Hex colour of a class, stable for a given class list."""
+    if name in CLASS_COLORS:
+        return CLASS_COLORS[name]
+    others = [c for c in classes if c not in CLASS_COLORS]
+    i = others.index(name) if name in others else abs(hash(name))
+    return _EXTRA_COLORS[i % len(_EXTRA_COLORS)]
+
+
+NEGATIVE_CLASSES = ("NP", "Normal", "normal")
+
+
+def default_box_class(classes: Sequence[str], probs=None) -> str:
+    """Class given to a box the user draws: the most probable disease class (never "NP")."""
+    candidates = [(i, c) for i, c in enumerate(classes) if c not in NEGATIVE_CLASSES]
+    if not candidates:
+        return classes[0] if classes else ""
+    if probs is not None:
+        p = np.nan_to_num(np.asarray(probs, dtype=float), nan=-1.0)
+        return max(candidates, key=lambda ic: p[ic[0]])[1]
+    return candidates[0][1]
+
+
+def _result_metadata(geometry: dict | None, series_key: str, **extra) -> dict:
+    return {"wscovid_result": True, "wscovid_geometry": geometry, "series_key": series_key, **extra}
+
+
+def map_full_scale(data: np.ndarray) -> float:
+    """The value meaning 1.0 in a map: 255 for the pipeline's uint8 maps, else 1."""
+    return float(np.iinfo(data.dtype).max) if np.issubdtype(data.dtype, np.integer) else 1.0
+
+
+def saliency_limits(data: np.ndarray) -> tuple[float, float]:
+    """``(0, max)`` of a map, or its full scale when it is all zero."""
+    top = float(np.nanmax(data)) if data.size else 0.0
+    return (0.0, top if math.isfinite(top) and top > 0 else map_full_scale(data))
+
+
+# ------------------------------------------------------------------ result -> layer tuples
+def result_layer_data(
+    result: DetectionResult,
+    layer_kwargs: dict,
+    *,
+    geometry: dict | None = None,
+    series_key: str = "",
+) -> list[tuple]:
+    """Layer data tuples for the lung mask, CAMs, per-level IG and joint saliency.
+
+    CAM and IG layers are hidden, additive, with contrast 0..1 of the map's scale
+    (0..255 for the pipeline's uint8 maps); joint saliency is visible, 0..max.
+    The boxes are built separately (:func:`boxes_layer_data`) because a re-run
+    merges them with the user's edits instead of replacing them.
+    """
+    meta = _result_metadata(geometry, series_key)
+    tuples = [
+        (
+            np.asarray(result.lung_mask, dtype=np.uint8),
+            {
+                **layer_kwargs,
+                "name": LUNG_LAYER,
+                "opacity": 0.3,
+                "colormap": {1: "#0a84ff", 2: "#30d158", None: "transparent"},
+                "features": {"index": [0, 1, 2], "lung": ["outside", "right", "left"]},
+                "metadata": dict(meta),
+            },
+            "labels",
+        )
+    ]
+    for level in SALIENCY_LEVELS:
+        if level in result.cams:
+            tuples.append(
+                _saliency_tuple(result.cams[level], cam_layer_name(level), layer_kwargs, meta, False)
+            )
+    for level in SALIENCY_LEVELS:
+        if level in result.saliency:
+            tuples.append(
+                _saliency_tuple(result.saliency[level], ig_layer_name(level), layer_kwargs, meta, False)
+            )
+    if "joint" in result.saliency:
+        joint = result.saliency["joint"]
+        tuples.append(
+            _saliency_tuple(joint, JOINT_LAYER, layer_kwargs, meta, True, saliency_limits(np.asarray(joint)))
+        )
+    return tuples
+
+
+def _saliency_tuple(data, name, layer_kwargs, meta, visible, limits=None) -> tuple:
+    data = np.asarray(data)
+    # CAMs and per-level IG use a fixed 0..1 contrast so slices and runs compare by eye.
+    limits = limits or (0.0, map_full_scale(data))
+    return (
+        data,
+        {
+            **layer_kwargs,
+            "name": name,
+            "colormap": SALIENCY_COLORMAP,
+            "blending": "additive",
+            "contrast_limits": limits,
+            "visible": visible,
+            "metadata": dict(meta),
+        },
+        "image",
+    )
+
+
+def box_features(boxes: Sequence[Box]) -> pd.DataFrame:
+    """The features table of the boxes layer, one row per box."""
+    columns = {
+        "class": [b.class_name for b in boxes],
+        "score": [float(b.score) for b in boxes],
+        "slice": [int(b.slice) for b in boxes],
+        "area_mm2": [float(b.area_mm2) for b in boxes],
+        "origin": [b.origin for b in boxes],
+        "source": [b.source for b in boxes],
+    }
+    return pd.DataFrame({k: pd.Series(v, dtype=BOX_FEATURE_DTYPES[k]) for k, v in columns.items()})
+
+
+def box_feature_defaults(default_class: str) -> dict:
+    """Features given to a box the user draws: no model score (NaN), origin "added"."""
+    return {
+        "class": default_class,
+        "score": math.nan,
+        "slice": 0,
+        "area_mm2": math.nan,
+        "origin": "added",
+        "source": "user",
+    }
+
+
+def boxes_layer_data(
+    boxes: Sequence[Box],
+    layer_kwargs: dict,
+    *,
+    geometry: dict,
+    series_key: str = "",
+    classes: Sequence[str] = (),
+    default_class: str = "",
+    model_info: dict | None = None,
+    name: str = BOXES_LAYER,
+) -> tuple:
+    """The Shapes layer tuple for boxes: editable rectangles on their slices."""
+    boxes = list(boxes)
+    default_class = default_class or (classes[0] if classes else "")
+    kwargs = {
+        **layer_kwargs,
+        "name": name,
+        "ndim": 3,
+        "shape_type": "rectangle",
+        "face_color": "transparent",
+        "edge_width": 1.5,
+        "features": box_features(boxes),
+        "feature_defaults": box_feature_defaults(default_class),
+        "text": {"string": "{class} {score:.2f}", "color": "white", "size": 9, "anchor": "upper_left"},
+        "metadata": _result_metadata(
+            geometry,
+            series_key,
+            wscovid_boxes=True,
+            classes=list(classes),
+            default_class=default_class,
+            model=dict(model_info or {}),
+        ),
+    }
+    if boxes:
+        kwargs["edge_color"] = [class_color(b.class_name, classes) for b in boxes]
+    return (boxes_to_rectangles(boxes), kwargs, "shapes")
+
+
+# ----------------------------------------------------------------------------- viewer
+def find_layer(viewer, name: str, layer_type: str | None = None):
+    """The layer called ``name`` (of ``layer_type`` when given), or None."""
+    for layer in viewer.layers:
+        if layer.name == name and (layer_type is None or type(layer).__name__.lower() == layer_type):
+            return layer
+    return None
+
+
+def upsert_layer(viewer, data, kwargs: dict, layer_type: str):
+    """Add the layer, or update the layer of the same name and type in place.
+
+    Re-using the layer keeps its position in the layer list and the visibility
+    and opacity the user chose.
+    """
+    from napari.layers import Layer
+
+    layer = find_layer(viewer, kwargs["name"], layer_type)
+    if layer is None:
+        return viewer.add_layer(Layer.create(data, dict(kwargs), layer_type))
+    layer.scale = kwargs.get("scale", layer.scale)
+    layer.translate = kwargs.get("translate", layer.translate)
+    if "rotate" in kwargs:
+        layer.rotate = kwargs["rotate"]
+    layer.metadata = dict(kwargs.get("metadata", {}))
+    layer.data = data
+    if layer_type == "image" and "contrast_limits" in kwargs:
+        layer.contrast_limits = kwargs["contrast_limits"]
+    return layer
+
+
+def remove_stale_result_layers(viewer, keep: Iterable[str]) -> None:
+    """Remove result layers of an earlier run that this run did not produce (e.g. IG after scope "none")."""
+    keep = set(keep) | {BOXES_LAYER}
+    for layer in list(viewer.layers):
+        if layer.metadata.get("wscovid_result") and layer.name not in keep and not _is_boxes(layer):
+            viewer.layers.remove(layer)
+
+
+def _is_boxes(layer) -> bool:
+    return bool(layer.metadata.get("wscovid_boxes"))
+
+
+def layer_boxes(layer) -> list[Box]:
+    """The boxes currently in a boxes layer (rectangles snapped to whole voxels)."""
+    geometry = layer.metadata.get("wscovid_geometry")
+    if geometry is None:
+        raise ValueError(
+            f"layer {layer.name!r} has no CT geometry (metadata 'wscovid_geometry'); "
+            "create boxes with the detection widget or open an exported boxes file"
+        )
+    return rectangles_to_boxes(layer.data, layer.features, geometry)
+
+
+def merge_boxes(previous: Sequence[Box], detected: Sequence[Box]) -> list[Box]:
+    """Boxes after a re-run: the user's boxes kept, the old detections replaced.
+
+    A new detection that overlaps a kept user box on the same slice is dropped,
+    because the user's box is a correction of that detection (BAD_INPUTS case 37).
+    """
+    kept = [b for b in previous if b.origin != "detected"]
+    merged = list(kept)
+    for box in detected:
+        if not any(_overlap(box, k) for k in kept):
+            merged.append(box)
+    return merged
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a.slice == b.slice and a.y0 < b.y1 and b.y0 < a.y1 and a.x0 < b.x1 and b.x0 < a.x1
+
+
+def geometries_equal(a: dict | None, b: dict | None) -> bool:
+    from napari_wscovid.io.boxes_io import geometry_mismatch
+
+    return a is not None and b is not None and not geometry_mismatch(a, b)
+
+
+# -------------------------------------------------------------------------- edit tracking
+def _action(event) -> str:
+    action = getattr(event, "action", "")
+    return str(getattr(action, "value", action))
+
+
+class BoxEditTracker:
+    """Keeps a boxes layer's features true to what the user did.
+
+    A moved or resized detection becomes origin "edited"; a drawn box gets the
+    ``feature_defaults`` (origin "added", the predicted class, score NaN because no
+    model scored it, source "user"); a deleted box simply disappears. ``slice``
+    and ``area_mm2`` follow the rectangle. Programmatic updates go through
+    :meth:`paused` so they are not mistaken for edits.
+    """
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        self._paused = 0
+        self._cache = [np.array(v, dtype=float) for v in layer.data]
+        layer.events.data.connect(self._on_data)
+
+    def disconnect(self) -> None:
+        self.layer.events.data.disconnect(self._on_data)
+
+    @contextmanager
+    def paused(self):
+        """Change the layer without recording edits."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            self._cache = [np.array(v, dtype=float) for v in self.layer.data]
+
+    def _on_data(self, event) -> None:
+        if self._paused:
+            return
+        action = _action(event)
+        if action == "removed":
+            for i in sorted((int(i) for i in event.data_indices if int(i) >= 0), reverse=True):
+                if i < len(self._cache):
+                    del self._cache[i]
+            self._cache = [np.array(v, dtype=float) for v in self.layer.data]
+            return
+        if action not in ("added", "changed"):
+            return
+        data = [np.array(v, dtype=float) for v in self.layer.data]
+        changed, added = [], []
+        for i, verts in enumerate(data):
+            if i >= len(self._cache):
+                added.append(i)
+            elif verts.shape != self._cache[i].shape or not np.allclose(verts, self._cache[i]):
+                changed.append(i)
+        self._cache = data
+        if changed or added:
+            self._update_rows(changed, added)
+
+    def _update_rows(self, changed: list[int], added: list[int]) -> None:
+        layer = self.layer
+        geometry = layer.metadata.get("wscovid_geometry")
+        features = layer.features.copy()
+        defaults = box_feature_defaults(layer.metadata.get("default_class", ""))
+        for col, dtype in BOX_FEATURE_DTYPES.items():
+            if col not in features:
+                features[col] = pd.Series([defaults[col]] * len(features), dtype=dtype)
+        shape = geometry["shape"] if geometry else None
+        for i in changed + added:
+            z, y0, x0, y1, x1 = rectangle_to_voxels(layer.data[i], shape)
+            if i in added:
+                for col in ("class", "score", "origin", "source"):
+                    features.at[i, col] = defaults[col]
+            elif features.at[i, "origin"] == "detected":
+                features.at[i, "origin"] = "edited"
+            features.at[i, "slice"] = z
+            if geometry is not None:
+                features.at[i, "area_mm2"] = box_area_mm2(y0, x0, y1, x1, geometry)
+        layer.features = features
+        refresh_box_colors(layer)
+        logger.debug("boxes edited: %s, added: %s", changed, added)
+
+
+def refresh_box_colors(layer) -> None:
+    """Edge colour of every box from its class (also the colour of the next drawn box)."""
+    classes = layer.metadata.get("classes", [])
+    default = layer.metadata.get("default_class", "")
+    if default:
+        layer.current_edge_color = class_color(default, classes)
+    if layer.nshapes:
+        layer.edge_color = [class_color(str(c), classes) for c in layer.features["class"]]

@@ -1,0 +1,102 @@
+"""Read-only view of a detection: probabilities, involvement, per-slice plot, box list."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_wscovid._widgets.slice_plot import SliceProbabilityPlot
+from napari_wscovid.results import Box, DetectionResult
+
+_BOX_COLUMNS = ("slice", "class", "score", "area mm²", "origin")
+
+
+def summary_text(result: DetectionResult) -> str:
+    """Patient-level summary in plain text (one line per fact)."""
+    lines = [f"Predicted: {result.predicted_class}"]
+    for name, p in zip(result.classes, np.asarray(result.patient_probs, dtype=float), strict=False):
+        lines.append(f"  P({name}) = {p:.3f}")
+    lines.append(f"Lung volume: {result.lung_volume_ml:.0f} mL")
+    total = result.involvement.get("total_percent") if result.involvement else None
+    if total is not None and math.isfinite(float(total)):
+        lines.append(f"Involvement: {float(total):.1f} % of lung")
+    lines.append(f"Device: {result.device}")
+    return "\n".join(lines)
+
+
+def sorted_boxes(boxes: list[Box]) -> list[Box]:
+    """Highest score first; boxes without a score (drawn by the user) last."""
+    return sorted(
+        boxes, key=lambda b: (not math.isfinite(b.score), -b.score if math.isfinite(b.score) else 0)
+    )
+
+
+class ResultsPanel(QWidget):
+    """Summary, per-slice probability plot and the box list of the last run."""
+
+    slice_requested = Signal(int)
+    box_requested = Signal(object)  # a Box
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._summary = QLabel("No detection yet.")
+        self._summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self._plot = SliceProbabilityPlot()
+        self._plot.slice_clicked.connect(self.slice_requested)
+        self._table = QTableWidget(0, len(_BOX_COLUMNS))
+        self._table.setHorizontalHeaderLabels(_BOX_COLUMNS)
+        self._table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self._table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self._table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self._table.verticalHeader().setVisible(False)
+        self._table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self._table.cellClicked.connect(self._on_cell_clicked)
+        self._boxes: list[Box] = []
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self._summary)
+        layout.addWidget(QLabel("Probability per slice:"))
+        layout.addWidget(self._plot)
+        layout.addWidget(QLabel("Lesion boxes (click to go there):"))
+        layout.addWidget(self._table)
+
+    def set_result(self, result: DetectionResult | None) -> None:
+        if result is None:
+            self._summary.setText("No detection yet.")
+            self._plot.set_data(np.zeros((0, 0)), ())
+            return
+        self._summary.setText(summary_text(result))
+        self._plot.set_data(result.slice_probs, result.classes)
+
+    def set_boxes(self, boxes: list[Box]) -> None:
+        self._boxes = sorted_boxes(list(boxes))
+        self._table.setRowCount(len(self._boxes))
+        for row, box in enumerate(self._boxes):
+            score = f"{box.score:.2f}" if math.isfinite(box.score) else "–"
+            values = (str(box.slice), box.class_name, score, f"{box.area_mm2:.0f}", box.origin)
+            for col, text in enumerate(values):
+                self._table.setItem(row, col, QTableWidgetItem(text))
+
+    def set_current_slice(self, index: int) -> None:
+        self._plot.set_current_slice(index)
+
+    @property
+    def boxes(self) -> list[Box]:
+        """Boxes in the order shown."""
+        return list(self._boxes)
+
+    def _on_cell_clicked(self, row: int, _column: int) -> None:
+        if 0 <= row < len(self._boxes):
+            self.box_requested.emit(self._boxes[row])

@@ -1,0 +1,299 @@
+"""The detection widget, driven through its handlers with a fake (or the real) pipeline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from napari_wscovid._widgets import detection
+from napari_wscovid._widgets import layers as L
+from napari_wscovid.io.boxes_io import load_boxes
+from napari_wscovid.results import Box
+
+RESULT_LAYERS = {
+    "lung mask",
+    "CAM conv3",
+    "CAM conv4",
+    "CAM conv5",
+    "IG conv3",
+    "IG conv4",
+    "IG conv5",
+    "joint saliency",
+    "lesion boxes",
+}
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    shown: list[str] = []
+    monkeypatch.setattr(detection, "show_error", shown.append)
+    monkeypatch.setattr(detection, "show_info", lambda msg: None)
+    return shown
+
+
+@pytest.fixture
+def widget(viewer, ct_layer, qtbot, errors):
+    w = detection.DetectionWidget(viewer)
+    qtbot.addWidget(w)
+    yield w
+    # never leave a worker running into the next test
+    if w._worker is not None:
+        w._on_cancel_clicked()
+        qtbot.waitUntil(lambda: w._worker is None, timeout=5000)
+    w._stop_slice_worker()
+
+
+def run_and_wait(widget, qtbot, timeout=10000):
+    widget._run_btn.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+
+
+def names(viewer):
+    return {layer.name for layer in viewer.layers}
+
+
+def test_widget_construction_does_not_import_torch():
+    code = textwrap.dedent(
+        """
+        import sys
+        from qtpy.QtWidgets import QApplication
+        app = QApplication([])
+        from napari.components import ViewerModel
+        from napari_wscovid._widgets import DetectionWidget
+        w = DetectionWidget(ViewerModel())
+        assert w._model_combo.count() >= 2
+        print("torch" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_run_builds_layers_and_panel(widget, viewer, ct_layer, fake_pipeline, fake_result, errors, qtbot):
+    widget._min_area.setValue(35.0)
+    widget._ig_steps.setValue(8)
+    widget._model_combo.setCurrentText("tiny-test")
+    run_and_wait(widget, qtbot)
+    assert errors == []
+    assert fake_pipeline.calls == [
+        {
+            "model": "tiny-test",
+            "device": "auto",
+            "saliency": "positive",
+            "ig_steps": 8,
+            "min_box_area_mm2": 35.0,
+            "shape": ct_layer.data.shape,
+        }
+    ]
+    assert RESULT_LAYERS <= names(viewer)
+    for name in RESULT_LAYERS:
+        np.testing.assert_allclose(viewer.layers[name].scale, ct_layer.scale)
+        np.testing.assert_allclose(viewer.layers[name].translate, ct_layer.translate)
+    boxes = viewer.layers["lesion boxes"]
+    assert boxes.nshapes == len(fake_result.boxes)
+    assert widget._device_label.text() == "Device: cpu"
+    assert "COVID-19" in widget._results._summary.text() and "12.5 %" in widget._results._summary.text()
+    assert widget._results._table.rowCount() == 3
+    assert [b.score for b in widget._results.boxes] == sorted(
+        (b.score for b in fake_result.boxes), reverse=True
+    )
+    assert widget._run_btn.isEnabled() and not widget._cancel_btn.isEnabled()
+
+
+def test_cancel_mid_run_leaves_no_layers(widget, viewer, fake_pipeline, qtbot):
+    fake_pipeline.steps, fake_pipeline.delay = 200, 0.02
+    before = names(viewer)
+    widget._run_btn.click()
+    qtbot.waitUntil(lambda: widget._progress.maximum() == 200, timeout=5000)
+    assert widget._cancel_btn.isEnabled()
+    widget._cancel_btn.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=5000)
+    assert names(viewer) == before
+    assert "Cancelled" in widget._status.text()
+    assert widget._result is None
+
+
+def test_error_shows_reason_and_no_layers(widget, viewer, fake_pipeline, qtbot, errors):
+    fake_pipeline.error = RuntimeError("weights file is corrupt")
+    before = names(viewer)
+    run_and_wait(widget, qtbot)
+    assert names(viewer) == before
+    assert len(errors) == 1 and "weights file is corrupt" in errors[0]
+
+
+def test_run_without_ct_is_refused(viewer, qtbot, errors):
+    w = detection.DetectionWidget(viewer)
+    qtbot.addWidget(w)
+    w._on_run_clicked()
+    assert errors and "CT" in errors[0] and w._worker is None
+
+
+def test_edit_export_reimport_and_rerun_keeps_edit(
+    widget, viewer, ct_layer, small_volume, fake_pipeline, qtbot, tmp_path, errors
+):
+    run_and_wait(widget, qtbot)
+    boxes = viewer.layers["lesion boxes"]
+    data = [v.copy() for v in boxes.data]
+    data[0][:, 1:] += 2.0  # drag the top box 2 voxels down and right
+    boxes.data = data
+    assert boxes.features["origin"][0] == "edited"
+    new = data[1].copy()
+    new[:, 0] = 6
+    boxes.add_rectangles([new])
+    assert boxes.features["origin"].iloc[-1] == "added"
+    assert widget._results._table.rowCount() == 4
+
+    path = widget._export_boxes(tmp_path / "ct.boxes.json")
+    assert path is not None and errors == []
+    assert widget._export_boxes(tmp_path / "ct.boxes.json") is None  # never silently overwritten
+    assert "already exists" in errors.pop()
+    csv_path = widget._export_boxes(tmp_path / "ct.csv")
+    exported = L.layer_boxes(boxes)
+
+    saved, meta = load_boxes(path, expected_geometry=small_volume.geometry())
+    assert meta["series_key"] == small_volume.series_key
+    assert [b.origin for b in saved] == ["edited", "detected", "detected", "added"]
+    # re-import through the reader: identical voxels, mm and features
+    from napari_wscovid._reader import get_reader
+
+    ((data2, kwargs2, type2),) = get_reader(str(path))(str(path))
+    assert type2 == "shapes"
+    np.testing.assert_array_equal(np.array(data2), np.array([np.asarray(v) for v in boxes_rects(exported)]))
+    for col in ("class", "slice", "origin", "source", "area_mm2"):
+        assert list(kwargs2["features"][col]) == list(boxes.features[col]), col
+    np.testing.assert_array_equal(kwargs2["features"]["score"], boxes.features["score"])
+    np.testing.assert_allclose(kwargs2["scale"], ct_layer.scale)
+    np.testing.assert_allclose(kwargs2["translate"], ct_layer.translate)
+    json_rows = json.loads(path.read_text())["boxes"]
+    csv_lines = csv_path.read_text().splitlines()
+    assert len(csv_lines) == 1 + len(json_rows)
+    assert [float(x) for x in csv_lines[1].split(",")[5:10]] == [
+        json_rows[0][k] for k in ("z_mm", "y0_mm", "x0_mm", "y1_mm", "x1_mm")
+    ]
+
+    # re-run: the edited and the added box survive, detections are refreshed
+    run_and_wait(widget, qtbot)
+    after = L.layer_boxes(viewer.layers["lesion boxes"])
+    kept = [b for b in after if b.origin != "detected"]
+    assert [b.as_dict() for b in kept if b.origin == "edited"] == [exported[0].as_dict()]
+    assert sum(b.origin == "added" for b in after) == 1
+    # the detection the user corrected is not duplicated under the edited box
+    assert len(after) == 4
+    assert len([la for la in viewer.layers if la.name.startswith("lesion boxes")]) == 1
+
+
+def boxes_rects(boxes):
+    from napari_wscovid.io.boxes_io import boxes_to_rectangles
+
+    return boxes_to_rectangles(boxes)
+
+
+def test_import_on_other_geometry_is_refused(widget, viewer, ct_layer, small_volume, tmp_path, errors):
+    from napari_wscovid.io.boxes_io import save_boxes
+
+    other = dict(small_volume.geometry(), spacing=[2.5, 0.75, 0.8])
+    path = save_boxes(tmp_path / "o.boxes.json", [Box(1, 1, 1, 3, 3, "CAP", 0.5)], other)
+    assert widget._import_boxes(path) is False
+    assert "different geometry" in errors[0] and "2.5" in errors[0] and "5.0" in errors[0]
+    assert "lesion boxes" not in names(viewer)
+    good = save_boxes(tmp_path / "g.boxes.json", [Box(1, 1, 1, 3, 3, "CAP", 0.5)], small_volume.geometry())
+    assert widget._import_boxes(good) is True
+    assert viewer.layers["lesion boxes"].nshapes == 1
+
+
+def test_plot_and_box_list_navigate(widget, viewer, ct_layer, fake_pipeline, qtbot):
+    run_and_wait(widget, qtbot)
+    widget._go_to_slice(5)
+    assert widget._current_slice() == 5
+    box = widget._results.boxes[0]
+    widget._results._on_cell_clicked(0, 0)
+    assert widget._current_slice() == box.slice
+    centre = ct_layer.data_to_world((box.slice, (box.y0 + box.y1 - 1) / 2, (box.x0 + box.x1 - 1) / 2))
+    np.testing.assert_allclose(detection._camera(viewer).center[-2:], centre[-2:])
+    plot = widget._results._plot
+    plot.resize(200, 90)
+    assert plot.slice_at(6) == 0 and plot.slice_at(194) == plot.n_slices - 1
+
+
+def test_current_slice_scope_explains_on_demand(
+    widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot, monkeypatch
+):
+    calls = []
+
+    def fake_explain(volume, result, slices, **kwargs):
+        calls.append(list(slices))
+        yield 0, 1, "explaining"
+        n, (ny, nx) = len(slices), volume.shape[1:]
+        maps = {k: np.full((n, ny, nx), 200, np.uint8) for k in ("conv3", "conv4", "conv5", "joint")}
+        return {"saliency": maps, "boxes": [Box(slices[0], 2, 2, 6, 6, "COVID-19", 0.7)]}
+
+    monkeypatch.setattr(detection, "explain_iter", fake_explain)
+    fake_pipeline.result = type(fake_result)(**{**fake_result.__dict__, "saliency": {}, "boxes": []})
+    widget._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
+    widget._go_to_slice(4)
+    run_and_wait(widget, qtbot)
+    assert fake_pipeline.calls[-1]["saliency"] == "none"
+    qtbot.waitUntil(lambda: 4 in widget._explained, timeout=5000)
+    joint = viewer.layers["joint saliency"]
+    assert joint.data[4].max() == 200 and joint.data[3].max() == 0
+    assert [b.slice for b in L.layer_boxes(viewer.layers["lesion boxes"])] == [4]
+    widget._go_to_slice(6)
+    qtbot.waitUntil(lambda: 6 in widget._explained, timeout=5000)
+    widget._go_to_slice(4)  # cached: not computed again
+    qtbot.wait(400)
+    assert calls == [[4], [6]]
+
+
+_PIPELINE_READY = all(
+    importlib.util.find_spec(m) is not None
+    for m in ("napari_wscovid.boxes", "napari_wscovid.lung", "napari_wscovid.explain.integrated_gradients")
+)
+
+
+@pytest.mark.skipif(not _PIPELINE_READY, reason="the detection pipeline's modules have not all landed yet")
+def test_real_pipeline_tiny_model(viewer, qtbot, errors):
+    from napari_wscovid._reader import ct_layer_data
+    from napari_wscovid.phantom import make_phantom
+
+    phantom = make_phantom("COVID-19", n_slices=12, size=96, seed=1)
+    data, kwargs, _ = ct_layer_data(phantom.volume)
+    ct = viewer.add_image(data, **kwargs)
+    w = detection.DetectionWidget(viewer)
+    qtbot.addWidget(w)
+    w._model_combo.setCurrentText("tiny-test")
+    w._device_combo.setCurrentIndex(1)  # CPU
+    w._ig_steps.setValue(4)
+    run_and_wait(w, qtbot, timeout=60000)
+    assert errors == []
+    assert {"lung mask", "joint saliency", "lesion boxes"} <= names(viewer)
+    np.testing.assert_allclose(viewer.layers["joint saliency"].scale, ct.scale)
+    assert w._device_label.text() == "Device: cpu"
+    assert not math.isnan(float(w._result.patient_probs.sum()))
+    assert all(
+        0 <= b.slice < 12 and b.origin == "detected" for b in L.layer_boxes(viewer.layers["lesion boxes"])
+    )
+
+    # "current slice only": no saliency in the run, then the slice in view on demand
+    w._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
+    lung_slice = int(np.argmax(phantom.lung_mask.reshape(12, -1).sum(1)))
+    w._go_to_slice(lung_slice)
+    run_and_wait(w, qtbot, timeout=60000)
+    qtbot.waitUntil(lambda: lung_slice in w._explained, timeout=60000)
+    assert errors == []
+    # (the tiny random network's joint map can be all zero on a slice; its per-level maps are not)
+    assert viewer.layers["IG conv5"].data[lung_slice].max() > 0
+    assert all(viewer.layers["IG conv5"].data[z].max() == 0 for z in range(12) if z != lung_slice)
