@@ -78,7 +78,8 @@ def run_stages(n_slices: int, model_name: str) -> dict:
     mask = segment_lungs(volume)
     out["lung_segmentation_s"] = time.perf_counter() - start
     out["lung_dice"] = float(
-        2 * np.count_nonzero((mask > 0) & (phantom.lung_mask > 0))
+        2
+        * np.count_nonzero((mask > 0) & (phantom.lung_mask > 0))
         / (np.count_nonzero(mask) + np.count_nonzero(phantom.lung_mask))
     )
     net, info = load_benchmark_model(model_name)
@@ -91,8 +92,15 @@ def run_stages(n_slices: int, model_name: str) -> dict:
 
     positive = np.flatnonzero(phantom.lesion_mask.reshape(n_slices, -1).any(1))
     z = int(positive[len(positive) // 2]) if len(positive) else out["n_lung_slices"] // 2
-    gen = explain_slices(volume, [z], net=net, lung_mask=mask, slice_probs=result.slice_probs,
-                         classes=result.classes, explain_class="COVID-19")
+    gen = explain_slices(
+        volume,
+        [z],
+        net=net,
+        lung_mask=mask,
+        slice_probs=result.slice_probs,
+        classes=result.classes,
+        explain_class="COVID-19",
+    )
     start = time.perf_counter()
     for _ in gen:
         pass
@@ -115,7 +123,7 @@ start = time.perf_counter()
 r = detect(p.volume, model=net, saliency='slices', slices=lesion[:: max(1, len(lesion) // 8)].tolist())
 print(json.dumps({{'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   'detect_s': time.perf_counter() - start,
-                  'kept_gb': (sum(a.nbytes for a in r.cams.values()) + sum(a.nbytes for a in r.saliency.values())
+                  'kept_gb': (sum(a.nbytes for a in (*r.cams.values(), *r.saliency.values()))
                               + r.lung_mask.nbytes + p.volume.hu.nbytes) / 2**30}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -137,8 +145,10 @@ def main() -> None:
     print(f"{'conv throughput / matmul peak':32s} {stages['classification_gflops'] / peak:.2f}")
     if args.memory_slices:
         mem = peak_rss_child(args.memory_slices, args.model)
-        print(f"{args.memory_slices} slices, all results kept: peak RSS {mem['peak_rss_gb']:.2f} GB "
-              f"(results + CT {mem['kept_gb']:.2f} GB), detect {mem['detect_s']:.1f} s")
+        print(
+            f"{args.memory_slices} slices, all results kept: peak RSS {mem['peak_rss_gb']:.2f} GB "
+            f"(results + CT {mem['kept_gb']:.2f} GB), detect {mem['detect_s']:.1f} s"
+        )
     print(f"self peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
 

@@ -77,9 +77,7 @@ def _detect(args) -> int:
     out = Path(args.out)
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not args.overwrite:
-        raise FileExistsError(
-            f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them"
-        )
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     series = int(args.series) if args.series is not None and args.series.isdigit() else args.series
     volume = load_ct(args.path, series=series)
     for warning in volume.warnings:
@@ -113,7 +111,7 @@ def _detect(args) -> int:
         "%s: %s (%s), %d boxes; results in %s",
         volume.series_key,
         result.predicted_class,
-        ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.patient_probs)),
+        ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.patient_probs, strict=True)),
         len(result.boxes),
         out,
     )
@@ -138,7 +136,7 @@ def summary_dict(result, volume) -> dict:
     return {
         "series_key": volume.series_key,
         "classes": list(result.classes),
-        "patient_probs": {c: float(p) for c, p in zip(result.classes, result.patient_probs)},
+        "patient_probs": {c: float(p) for c, p in zip(result.classes, result.patient_probs, strict=True)},
         "predicted_class": result.predicted_class,
         "patient_rule": result.patient_rule,
         "lung_volume_ml": round(result.lung_volume_ml, 1),

@@ -25,6 +25,17 @@ SALIENCY_SCOPES = ("positive", "all", "slices", "none")
 SALIENCY_LAYERS = ("conv3", "conv4", "conv5", "joint")
 NEGATIVE_CLASS = "NP"
 
+# CAMs and saliency maps are kept as uint8 (value / MAP_LEVELS in [0, 1]): seven full-volume
+# maps of a 600-slice 512x512 CT take 1.1 GB this way and 2.2 GB as float16, which broke the
+# 3 GB budget for a run with all results kept (benchmarks/bench_detect.py).
+MAP_LEVELS = 255
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Quantise maps in [0, 1] to uint8."""
+    return np.rint(np.clip(values, 0.0, 1.0) * MAP_LEVELS).astype(np.uint8)
+
+
 # A slice enters classification when it holds at least this much lung (mm^2): below it the
 # lung crop is a few apical or basal voxels, which the network never saw in training.
 MIN_LUNG_AREA_MM2 = 200.0
@@ -37,9 +48,9 @@ TOP_K_MIN = 3
 
 
 def _default_ig() -> tuple[int, str]:
-    from napari_wscovid.explain import integrated_gradients as ig
+    from napari_wscovid.explain.integrated_gradients import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
 
-    return ig.DEFAULT_IG_STEPS, ig.DEFAULT_IG_METHOD
+    return DEFAULT_IG_STEPS, DEFAULT_IG_METHOD
 
 
 def lung_slices(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -48,9 +59,7 @@ def lung_slices(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> n
     return np.flatnonzero(area_mm2 >= MIN_LUNG_AREA_MM2)
 
 
-def patient_probabilities(
-    slice_probs: np.ndarray, classes: tuple[str, ...]
-) -> tuple[np.ndarray, str]:
+def patient_probabilities(slice_probs: np.ndarray, classes: tuple[str, ...]) -> tuple[np.ndarray, str]:
     """Aggregate (z, K) slice probabilities (NaN rows = no lung) into (K,) patient probabilities."""
     valid = slice_probs[~np.isnan(slice_probs).any(1)]
     if len(valid) == 0:
@@ -110,7 +119,6 @@ def detect_iter(
     """
     import torch
 
-    from napari_wscovid.explain.cam import class_cams
     from napari_wscovid.models.registry import load_model, select_device
     from napari_wscovid.preprocess import maps_to_slice, prepare_slices
 
@@ -193,9 +201,9 @@ def detect_iter(
         raw = np.maximum(raw, 0)
         # One scale factor for the whole volume keeps slices comparable at a fixed 0-1 contrast.
         peak = float(raw.max()) if raw.size else 0.0
-        volume_map = np.zeros(volume.shape, dtype=np.float16)
+        volume_map = np.zeros(volume.shape, dtype=np.uint8)
         if peak > 0:
-            volume_map[lung_idx] = maps_to_slice(raw / peak, crops_all, volume.shape[1:])
+            volume_map[lung_idx] = to_uint8(maps_to_slice(raw / peak, crops_all, volume.shape[1:]))
         cams[scale] = volume_map
     del cam_lowres
     timings["cams"] = time.perf_counter() - start
@@ -223,7 +231,7 @@ def detect_iter(
         start = time.perf_counter()
         explained = yield from _relay(gen, stage=2, stages=4)
         timings["saliency_and_boxes"] = time.perf_counter() - start
-        saliency_maps = {name: np.zeros(volume.shape, dtype=np.float16) for name in SALIENCY_LAYERS}
+        saliency_maps = {name: np.zeros(volume.shape, dtype=np.uint8) for name in SALIENCY_LAYERS}
         for name in SALIENCY_LAYERS:
             saliency_maps[name][explain_idx] = explained["saliency"][name]
         boxes = explained["boxes"]
@@ -246,6 +254,7 @@ def detect_iter(
         lung_volume_ml=float(np.count_nonzero(lung_mask)) * voxel_ml,
         saliency_slices=tuple(int(i) for i in explain_idx),
         patient_rule=rule,
+        explained_class=shown_class,
     )
     yield 4, 4, "Done"
     return result
@@ -286,10 +295,11 @@ def explain_slices(
 ) -> Generator[Progress, None, dict]:
     """Integrated-gradients saliency and boxes for some slices, as a progress generator.
 
-    Returns ``{"saliency": {name: (n, y, x) float16}, "masks": (n, y, x) bool, "boxes": [Box]}``.
-    Each scale's map is divided by its largest magnitude on the slice before the product: the
-    boxes are unchanged (Isodata is scale-invariant) and the joint map stays clear of float16
-    underflow (a product of three raw attributions is ~1e-9).
+    Returns ``{"saliency": {name: (n, y, x) uint8}, "masks": (n, y, x) bool, "boxes": [Box]}``.
+    The maps shown are magnitudes: each scale's |IG| divided by its largest value on the slice,
+    and the joint map = the product of the three, divided by its own maximum on the slice. The
+    boxes come from the unquantised product, which equals the paper's |joint| up to a per-slice
+    factor that Isodata ignores (it is scale-invariant).
     """
     import torch
 
@@ -304,7 +314,7 @@ def explain_slices(
     indices = np.asarray(list(slice_indices), dtype=int)
     device = next(net.parameters()).device
     n, (ny, nx) = len(indices), volume.shape[1:]
-    out = {name: np.zeros((n, ny, nx), dtype=np.float16) for name in SALIENCY_LAYERS}
+    out = {name: np.zeros((n, ny, nx), dtype=np.uint8) for name in SALIENCY_LAYERS}
     masks = np.zeros((n, ny, nx), dtype=bool)
     boxes: list[Box] = []
     done = 0
@@ -323,17 +333,16 @@ def explain_slices(
             steps=ig_steps,
             method=ig_method,
         )
+        lung = lung_mask[z] > 0
         scaled = {}
         for scale in SALIENCY_LAYERS[:3]:
-            m = maps[scale].detach().float().cpu().numpy().reshape(len(z), *x.shape[-2:])
-            peak = np.abs(m).reshape(len(z), -1).max(1).reshape(-1, 1, 1)
-            scaled[scale] = np.divide(m, peak, out=np.zeros_like(m), where=peak > 0)
-        scaled["joint"] = scaled["conv3"] * scaled["conv4"] * scaled["conv5"]
-        lung = lung_mask[z] > 0
-        for name, m in scaled.items():
-            out[name][batch] = maps_to_slice(m, crops, (ny, nx)) * lung
-        for pos, (row, zi, target) in enumerate(zip(batch, z, targets)):
-            joint = out["joint"][row].astype(np.float32)
+            m = np.abs(maps[scale].detach().float().cpu().numpy().reshape(len(z), *x.shape[-2:]))
+            scaled[scale] = maps_to_slice(_per_slice_unit(m), crops, (ny, nx)) * lung
+            out[scale][batch] = to_uint8(scaled[scale])
+        joint_all = scaled["conv3"] * scaled["conv4"] * scaled["conv5"]
+        out["joint"][batch] = to_uint8(_per_slice_unit(joint_all))
+        for pos, (row, zi, target) in enumerate(zip(batch, z, targets, strict=True)):
+            joint = joint_all[pos]
             masks[row] = saliency_mask(joint) & lung[pos]
             boxes += boxes_from_saliency(
                 joint,
@@ -346,6 +355,12 @@ def explain_slices(
         done += len(batch)
         yield done, n, "Explaining slices"
     return {"saliency": out, "masks": masks, "boxes": boxes}
+
+
+def _per_slice_unit(maps: np.ndarray) -> np.ndarray:
+    """Divide each (y, x) map of a (n, y, x) stack by its maximum (all-zero maps stay zero)."""
+    peak = maps.reshape(len(maps), -1).max(1).reshape(-1, 1, 1)
+    return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
 
 
 def detect(volume: CTVolume, **kwargs) -> DetectionResult:

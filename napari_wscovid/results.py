@@ -40,8 +40,11 @@ class DetectionResult:
     slice_probs: np.ndarray  # (z, K) float32; rows of slices without lung are NaN
     patient_probs: np.ndarray  # (K,) float32
     lung_mask: np.ndarray  # (z, y, x) uint8, 1 = right lung, 2 = left lung
-    cams: dict[str, np.ndarray] = field(default_factory=dict)  # "conv3".. -> (z, y, x) float16 in [0, 1]
-    saliency: dict[str, np.ndarray] = field(default_factory=dict)  # "conv3".."joint" -> (z, y, x) float16
+    # Maps are uint8 volumes, value / 255 in [0, 1] (see pipeline.MAP_LEVELS): CAMs of the shown
+    # class scaled by one factor for the whole volume; saliency magnitudes scaled per slice.
+    cams: dict[str, np.ndarray] = field(default_factory=dict)  # "conv3".."conv5" -> (z, y, x) uint8
+    saliency: dict[str, np.ndarray] = field(default_factory=dict)  # "conv3".."joint" -> (z, y, x) uint8
+    explained_class: str = ""  # the class whose CAMs are kept
     boxes: list[Box] = field(default_factory=list)
     involvement: dict = field(default_factory=dict)  # {"total_percent": float, "per_slice_percent": array}
     model_info: dict = field(default_factory=dict)  # {"name", "version", "sha256", ...}

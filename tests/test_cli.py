@@ -50,8 +50,9 @@ def _check_outputs(out: Path, n_slices: int) -> dict:
 
 def test_cli_detect_writes_every_file(phantom_file, tmp_path):
     out = tmp_path / "res"
-    code = main(["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q",
-                 "--ig-steps", "2"])
+    code = main(
+        ["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q", "--ig-steps", "2"]
+    )
     assert code == 0
     _check_outputs(out, 12)
     import SimpleITK as sitk
@@ -65,7 +66,17 @@ def test_cli_detect_writes_every_file(phantom_file, tmp_path):
 
 def test_cli_never_overwrites_without_flag(phantom_file, tmp_path):
     out = tmp_path / "res"
-    args = ["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q", "--saliency", "none"]
+    args = [
+        "detect",
+        str(phantom_file),
+        "--out",
+        str(out),
+        "--model",
+        "tiny-test",
+        "-q",
+        "--saliency",
+        "none",
+    ]
     assert main(args) == 0
     before = (out / "summary.json").read_bytes()
     assert main(args) == 2  # refused before any work
@@ -88,9 +99,22 @@ def test_cli_runs_as_module_on_the_bundled_sample(tmp_path):
         pytest.skip("bundled sample not present")
     out = tmp_path / "res"
     proc = subprocess.run(
-        [sys.executable, "-m", "napari_wscovid", "detect", str(sample), "--out", str(out),
-         "--model", "tiny-test", "--saliency", "none"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "napari_wscovid",
+            "detect",
+            str(sample),
+            "--out",
+            str(out),
+            "--model",
+            "tiny-test",
+            "--saliency",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     _check_outputs(out, len(list(sample.glob("*.dcm"))))
@@ -108,8 +132,9 @@ def test_cli_png_input_gives_single_slice(tmp_path):
     path = tmp_path / "slice.png"
     imsave(path, png)
     out = tmp_path / "res"
-    assert main(["detect", str(path), "--out", str(out), "--model", "tiny-test", "-q",
-                 "--ig-steps", "2"]) == 0
+    assert (
+        main(["detect", str(path), "--out", str(out), "--model", "tiny-test", "-q", "--ig-steps", "2"]) == 0
+    )
     summary = _check_outputs(out, 1)
     assert summary["is_hu"] is False
 
@@ -118,8 +143,10 @@ def test_cli_png_input_gives_single_slice(tmp_path):
 def test_cli_on_a_real_series(covid_ct_md, tmp_path):
     series = covid_ct_md / "Normal subjects" / "normal001"
     out = tmp_path / "res"
-    assert main(["detect", str(series), "--out", str(out), "--model", "tiny-test", "-q",
-                 "--saliency", "none"]) == 0
+    assert (
+        main(["detect", str(series), "--out", str(out), "--model", "tiny-test", "-q", "--saliency", "none"])
+        == 0
+    )
     summary = _check_outputs(out, 154)
     assert 2500 < summary["lung_volume_ml"] < 8000
     text = (out / "summary.json").read_text() + (out / "boxes.json").read_text()

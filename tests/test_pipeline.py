@@ -23,9 +23,7 @@ def phantom():
 
 @pytest.fixture(scope="module")
 def tiny_result(phantom):
-    return detect(
-        phantom.volume, model="tiny-test", saliency="all", lung_mask=phantom.lung_mask, ig_steps=4
-    )
+    return detect(phantom.volume, model="tiny-test", saliency="all", lung_mask=phantom.lung_mask, ig_steps=4)
 
 
 def test_patient_rule_uses_most_abnormal_slices():
@@ -62,8 +60,10 @@ def test_detect_end_to_end_shapes_and_ranges(phantom, tiny_result):
     assert r.patient_probs.shape == (3,) and abs(float(r.patient_probs.sum()) - 1) < 1e-4
     assert set(r.cams) == {"conv3", "conv4", "conv5"}
     for cam in r.cams.values():
-        assert cam.shape == (z, y, x) and cam.dtype == np.float16
-        assert float(cam.min()) >= 0 and float(cam.max()) <= 1.0 + 1e-3
+        assert cam.shape == (z, y, x) and cam.dtype == np.uint8
+    # one scale factor per volume: the brightest CAM voxel of the volume is exactly 1
+    assert max(int(c.max()) for c in r.cams.values()) == 255
+    assert r.explained_class == r.predicted_class
     assert set(r.saliency) == set(SALIENCY_LAYERS)
     for name, sal in r.saliency.items():
         assert sal.shape == (z, y, x)
@@ -82,11 +82,19 @@ def test_detect_end_to_end_shapes_and_ranges(phantom, tiny_result):
 
 
 def test_joint_saliency_is_product_of_scaled_maps(tiny_result):
-    z = tiny_result.saliency_slices[len(tiny_result.saliency_slices) // 2]
-    s = {k: v[z].astype(np.float32) for k, v in tiny_result.saliency.items()}
+    s = {k: v.astype(np.float32) / 255 for k, v in tiny_result.saliency.items()}
     product = s["conv3"] * s["conv4"] * s["conv5"]
-    # float16 storage of each factor bounds the agreement
-    assert np.allclose(s["joint"], product, atol=2e-3)
+    # Each scale's IG lives in the receptive field of its global-max cell, so the joint map is
+    # zero on slices where those fields do not overlap; some slices must overlap.
+    nonzero = [z for z in tiny_result.saliency_slices if product[z].max() > 0]
+    assert len(nonzero) >= 2
+    for z in tiny_result.saliency_slices:
+        if z in nonzero:
+            # the product rescaled to a peak of 1; uint8 storage of the factors bounds agreement
+            assert s["joint"][z].max() == 1.0
+            assert np.corrcoef(s["joint"][z].ravel(), product[z].ravel())[0, 1] > 0.98
+        else:
+            assert s["joint"][z].max() == 0
 
 
 def test_detect_iter_progress_and_no_saliency(phantom):
@@ -130,8 +138,9 @@ def test_detect_accepts_an_injected_model(phantom):
 
     torch.manual_seed(0)
     net = WSNet(tiny_config(TASK_CLASSES["np_vs_covid"]))
-    r = detect(phantom.volume, model=net, saliency="slices", slices=[8], lung_mask=phantom.lung_mask,
-               ig_steps=2)
+    r = detect(
+        phantom.volume, model=net, saliency="slices", slices=[8], lung_mask=phantom.lung_mask, ig_steps=2
+    )
     assert r.classes == ("NP", "COVID-19")
     assert r.saliency_slices in ((8,), ())
 
