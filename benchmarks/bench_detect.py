@@ -52,13 +52,13 @@ def wsnet_forward_gflop(net) -> float:
 
 
 def load_benchmark_model(name: str):
-    from napari_wscovid.models.registry import available_models, load_model
+    from napari_wscovid.models.registry import ModelLoadError, load_model
     from napari_wscovid.models.wsnet import WSNet
 
-    if name in available_models() or name == "default":
+    if name:
         try:
             return load_model(name, device="cpu")
-        except (FileNotFoundError, KeyError, ValueError) as err:
+        except ModelLoadError as err:
             print(f"# {name!r} not loadable ({err}); timing a randomly initialised full-size WSNet")
     torch.manual_seed(0)
     return WSNet().eval(), {"name": "random-full-size", "sha256": None}

@@ -344,6 +344,9 @@ def explain_slices(
         for pos, (row, zi, target) in enumerate(zip(batch, z, targets, strict=True)):
             joint = joint_all[pos]
             masks[row] = saliency_mask(joint) & lung[pos]
+            if classes[int(target)] == NEGATIVE_CLASS:
+                # Evidence for "no pneumonia" is no lesion: a radiologist gets no NP boxes.
+                continue
             boxes += boxes_from_saliency(
                 joint,
                 spacing_yx=volume.spacing[1:],

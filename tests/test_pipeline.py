@@ -78,6 +78,7 @@ def test_detect_end_to_end_shapes_and_ranges(phantom, tiny_result):
         assert box.slice in r.saliency_slices
         assert 0 <= box.y0 < box.y1 <= y and 0 <= box.x0 < box.x1 <= x
         assert box.class_name in r.classes and 0 <= box.score <= 1
+        assert box.class_name != "NP"
     assert {"lung_segmentation", "classification", "saliency_and_boxes"} <= set(r.timings)
 
 
