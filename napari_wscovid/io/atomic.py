@@ -42,7 +42,10 @@ def atomic_write(path, write: Callable[[Path], None], *, overwrite: bool = False
 
 def atomic_write_text(path, text: str, *, overwrite: bool = False, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding), overwrite=overwrite)
+    # newline="" writes the text's line endings as they are (CSV rows end in "\n" everywhere).
+    return atomic_write(
+        path, lambda tmp: tmp.write_text(text, encoding=encoding, newline=""), overwrite=overwrite
+    )
 
 
 def _fsync_dir(folder: Path) -> None:

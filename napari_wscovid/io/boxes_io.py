@@ -29,15 +29,14 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from napari_wscovid.io.atomic import atomic_write_text
 from napari_wscovid.results import BOX_ORIGINS, Box
 
 logger = logging.getLogger(__name__)
@@ -306,24 +305,11 @@ def save_boxes(
         text = boxes_to_json_text(boxes, volume_geometry, series_key=series_key, model=model, classes=classes)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            backup = backup_path(path)
-            shutil.copy2(path, backup)
-            logger.info("kept the previous boxes file as %s", backup.name)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
-    return path
+    if path.exists():
+        backup = backup_path(path)
+        shutil.copy2(path, backup)
+        logger.info("kept the previous boxes file as %s", backup.name)
+    return atomic_write_text(path, text, overwrite=True)
 
 
 def backup_path(path: Path) -> Path:
@@ -336,20 +322,6 @@ def backup_path(path: Path) -> Path:
         candidate = path.with_name(f"{stem}.{stamp}-{n}.bak{ext}")
         n += 1
     return candidate
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform (Windows), hence best effort.
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 # ------------------------------------------------------------------------------ loading

@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from napari_wscovid.io.atomic import atomic_write
 
 from .volume import CTVolume
 
@@ -24,21 +25,10 @@ HU_INTERCEPT = -1024.0
 
 
 def _atomic_write(path: Path, write_to, *, overwrite: bool) -> Path:
-    """Call ``write_to(temp_path)`` then move the temp file onto ``path``."""
+    """Create the folder if needed, then write ``path`` atomically (see ``io.atomic``)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(handle)
-    try:
-        write_to(Path(temp_name))
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write_to, overwrite=overwrite)
 
 
 def _xyz(vector_zyx) -> list[float]:

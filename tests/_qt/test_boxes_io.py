@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import pytest
 
-from napari_wscovid.io import boxes_io
+from napari_wscovid.io import atomic, boxes_io
 from napari_wscovid.io.boxes_io import COLUMNS, load_boxes, save_boxes
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.results import Box
@@ -104,7 +104,7 @@ def test_crash_during_replace_keeps_previous_file(tmp_path, small_volume, monkey
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(boxes_io.os, "replace", disk_full)
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
     with pytest.raises(OSError, match="No space"):
         save_boxes(path, [], g, overwrite=True)
     assert path.read_bytes() == before
@@ -120,7 +120,7 @@ def test_read_only_folder_keeps_previous_file(tmp_path, small_volume, monkeypatc
         def read_only(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(tmp_path))
 
-        monkeypatch.setattr(boxes_io.tempfile, "mkstemp", read_only)
+        monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
     tmp_path.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         with pytest.raises(PermissionError):
