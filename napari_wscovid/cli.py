@@ -72,7 +72,7 @@ def _detect(args) -> int:
     from tqdm import tqdm
 
     from napari_wscovid.io import load_ct
-    from napari_wscovid.pipeline import detect_iter
+    from napari_wscovid.pipeline import detect_iter, run_to_end
 
     out = Path(args.out)
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
@@ -96,15 +96,13 @@ def _detect(args) -> int:
         min_box_area_mm2=args.min_box_area,
     )
     with tqdm(total=4, disable=args.quiet or not sys.stderr.isatty(), unit="stage") as bar:
-        while True:
-            try:
-                done, total, message = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
+
+        def show(done: int, total: int, message: str) -> None:
             bar.n = done
             bar.set_description(message)
             bar.refresh()
+
+        result = run_to_end(gen, show)
     out.mkdir(parents=True, exist_ok=True)
     write_results(result, volume, out, overwrite=args.overwrite)
     logger.info(

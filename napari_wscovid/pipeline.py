@@ -366,11 +366,17 @@ def _per_slice_unit(maps: np.ndarray) -> np.ndarray:
     return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
 
 
-def detect(volume: CTVolume, **kwargs) -> DetectionResult:
-    """Run :func:`detect_iter` to the end (scripts, CLI, tests)."""
-    gen = detect_iter(volume, **kwargs)
+def run_to_end(gen: Generator[Progress, None, object], on_progress=None):
+    """Drive a progress generator to its end, passing each ``(done, total, message)`` on."""
     while True:
         try:
-            next(gen)
+            progress = next(gen)
         except StopIteration as stop:
             return stop.value
+        if on_progress is not None:
+            on_progress(*progress)
+
+
+def detect(volume: CTVolume, **kwargs) -> DetectionResult:
+    """Run :func:`detect_iter` to the end (scripts, CLI, tests)."""
+    return run_to_end(detect_iter(volume, **kwargs))

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from training.metrics import HEADERS, METRICS, classification_report, fold_summary
-from training.train_classifier import TrainConfig, _jsonable, config_from_args, config_parser, train
+from training.train_classifier import (
+    TrainConfig,
+    _jsonable,
+    config_from_args,
+    config_parser,
+    setup_logging,
+    train,
+)
 
 log = logging.getLogger("training.cross_validate")
 
@@ -106,13 +113,7 @@ def main(argv=None) -> int:
     parser = config_parser(__doc__)
     parser.add_argument("--k", type=int, default=5, help="number of patient-level folds")
     args = parser.parse_args(argv)
-    handlers = [logging.StreamHandler()]
-    if args.log_file:
-        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(args.log_file))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers
-    )
+    setup_logging(args.log_file)
     cross_validate(config_from_args(args), args.k)
     return 0
 

@@ -739,17 +739,22 @@ def model_card(cfg: TrainConfig, data: Data, summary: dict, reports: dict) -> st
     return "\n".join(lines)
 
 
+def setup_logging(log_file: str | None) -> None:
+    """Log to the terminal and, when given, to ``log_file`` too (entry points only)."""
+    handlers = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers
+    )
+
+
 def main(argv=None) -> int:
     """Command-line entry point: parse options, configure logging, train."""
     args = config_parser().parse_args(argv)
     cfg = config_from_args(args)
-    handlers = [logging.StreamHandler()]
-    if args.log_file:
-        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(args.log_file))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers
-    )
+    setup_logging(args.log_file)
     summary = train(cfg)
     log.info("done: %d steps", summary["steps"])
     return 0
