@@ -73,6 +73,27 @@ def patient_probabilities(slice_probs: np.ndarray, classes: tuple[str, ...]) -> 
     return valid[most_abnormal].mean(0).astype(np.float32), rule
 
 
+def model_input_kwargs(volume: CTVolume, lung_mask: np.ndarray, size: int, normalisation=None) -> dict:
+    """Keyword arguments of ``prepare_slices`` for this volume; the intensity range is computed
+    once here rather than for every batch."""
+    from napari_wscovid.preprocess import DEFAULT_NORMALISATION, model_intensity_range
+
+    intensity = model_intensity_range(
+        volume.hu,
+        lung_mask,
+        normalisation or DEFAULT_NORMALISATION,
+        padding_mask=volume.padding_mask,
+        is_hu=volume.is_hu,
+    )
+    return {
+        "size": size,
+        "spacing_yx": volume.spacing[1:],
+        "padding_mask": volume.padding_mask,
+        "is_hu": volume.is_hu,
+        "intensity": intensity,
+    }
+
+
 def _batches(indices: Iterable[int], size: int) -> Generator[np.ndarray, None, None]:
     indices = np.asarray(list(indices), dtype=int)
     for start in range(0, len(indices), size):
@@ -156,9 +177,7 @@ def detect_iter(
     size = int(net.config.input_size)
     normalisation = info.get("normalisation")
     timings["model_load"] = time.perf_counter() - start
-    prep_kwargs = {"size": size, "spacing_yx": volume.spacing[1:]}
-    if normalisation:
-        prep_kwargs["normalisation"] = normalisation
+    prep_kwargs = model_input_kwargs(volume, lung_mask, size, normalisation)
 
     total = len(lung_idx)
     yield 1, 4, f"Classifying {total} lung slices on {torch_device.type.upper()}"
@@ -310,7 +329,7 @@ def explain_slices(
     steps_default, method_default = _default_ig()
     ig_steps = ig_steps or steps_default
     ig_method = ig_method or method_default
-    prep_kwargs = prep_kwargs or {"size": int(net.config.input_size), "spacing_yx": volume.spacing[1:]}
+    prep_kwargs = prep_kwargs or model_input_kwargs(volume, lung_mask, int(net.config.input_size))
     indices = np.asarray(list(slice_indices), dtype=int)
     device = next(net.parameters()).device
     n, (ny, nx) = len(indices), volume.shape[1:]

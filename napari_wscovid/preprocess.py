@@ -242,6 +242,27 @@ def _padding(hu: np.ndarray, padding_mask, is_hu: bool) -> np.ndarray | None:
     return pad
 
 
+def model_intensity_range(
+    hu: np.ndarray,
+    lung_mask: np.ndarray,
+    normalisation: str | Mapping | None = DEFAULT_NORMALISATION,
+    *,
+    padding_mask: np.ndarray | None = None,
+    is_hu: bool = True,
+) -> IntensityRange:
+    """The range :func:`prepare_slices` maps to [0, 1]; compute it once per volume.
+
+    A fixed HU window needs no statistics. Non-HU percentiles and the sliding window come from
+    the whole volume, so a slice is normalised the same whichever batch it is in.
+    """
+    spec = normalisation_spec(normalisation)
+    if spec["method"] == "window" and is_hu:
+        return IntensityRange(*spec["window"], "window")
+    return volume_intensity_range(
+        hu, lung_mask if is_hu else None, spec, padding_mask=padding_mask, is_hu=is_hu
+    )
+
+
 def volume_intensity_range(
     hu: np.ndarray,
     lung_mask: np.ndarray | None,
@@ -369,15 +390,9 @@ def prepare_slices(
         raise ValueError(f"hu must be (z, y, x) and lung_mask alike, got {hu.shape} and {lung_mask.shape}")
     indices = [int(z) for z in np.asarray(slice_indices, dtype=int).ravel()]
     if intensity is None:
-        # Non-HU percentiles and the sliding window come from the whole volume, so a slice is
-        # normalised the same whichever batch it is in.
-        spec = normalisation_spec(normalisation)
-        if spec["method"] == "window" and is_hu:
-            intensity = IntensityRange(*spec["window"], "window")
-        else:
-            intensity = volume_intensity_range(
-                hu, lung_mask if is_hu else None, spec, padding_mask=padding_mask, is_hu=is_hu
-            )
+        intensity = model_intensity_range(
+            hu, lung_mask, normalisation, padding_mask=padding_mask, is_hu=is_hu
+        )
     if intensity.note:
         logger.info("%s", intensity.note)
     dy, dx = (float(v) for v in spacing_yx)

@@ -157,3 +157,19 @@ def test_nan_output_is_a_clear_error(phantom):
             p.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="NaN"):
         detect(phantom.volume, model=net, saliency="none", lung_mask=phantom.lung_mask)
+
+
+def test_display_intensity_input_is_not_normalised_as_hu(phantom):
+    from napari_wscovid.io.volume import CTVolume
+    from napari_wscovid.pipeline import model_input_kwargs
+    from napari_wscovid.preprocess import prepare_slices
+
+    hu = phantom.volume.hu.astype(np.float32)
+    display = np.rint((np.clip(hu, -1350, 150) + 1350) / 1500 * 255).astype(np.float32)
+    volume = CTVolume(hu=display, spacing=phantom.volume.spacing, origin=phantom.volume.origin, is_hu=False)
+    kwargs = model_input_kwargs(volume, phantom.lung_mask, 64)
+    assert kwargs["intensity"].method != "window" and kwargs["is_hu"] is False
+    x, _ = prepare_slices(volume.hu, phantom.lung_mask, [8], **kwargs)
+    lung = x[x > 0]
+    # read as HU, 0..255 would all land in the top 7% of the -1350..150 window
+    assert np.median(lung) < 0.5 and lung.std() > 0.02
