@@ -33,6 +33,32 @@ class Box:
 
 
 @dataclass
+class Lesion:
+    """One lesion found by a lesion detector (Wu et al. 2021): its peak, its type, its features.
+
+    ``slice, y, x`` are voxel indices of the input volume (the component's activation maximum);
+    ``cluster`` is the lesion type (k-means cluster index) and ``soft_scores`` the lesion's
+    membership of every cluster (eq. 10 of the paper), summing to 1.
+    """
+
+    slice: int
+    y: int
+    x: int
+    area_mm2: float
+    activation: float
+    cluster: int = -1
+    soft_scores: tuple[float, ...] = ()
+    features: np.ndarray | None = None  # backbone feature vector at the peak (not exported)
+
+    def as_dict(self, with_features: bool = False) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "features"}
+        out["soft_scores"] = [float(v) for v in self.soft_scores]
+        if with_features and self.features is not None:
+            out["features"] = [float(v) for v in np.asarray(self.features).ravel()]
+        return out
+
+
+@dataclass
 class DetectionResult:
     """Everything one detection run produced for one volume."""
 
@@ -53,6 +79,10 @@ class DetectionResult:
     lung_volume_ml: float = 0.0
     saliency_slices: tuple[int, ...] = ()  # slices whose saliency was computed
     patient_rule: str = ""  # how slice probabilities became patient probabilities
+    # Methods other than Hu et al.'s fill these: lesion peaks with their types (Wu et al.), and
+    # what the lesion types are ({"k": int, "names": [...], "centres": array, ...}).
+    lesions: list[Lesion] = field(default_factory=list)
+    lesion_types: dict = field(default_factory=dict)
 
     @property
     def predicted_class(self) -> str:

@@ -237,7 +237,7 @@ def test_image_folder_ignores_file_format(tmp_path):
     Image.fromarray(base).convert("RGBA").save(tmp_path / "CT_COVID" / "2020.01.01.1-p3-1.png")
     Image.fromarray(base).convert("RGB").save(tmp_path / "CT_NonCOVID" / "0.png")
     Image.fromarray(base).save(tmp_path / "CT_NonCOVID" / "1.jpg", quality=95)
-    ds = SliceImageFolderDataset(tmp_path, size=16)
+    ds = SliceImageFolderDataset(tmp_path, size=16, preparation="whole")
     assert ds.images.shape == (3, 1, 16, 16)
     x = ds.images.float()
     assert x.min() >= 0 and x.max() <= 1

@@ -566,6 +566,34 @@ def load_gray_image(path: str | Path, size: int) -> np.ndarray:
     return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
 
+def plugin_image_input(path: str | Path, size: int) -> np.ndarray:
+    """One 2-D image file -> the (size, size) float32 input the plugin itself would give the network.
+
+    The same path as ``napari_wscovid.detect`` on a PNG/JPG: ``load_ct`` (display intensities),
+    the display-image lung finder, lung crop, mask and resize. Training on whole resized figures
+    instead would teach the network a view it never gets at run time. A picture in which no lung
+    is found is used whole (the crop falls back to the full slice, unmasked).
+    """
+    from napari_wscovid.io import load_ct
+    from napari_wscovid.lung import segment_lungs
+    from napari_wscovid.pipeline import model_input_kwargs
+    from napari_wscovid.preprocess import prepare_slices
+
+    volume = load_ct(path)
+    lung = segment_lungs(volume)
+    kwargs = model_input_kwargs(volume, lung, size)
+    mask_outside_lung = bool(lung.any())
+    images, _ = prepare_slices(volume.hu, lung, [0], mask_outside_lung=mask_outside_lung, **kwargs)
+    return np.asarray(images[0, 0], dtype=np.float32)
+
+
+MEDSEG_CLASS_MAP = {"images": "COVID-19"}
+
+
+def stem_group(path: Path) -> str:
+    return f"{path.parent.name}/{path.stem}"
+
+
 class SliceImageFolderDataset(SliceSet):
     """2-D slice images in one folder per class (e.g. UCSD COVID-CT).
 
@@ -579,6 +607,10 @@ class SliceImageFolderDataset(SliceSet):
     size : int
     group_fn : callable, optional
         Path -> group id used in place of a patient id.
+    preparation : {"plugin", "whole"}
+        "plugin" (default): each image goes through the plugin's own 2-D path
+        (:func:`plugin_image_input`: lungs found, cropped, masked), so training sees what
+        detection sees. "whole": the whole picture, grayscale, padded square and resized.
     """
 
     def __init__(
@@ -589,6 +621,7 @@ class SliceImageFolderDataset(SliceSet):
         *,
         size: int = 224,
         group_fn: Callable[[Path], str] = _image_group,
+        preparation: str = "plugin",
     ):
         root = Path(root)
         class_map = class_map or UCSD_CLASS_MAP
@@ -602,7 +635,10 @@ class SliceImageFolderDataset(SliceSet):
             labels += [classes.index(name)] * len(files)
         if not paths:
             raise ValueError(f"no images of classes {classes} under {root}")
-        images = np.stack([load_gray_image(p, size) for p in paths])[:, None]
+        if preparation not in ("plugin", "whole"):
+            raise ValueError(f"preparation must be 'plugin' or 'whole', got {preparation!r}")
+        load = plugin_image_input if preparation == "plugin" else load_gray_image
+        images = np.stack([load(p, size) for p in paths])[:, None]
         super().__init__(images, labels, [group_fn(p) for p in paths], classes)
         self.paths = paths
 

@@ -31,6 +31,7 @@ from napari_wscovid.models.wsnet import TASK_CLASSES, WSNet, WSNetConfig, tiny_c
 from training import _export
 from training.augment import Augment
 from training.datasets import (
+    MEDSEG_CLASS_MAP,
     PhantomSliceDataset,
     SliceImageFolderDataset,
     SliceSet,
@@ -38,6 +39,7 @@ from training.datasets import (
     covid_ct_md_slices,
     infinite_indices,
     patient_kfold,
+    stem_group,
     stream_seed,
 )
 from training.losses import MultiScaleLoss, class_weights
@@ -103,6 +105,9 @@ class TrainConfig:
     covid_ct_md_root: str | None = _opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
     volume_csv: str | None = _opt(None, "CSV of CT volumes: patient_id,label[,path][,slice_labels]")
     image_root: str | None = _opt(None, "folder of 2-D slice images in class folders (UCSD layout)")
+    medseg_root: str | None = _opt(
+        None, "MedSeg/Inf-Net folder holding images/ (all COVID-19), e.g. medseg-infnet/train_doctor_label"
+    )
     k_folds: int = _opt(5, "patient-level folds used to split the real data")
     fold: int = _opt(0, "which fold is the test fold (the next one validates)")
     # run
@@ -302,9 +307,17 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
         real.append(("volumes", VolumeFolderDataset(records, classes, size=cfg.input_size)))
     if cfg.image_root:
         real.append(("images", SliceImageFolderDataset(cfg.image_root, classes=classes, size=cfg.input_size)))
+    if cfg.medseg_root and "COVID-19" in classes:
+        medseg = SliceImageFolderDataset(
+            cfg.medseg_root, MEDSEG_CLASS_MAP, classes, size=cfg.input_size, group_fn=stem_group
+        )
+        real.append(("medseg", medseg))
     for name, data in real:
-        folds = patient_kfold(data.patient_ids, data.patient_classes, k=cfg.k_folds, seed=cfg.seed)
-        fold = folds[cfg.fold]
+        # A source with fewer patients than folds (COVID-CT-MD's sample has 3) is split into as many
+        # folds as it has patients, so it still gets a train, a validation and a test patient.
+        k = min(cfg.k_folds, len(set(data.patient_ids)))
+        folds = patient_kfold(data.patient_ids, data.patient_classes, k=k, seed=cfg.seed)
+        fold = folds[cfg.fold % k]
         train = data.subset(fold.train)
         streams.append(_SliceStream(train, stream_seed(cfg.seed, 3, cfg.fold), info.rank))
         probs.append(1.0)
@@ -312,8 +325,8 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
         vals.append(data.subset(fold.val))
         tests[name] = data.subset(fold.test)
         desc.append(
-            f"{name}: {len(set(data.patient_ids))} patients, {len(data)} slices; fold {cfg.fold} of "
-            f"{cfg.k_folds} by patient: train {len(fold.train)}, val {len(fold.val)}, "
+            f"{name}: {len(set(data.patient_ids))} patients, {len(data)} slices; fold {cfg.fold % k} of "
+            f"{k} by patient: train {len(fold.train)}, val {len(fold.val)}, "
             f"test {len(fold.test)} slices"
         )
     if not streams:

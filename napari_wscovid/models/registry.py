@@ -22,6 +22,7 @@ error naming the missing file.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import threading
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from napari_wscovid.models.wsnet import WSNet, WSNetConfig
+from napari_wscovid.models.wsnet import WSNetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,16 @@ ALIASES = {"default": "wsnet-3class"}
 FORMAT = "napari-wscovid/1"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")
 
-_cache: dict[tuple[str, str, str], tuple[WSNet, dict]] = {}
+# Every network the registry can rebuild: architecture name -> (module, config class, model class).
+# Each config class has ``classes``, ``architecture``, ``to_dict`` and ``from_dict``; imports are
+# lazy so that loading one network never imports the others.
+ARCHITECTURES = {
+    "wsnet-hu2020": ("napari_wscovid.models.wsnet", "WSNetConfig", "WSNet"),
+    "decovnet-zheng2020": ("napari_wscovid.models.decovnet", "DeCoVNetConfig", "DeCoVNet"),
+    "fecnn-wu2021": ("napari_wscovid.models.fecnn", "FeCNNConfig", "FeCNN"),
+}
+
+_cache: dict[tuple[str, str, str], tuple[torch.nn.Module, dict]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -123,7 +133,7 @@ def load_model(
     sha256: str | None = None,
     expected_classes: Sequence[str] | None = None,
     cache: bool = True,
-) -> tuple[WSNet, dict]:
+) -> tuple[torch.nn.Module, dict]:
     """Load a registered model (by name or alias) or a user's weights file, in eval mode.
 
     Parameters
@@ -144,7 +154,8 @@ def load_model(
 
     Returns
     -------
-    model : WSNet
+    model : torch.nn.Module
+        The network (WSNet, DeCoVNet or FeCNN, by the file's architecture).
     info : dict
         ``name, version, sha256, device, classes, input_size, normalisation, architecture,
         path, fallback`` (``fallback`` is None unless the device fell back to CPU).
@@ -187,7 +198,8 @@ def load_model(
     state, meta = _read_weights(path)
     config = _config_from(meta, state, entry, path)
     _check_compatible(config, state, entry, expected_classes, path)
-    model = WSNet(config)
+    _, model_cls = architecture_classes(config.architecture)
+    model = model_cls(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shapes or keys that the checks above did not foresee
@@ -206,7 +218,7 @@ def load_model(
         "sha256_verified": bool(expected),
         "device": str(torch_device),
         "classes": list(config.classes),
-        "input_size": int(config.input_size),
+        "input_size": getattr(config, "input_size", None),
         "architecture": config.architecture,
         "normalisation": normalisation,
         "training_data": (entry or {}).get("training_data") or meta.get("training_data", ""),
@@ -300,12 +312,23 @@ def _split_checkpoint(obj, path: Path) -> tuple[dict, dict]:
     return dict(obj), meta
 
 
-def _config_from(meta: dict, state: dict, entry: dict | None, path: Path) -> WSNetConfig:
+def architecture_classes(architecture: str) -> tuple[type, type]:
+    """(config class, model class) of a registered architecture name."""
+    if architecture not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    module, config_name, model_name = ARCHITECTURES[architecture]
+    mod = importlib.import_module(module)
+    return getattr(mod, config_name), getattr(mod, model_name)
+
+
+def _config_from(meta: dict, state: dict, entry: dict | None, path: Path):
     if meta.get("config"):
         try:
             data = json.loads(meta["config"])
-            return WSNetConfig.from_dict(data)
-        except (ValueError, TypeError) as exc:
+            architecture = data.get("architecture") or meta.get("architecture") or WSNetConfig.architecture
+            config_cls, _ = architecture_classes(architecture)
+            return config_cls.from_dict(data)
+        except (ValueError, TypeError, AttributeError) as exc:
             raise ModelLoadError(f"{path.name}: unreadable config in metadata: {exc}") from exc
     return _infer_config(state, entry, path)
 
@@ -346,15 +369,13 @@ def _infer_config(state: dict, entry: dict | None, path: Path) -> WSNetConfig:
     )
 
 
-def _describe(config: WSNetConfig) -> str:
+def _describe(config) -> str:
     return f"{config.architecture} with {len(config.classes)} classes {list(config.classes)}"
 
 
-def _check_compatible(
-    config: WSNetConfig, state: dict, entry: dict | None, expected_classes, path: Path
-) -> None:
+def _check_compatible(config, state: dict, entry: dict | None, expected_classes, path: Path) -> None:
     """Refuse a checkpoint for another architecture or class set, naming both (case 30)."""
-    want_arch = (entry or {}).get("architecture", WSNetConfig.architecture)
+    want_arch = (entry or {}).get("architecture", config.architecture)
     if config.architecture != want_arch:
         raise ModelLoadError(
             f"{path.name} is a {config.architecture!r} checkpoint; this plugin expects {want_arch!r}"
@@ -365,7 +386,8 @@ def _check_compatible(
             f"{path.name} predicts {len(config.classes)} classes {list(config.classes)}, "
             f"but {len(tuple(wanted))} classes {list(wanted)} were expected"
         )
-    reference = WSNet(config).state_dict()
+    _, model_cls = architecture_classes(config.architecture)
+    reference = model_cls(config).state_dict()
     missing = [k for k in reference if k not in state]
     unexpected = [k for k in state if k not in reference]
     wrong = [
@@ -391,7 +413,7 @@ def _check_compatible(
 
 
 def save_model(
-    model: WSNet,
+    model: torch.nn.Module,
     path,
     *,
     name: str,
@@ -411,8 +433,11 @@ def save_model(
     from napari_wscovid.preprocess import DEFAULT_NORMALISATION
 
     config = getattr(model, "config", None)
-    if not isinstance(config, WSNetConfig):
-        raise TypeError("save_model needs a WSNet (a model with a WSNetConfig in .config)")
+    if getattr(config, "architecture", None) not in ARCHITECTURES:
+        raise TypeError(
+            f"save_model needs a registered network (a .config whose architecture is one of "
+            f"{sorted(ARCHITECTURES)}), got {type(model).__name__}"
+        )
     state = {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu")
