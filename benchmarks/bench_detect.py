@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,24 +110,41 @@ def run_stages(n_slices: int, model_name: str) -> dict:
 
 
 def peak_rss_child(n_slices: int, model_name: str) -> dict:
-    """Run a full 'all results kept' detection in a fresh process and report its peak RSS."""
-    code = f"""
-import json, resource, time, numpy as np
+    """Peak RSS of a user's session: load a CT file, detect with all results kept, in a fresh process.
+
+    The phantom is generated and written by another process first: its generator needs several
+    float copies of the volume, which a user loading a scan never pays, so it must not count.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ct.mha"
+        make = f"""
+import numpy as np
 from napari_wscovid.phantom import make_phantom
+from napari_wscovid.io.write import write_image
+p = make_phantom('COVID-19', n_slices={n_slices}, size=512, spacing=(0.6, None, None), seed=8)
+write_image(p.volume, {str(path)!r})
+np.save({str(Path(tmp) / "lesion.npy")!r}, np.flatnonzero(p.lesion_mask.reshape({n_slices}, -1).any(1)))
+"""
+        subprocess.run([sys.executable, "-c", make], capture_output=True, text=True, check=True)
+        code = f"""
+import json, resource, time, numpy as np
+from napari_wscovid.io import load_ct
 from napari_wscovid.pipeline import detect
 import sys; sys.path.insert(0, 'benchmarks')
 from bench_detect import load_benchmark_model
-p = make_phantom('COVID-19', n_slices={n_slices}, size=512, spacing=(0.6, None, None), seed=8)
+volume = load_ct({str(path)!r})
+lesion = np.load({str(Path(tmp) / "lesion.npy")!r})
 net, info = load_benchmark_model({model_name!r})
-lesion = np.flatnonzero(p.lesion_mask.reshape({n_slices}, -1).any(1))
 start = time.perf_counter()
-r = detect(p.volume, model=net, saliency='slices', slices=lesion[:: max(1, len(lesion) // 8)].tolist())
+r = detect(volume, model=net, saliency='slices', slices=lesion[:: max(1, len(lesion) // 8)].tolist())
 print(json.dumps({{'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   'detect_s': time.perf_counter() - start,
                   'kept_gb': (sum(a.nbytes for a in (*r.cams.values(), *r.saliency.values()))
-                              + r.lung_mask.nbytes + p.volume.hu.nbytes) / 2**30}}))
+                              + r.lung_mask.nbytes + volume.hu.nbytes) / 2**30}}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 Progress = tuple[int, int, str]
 
+ARCH = "wsnet-hu2020"  # the architecture this module runs itself; others go to methods/
 SALIENCY_SCOPES = ("positive", "all", "slices", "none")
 SALIENCY_LAYERS = ("conv3", "conv4", "conv5", "joint")
 NEGATIVE_CLASS = "NP"
@@ -173,6 +174,20 @@ def detect_iter(
         device_note = info.get("fallback") or ""
     if device_note:
         logger.warning(device_note)
+    architecture = getattr(net.config, "architecture", ARCH)
+    if architecture != ARCH:
+        timings["model_load"] = time.perf_counter() - start
+        result = yield from _other_method(
+            architecture,
+            volume,
+            net,
+            info,
+            lung_mask=lung_mask,
+            torch_device=torch_device,
+            min_box_area_mm2=min_box_area_mm2,
+            timings=timings,
+        )
+        return result
     classes = tuple(net.config.classes)
     size = int(net.config.input_size)
     normalisation = info.get("normalisation")
@@ -267,7 +282,7 @@ def detect_iter(
         saliency=saliency_maps,
         boxes=boxes,
         involvement=involvement,
-        model_info={k: info.get(k) for k in ("name", "version", "sha256")},
+        model_info={**{k: info.get(k) for k in ("name", "version", "sha256")}, "architecture": ARCH},
         timings=timings,
         device=str(torch_device.type),
         lung_volume_ml=float(np.count_nonzero(lung_mask)) * voxel_ml,
@@ -276,6 +291,21 @@ def detect_iter(
         explained_class=shown_class,
     )
     yield 4, 4, "Done"
+    return result
+
+
+def _other_method(architecture: str, volume: CTVolume, net, info: dict, **kwargs):
+    """Hand a loaded DeCoVNet or FeCNN to its own detection generator (see ``methods``)."""
+    import importlib
+
+    from napari_wscovid.methods import METHOD_MODULES
+
+    if architecture not in METHOD_MODULES:
+        known = sorted(METHOD_MODULES)
+        raise ValueError(f"no detection method for architecture {architecture!r}; known: {known}")
+    method = importlib.import_module(METHOD_MODULES[architecture])
+    result = yield from method.detect_iter(volume, net, info, **kwargs)
+    result.model_info = {**(result.model_info or {}), "architecture": architecture}
     return result
 
 

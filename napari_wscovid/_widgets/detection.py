@@ -163,6 +163,11 @@ def explain_iter(
     )
 
 
+def is_integrated_gradients_method(result: DetectionResult) -> bool:
+    """Whether ``result`` came from Hu et al.'s network, the one with per-slice IG saliency."""
+    return (result.model_info or {}).get("architecture", "wsnet-hu2020") == "wsnet-hu2020"
+
+
 class DetectionWidget(QWidget):
     """Run weakly supervised COVID-19 / CAP detection on a CT layer and show why.
 
@@ -452,11 +457,17 @@ class DetectionWidget(QWidget):
         kwargs = L.ct_layer_kwargs(ct_layer)
         geometry, key = volume.geometry(), volume.series_key
         shown = result
+        if not is_integrated_gradients_method(result):
+            scope = "none"  # DeCoVNet and FeCNN explain themselves with their own maps
         if scope == "current" and not result.saliency:
             # Empty maps, filled slice by slice as the user scrolls.
             empty = {name: np.zeros(volume.shape, np.uint8) for name in (*L.SALIENCY_LEVELS, "joint")}
             shown = dataclasses.replace(result, saliency=empty)
         tuples = L.result_layer_data(shown, kwargs, geometry=geometry, series_key=key)
+        if result.lesions:
+            from napari_wscovid._widgets.lesion_layer import lesion_points_layer
+
+            tuples.append(lesion_points_layer(result, volume))
         for data, layer_kwargs, layer_type in tuples:
             L.upsert_layer(self._viewer, data, layer_kwargs, layer_type)
         L.remove_stale_result_layers(self._viewer, [t[1]["name"] for t in tuples])

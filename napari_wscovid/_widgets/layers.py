@@ -139,6 +139,10 @@ def result_layer_data(
             tuples.append(
                 _saliency_tuple(result.cams[level], cam_layer_name(level), layer_kwargs, meta, False)
             )
+    # Maps of the other methods ("decovnet", "gradcam++") are their main evidence: shown.
+    for name in result.cams:
+        if name not in SALIENCY_LEVELS:
+            tuples.append(_saliency_tuple(result.cams[name], cam_layer_name(name), layer_kwargs, meta, True))
     for level in SALIENCY_LEVELS:
         if level in result.saliency:
             tuples.append(
