@@ -160,6 +160,11 @@ def detect_iter(
     lung_mask = np.asarray(lung_mask, dtype=np.uint8)
     if lung_mask.shape != volume.shape:
         raise ValueError(f"lung mask shape {lung_mask.shape} differs from the CT's {volume.shape}")
+    if not volume.is_hu and volume.shape[0] == 1 and not lung_mask.any():
+        # Tight 2-D crops (lungs touching the border) defeat the display-image lung finder; the
+        # whole picture is then used, as training does with such images (plugin_image_input).
+        logger.warning("no lung found in this 2-D image; the whole image is analysed as lung")
+        lung_mask = np.ones(volume.shape, dtype=np.uint8)
     timings["lung_segmentation"] = time.perf_counter() - start
     lung_idx = lung_slices(lung_mask, volume.spacing)
 
@@ -186,6 +191,10 @@ def detect_iter(
             torch_device=torch_device,
             min_box_area_mm2=min_box_area_mm2,
             timings=timings,
+            batch_size=batch_size,
+            saliency=saliency,
+            slices=slices,
+            explain_class=explain_class,
         )
         return result
     classes = tuple(net.config.classes)

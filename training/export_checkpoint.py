@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from napari_wscovid.models.wsnet import WSNet, WSNetConfig
+from napari_wscovid.models.registry import architecture_classes
+from napari_wscovid.models.wsnet import WSNetConfig
 from training import _export
 
 log = logging.getLogger("training.export_checkpoint")
@@ -21,20 +22,27 @@ log = logging.getLogger("training.export_checkpoint")
 def export_checkpoint(checkpoint, path, *, name: str, version: str) -> str:
     """Write the weights of ``checkpoint`` to ``path``; return the file's SHA-256."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = WSNet(WSNetConfig.from_dict(ckpt["model_config"]))
+    model_config = ckpt["model_config"]
+    # WSNet, DeCoVNet or FeCNN checkpoints alike: the config names its architecture.
+    config_cls, model_cls = architecture_classes(model_config.get("architecture", WSNetConfig.architecture))
+    model = model_cls(config_cls.from_dict(model_config))
     model.load_state_dict(ckpt["model"])
-    state = ckpt["state"]
+    state = ckpt.get("state") or {}
     meta = {
-        "task": ckpt["config"]["task"],
-        "best_step": state["best_step"],
-        "best_val_acc": state["best_acc"],
+        key: value
+        for key, value in (
+            ("task", (ckpt.get("config") or {}).get("task")),
+            ("best_step", state.get("best_step")),
+            ("best_val_acc", state.get("best_acc")),
+        )
+        if value is not None
     }
     return _export.save_model(model.eval(), path, name=name, version=version, extra_metadata=meta)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", help="a best.pt or last.pt written by training.train_classifier")
+    parser.add_argument("checkpoint", help="a best.pt or last.pt written by training.train_classifier, train_decovnet or train_fecnn")
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--name", required=True, help="model name stored in the file")
     parser.add_argument("--version", default="0.1.0", help="model version stored in the file")

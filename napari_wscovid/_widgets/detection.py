@@ -290,7 +290,14 @@ class DetectionWidget(QWidget):
     def _refresh_models(self) -> None:
         current = self._model_combo.currentText()
         try:
-            names = list(import_module(REGISTRY_MODULE).available_models())
+            registry = import_module(REGISTRY_MODULE)
+            names = list(registry.available_models())
+            # The default (the main method's trained network) first, so it is what a new user runs.
+            default = registry.ALIASES.get("default")
+            if default in names:
+                names.remove(default)
+                names.insert(0, default)
+                current = default if current == "default" else current
         except Exception as exc:  # the registry is optional for choosing; the run reports real errors
             logger.debug("model registry unavailable: %s", exc)
             names = list(FALLBACK_MODELS)

@@ -1,0 +1,692 @@
+"""Train DeCoVNet (Zheng et al. 2020, medRxiv) on patient-level labels.
+
+Recipe of the paper ("Training and Testing Procedures", "Data Augmentation"): Adam with a
+constant learning rate of 1e-5, batch size 1 (volumes differ in length), the cross-entropy of
+the two softmax outputs (the paper's binary cross-entropy), and online augmentation drawn once
+per volume and applied identically to every slice: a random affine map (rotation +-10 deg,
+translation +-10 %, scaling +-20 %, shear along the width +-10 deg) and colour jitter (brightness
++-50 %, contrast +-30 %) of the CT channel. The paper trained 100 epochs over 499 volumes (about
+50,000 steps) and kept 15 % of the training volumes for validation.
+
+Data: synthetic phantoms (NP and CAP are COVID-negative, COVID-19 is positive), drawn half
+positive, half negative from a pool of prepared volumes that is refreshed as it is drawn from;
+optionally COVID-CT-MD patients with patient-level labels, split by patient. Validation (ROC AUC)
+every ``--val-every`` steps keeps the best checkpoint, which is tested and exported at the end.
+
+Run ``python -m training.train_decovnet --help``. Use a smaller ``--input-height/--input-width``
+for an affordable CPU run; the exported network carries that size and the plugin prepares its
+input accordingly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from napari_wscovid.methods.decovnet import prepare_volume
+from napari_wscovid.models.decovnet import DECOVNET_CLASSES, DeCoVNet, DeCoVNetConfig, tiny_decovnet_config
+from training.datasets import covid_ct_md_records, patient_kfold, stream_seed
+
+log = logging.getLogger("training.train_decovnet")
+
+POSITIVE_KIND = "COVID-19"
+NEGATIVE_KINDS = ("NP", "CAP")
+PHANTOM_KINDS = ("NP", "CAP", "COVID-19")
+
+
+def _opt(default, help_text):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class DeCoVNetTrainConfig:
+    """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
+
+    # network
+    model: str = _opt("full", "'full' (Table 1's widths) or 'tiny' (tests, CI)")
+    input_height: int = _opt(192, "in-plane input height (Table 1: 192); smaller is much cheaper")
+    input_width: int = _opt(288, "in-plane input width (Table 1: 288)")
+    # optimisation (the paper's recipe)
+    steps: int = _opt(50000, "maximum optimiser steps, one volume each (paper: 100 epochs x 499 volumes)")
+    lr: float = _opt(1e-5, "Adam learning rate, constant (paper: 1e-5)")
+    augment: bool = _opt(True, "random affine + colour jitter, identical for all slices of a volume")
+    # validation and stopping
+    val_every: int = _opt(200, "steps between validations (ROC AUC; the best checkpoint is kept)")
+    max_minutes: float | None = _opt(
+        None, "wall-clock budget of this process; the run then validates, tests and exports by itself"
+    )
+    # phantom data
+    phantom: bool = _opt(True, "train on synthetic phantom volumes")
+    phantom_size: int = _opt(256, "in-plane size of generated phantoms")
+    phantom_slices_min: int = _opt(32, "fewest slices of a generated phantom")
+    phantom_slices_max: int = _opt(64, "most slices of a generated phantom (lengths vary like patients')")
+    phantom_spacing_z: float = _opt(5.0, "slice spacing of generated phantoms in mm")
+    phantom_pool: int = _opt(2, "prepared phantom volumes kept per kind (NP, CAP, COVID-19) and worker")
+    phantom_refresh: int = _opt(8, "draws between replacing one pooled phantom (0: never)")
+    val_volumes: int = _opt(4, "phantom volumes per kind in the validation set")
+    test_volumes: int = _opt(4, "phantom volumes per kind in the test set")
+    # real data (optional)
+    covid_ct_md_root: str | None = _opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
+    k_folds: int = _opt(5, "patient-level folds of the real data (at most its number of patients)")
+    fold: int = _opt(0, "which fold is the test fold (the next one validates)")
+    real_fraction: float = _opt(0.5, "share of training steps on real volumes when both sources are used")
+    # run
+    out_dir: str = _opt("runs/decovnet", "folder for config.json, checkpoints and metrics.json")
+    seed: int = _opt(0, "seed of the data streams, augmentation and initialisation")
+    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    num_workers: int = _opt(1, "DataLoader workers generating phantoms beside training (0: in-process)")
+    threads: int | None = _opt(None, "torch intra-op threads of the training process")
+    resume: str | None = _opt(None, "checkpoint to resume from (e.g. OUT/last.pt)")
+    log_every: int = _opt(20, "steps between log lines")
+    export: str | None = _opt(
+        None, "where to write the exported safetensors (default OUT/<export_name>.safetensors)"
+    )
+    export_name: str = _opt("decovnet-phantom", "model name stored in the exported file")
+    export_version: str = _opt("0.1.0", "model version stored in the exported file")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _field_type(f) -> type:
+    text = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if name in text:
+            return kind
+    return str
+
+
+def config_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one option per :class:`DeCoVNetTrainConfig` field."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for f in dataclasses.fields(DeCoVNetTrainConfig):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    parser.add_argument("--log-file", default=None, help="also write the log to this file")
+    return parser
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+@dataclass
+class VolumeAugmentConfig:
+    """Ranges of the paper's augmentation (fractions of the image size for the translation)."""
+
+    max_rotation_deg: float = 10.0
+    max_translation: float = 0.1
+    scale: tuple[float, float] = (0.8, 1.2)
+    max_shear_deg: float = 10.0
+    brightness: tuple[float, float] = (0.5, 1.5)
+    contrast: tuple[float, float] = (0.7, 1.3)
+
+
+class VolumeAugment:
+    """Seeded random affine map and colour jitter, one draw per volume, the same for every slice.
+
+    Works on ``(N, 2, T, H, W)`` tensors (CT, lung mask): both channels move together, the
+    colour jitter changes the CT only. Brightness multiplies, contrast scales the deviation from
+    the volume's mean (torchvision's definitions); the CT is clipped to [0, 1].
+    """
+
+    def __init__(self, config: VolumeAugmentConfig | None = None, seed: int = 0):
+        self.config = config or VolumeAugmentConfig()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * torch.rand((), generator=self.generator))
+
+    def theta(self, height: int, width: int) -> torch.Tensor:
+        """(2, 3) ``affine_grid`` matrix: output to input coordinates in [-1, 1] (x, y order)."""
+        c = self.config
+        angle = math.radians(self._uniform(-c.max_rotation_deg, c.max_rotation_deg))
+        shear = math.tan(math.radians(self._uniform(-c.max_shear_deg, c.max_shear_deg)))
+        scale = self._uniform(*c.scale)
+        shift = torch.tensor(
+            [
+                self._uniform(-1, 1) * c.max_translation * width,
+                self._uniform(-1, 1) * c.max_translation * height,
+            ]
+        )
+        rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        forward = rotation @ torch.tensor([[1.0, shear], [0.0, 1.0]]) * scale  # in pixels, centred
+        half = torch.tensor([width / 2.0, height / 2.0])
+        inverse = torch.linalg.inv(forward)
+        # n_in = D^-1 M^-1 (D n_out - t), with D = diag(W/2, H/2) mapping [-1, 1] to pixels.
+        matrix = inverse * half[None, :] / half[:, None]
+        offset = -(inverse @ shift) / half
+        return torch.cat([matrix, offset[:, None]], dim=1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != 2:
+            raise ValueError(f"expected (N, 2, T, H, W), got shape {tuple(x.shape)}")
+        n, c, t, h, w = x.shape
+        out = []
+        for volume in x:
+            slices = volume.transpose(0, 1)  # (T, 2, H, W): one affine map for every slice
+            theta = self.theta(h, w).to(x)[None].expand(t, 2, 3)
+            grid = F.affine_grid(theta, [t, c, h, w], align_corners=False)
+            moved = F.grid_sample(slices, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            ct = moved[:, 0] * self._uniform(*self.config.brightness)
+            mean = ct.mean()
+            ct = ((ct - mean) * self._uniform(*self.config.contrast) + mean).clamp(0.0, 1.0)
+            out.append(torch.stack([ct, moved[:, 1]], dim=0))
+        return torch.stack(out)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class VolumeSample:
+    """One patient's prepared input and its patient-level label (1 = COVID-19)."""
+
+    x: torch.Tensor  # (2, T, H, W) float16
+    label: int
+    patient_id: str
+    kind: str
+
+
+def label_of(kind: str) -> int:
+    """Patient-level label: 1 for COVID-19, 0 for NP and CAP (COVID-negative)."""
+    return int(kind == POSITIVE_KIND)
+
+
+def phantom_sample(
+    kind: str,
+    seed: int,
+    net_config: DeCoVNetConfig,
+    *,
+    size: int = 256,
+    slices: tuple[int, int] = (32, 64),
+    spacing_z: float = 5.0,
+    nodules_p: float = 0.3,
+    phantom_fn: Callable | None = None,
+) -> VolumeSample:
+    """Generate one phantom (length drawn in ``slices``) and prepare it like the plugin does."""
+    if phantom_fn is None:
+        from napari_wscovid.phantom import make_phantom as phantom_fn
+    rng = np.random.default_rng(seed)
+    n_slices = int(rng.integers(slices[0], slices[1] + 1))
+    ph = phantom_fn(
+        kind,
+        n_slices=n_slices,
+        size=size,
+        spacing=(spacing_z, None, None),
+        seed=int(seed % 2**31),
+        nodules=bool(rng.random() < nodules_p),
+    )
+    x = prepare_volume(ph.volume, ph.lung_mask, net_config)[0].to(torch.float16)
+    return VolumeSample(x, label_of(kind), f"phantom-{kind}-{seed}", kind)
+
+
+class PhantomVolumeStream(IterableDataset):
+    """Endless ``(x, label, patient_id)`` draws from a pool of prepared phantom volumes.
+
+    Each worker keeps ``pool_per_kind`` volumes of every kind, draws a positive or a negative
+    volume with equal probability (a negative is NP or CAP alike), and every ``refresh_every``
+    draws replaces one pooled volume by a new phantom. Each (seed, worker, start step) gets its
+    own stream, so a resumed run does not replay the first draws.
+    """
+
+    def __init__(
+        self,
+        net_config: DeCoVNetConfig,
+        *,
+        pool_per_kind: int = 2,
+        refresh_every: int = 8,
+        seed: int = 0,
+        **phantom_kwargs,
+    ):
+        self.net_config, self.pool_per_kind, self.refresh_every = net_config, pool_per_kind, refresh_every
+        self.seed, self.phantom_kwargs, self.start_step = seed, phantom_kwargs, 0
+
+    def _new(self, kind: str, rng: np.random.Generator) -> VolumeSample:
+        return phantom_sample(kind, int(rng.integers(2**62)), self.net_config, **self.phantom_kwargs)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng(stream_seed(self.seed, worker, self.start_step))
+        pool = {kind: [self._new(kind, rng) for _ in range(self.pool_per_kind)] for kind in PHANTOM_KINDS}
+        draws = 0
+        while True:
+            positive = rng.random() < 0.5
+            kind = POSITIVE_KIND if positive else NEGATIVE_KINDS[int(rng.integers(len(NEGATIVE_KINDS)))]
+            sample = pool[kind][int(rng.integers(len(pool[kind])))]
+            yield sample.x, sample.label, sample.patient_id
+            draws += 1
+            if self.refresh_every and draws % self.refresh_every == 0:
+                kind = PHANTOM_KINDS[int(rng.integers(len(PHANTOM_KINDS)))]
+                pool[kind][int(rng.integers(len(pool[kind])))] = self._new(kind, rng)
+
+
+def fixed_phantoms(net_config: DeCoVNetConfig, per_kind: int, seed: int, **phantom_kwargs) -> list:
+    """A fixed validation or test set: ``per_kind`` phantoms of every kind."""
+    rng = np.random.default_rng(stream_seed(seed, 1_000_003))
+    return [
+        phantom_sample(kind, int(rng.integers(2**62)), net_config, **phantom_kwargs)
+        for kind in PHANTOM_KINDS
+        for _ in range(per_kind)
+    ]
+
+
+def real_samples(root, net_config: DeCoVNetConfig, load_fn=None, lung_fn=None) -> list[VolumeSample]:
+    """Every COVID-CT-MD patient under ``root``, prepared, with its patient-level label."""
+    if load_fn is None:
+        from napari_wscovid.io import load_ct as load_fn
+    if lung_fn is None:
+        from napari_wscovid.lung import segment_lungs as lung_fn
+    samples = []
+    for rec in covid_ct_md_records(root):
+        start = time.perf_counter()
+        volume = load_fn(str(rec.path))
+        lung = np.asarray(lung_fn(volume))
+        x = prepare_volume(volume, lung, net_config)[0].to(torch.float16)
+        samples.append(VolumeSample(x, label_of(rec.label), rec.patient_id, rec.label))
+        log.info(
+            "%s (%s): %d slices prepared in %.1f s", rec.patient_id, rec.label, x.shape[1],
+            time.perf_counter() - start,
+        )  # fmt: skip
+    return samples
+
+
+@dataclass
+class Data:
+    """Training sources and the fixed validation and test sets."""
+
+    phantom_stream: PhantomVolumeStream | None
+    real_train: list
+    val: list
+    tests: dict[str, list]
+    description: list[str]
+
+
+def _phantom_kwargs(cfg: DeCoVNetTrainConfig) -> dict:
+    return {
+        "size": cfg.phantom_size,
+        "slices": (cfg.phantom_slices_min, cfg.phantom_slices_max),
+        "spacing_z": cfg.phantom_spacing_z,
+    }
+
+
+def build_data(cfg: DeCoVNetTrainConfig, net_config: DeCoVNetConfig) -> Data:
+    """Phantom and real-data sources; the real patients split by patient for one fold."""
+    stream, real_train, val, tests, desc = None, [], [], {}, []
+    if cfg.phantom:
+        kwargs = _phantom_kwargs(cfg)
+        stream = PhantomVolumeStream(
+            net_config,
+            pool_per_kind=cfg.phantom_pool,
+            refresh_every=cfg.phantom_refresh,
+            seed=stream_seed(cfg.seed, 0, cfg.fold),
+            **kwargs,
+        )
+        val += fixed_phantoms(net_config, cfg.val_volumes, stream_seed(cfg.seed, 1, cfg.fold), **kwargs)
+        tests["phantom"] = fixed_phantoms(
+            net_config, cfg.test_volumes, stream_seed(cfg.seed, 2, cfg.fold), **kwargs
+        )
+        desc.append(
+            f"synthetic phantoms ({cfg.phantom_size}x{cfg.phantom_size}, {cfg.phantom_slices_min}-"
+            f"{cfg.phantom_slices_max} slices of {cfg.phantom_spacing_z:g} mm; NP and CAP negative, COVID-19 "
+            f"positive, drawn half positive from a pool of {cfg.phantom_pool} per kind refreshed every "
+            f"{cfg.phantom_refresh} draws); val {cfg.val_volumes} and test {cfg.test_volumes} phantoms "
+            "per kind, disjoint seeds"
+        )
+    if cfg.covid_ct_md_root:
+        samples = real_samples(cfg.covid_ct_md_root, net_config)
+        ids = [s.patient_id for s in samples]
+        k = min(cfg.k_folds, len(set(ids)))
+        if k < 3:
+            raise ValueError(f"COVID-CT-MD: {len(set(ids))} patients; a train/val/test split needs 3")
+        fold = _patient_folds(ids, [s.kind for s in samples], k, cfg.seed)[cfg.fold % k]
+        real_train = [samples[i] for i in fold.train]
+        val += [samples[i] for i in fold.val]
+        tests["covid-ct-md"] = [samples[i] for i in fold.test]
+        desc.append(
+            f"COVID-CT-MD: {len(samples)} patients, patient-level labels (COVID-19 positive); fold "
+            f"{cfg.fold % k} of {k} by patient: train {len(fold.train)}, val {len(fold.val)}, "
+            f"test {len(fold.test)} patients"
+        )
+    if stream is None and not real_train:
+        raise ValueError("no training data: enable --phantom or give --covid-ct-md-root")
+    return Data(stream, real_train, val, tests, desc)
+
+
+def _patient_folds(ids: list[str], kinds: list[str], k: int, seed: int):
+    """Patient-level folds stratified by kind, or unstratified when every kind has fewer patients
+    than folds (COVID-CT-MD's sample: one patient per kind), which stratification cannot split."""
+    try:
+        return patient_kfold(ids, kinds, k=k, seed=seed)
+    except ValueError as exc:
+        if "number of members in each class" not in str(exc):
+            raise
+        log.warning("too few patients per kind to stratify %d folds; splitting by patient only", k)
+        return patient_kfold(ids, ["any"] * len(ids), k=k, seed=seed)
+
+
+def _worker_init(_):
+    # Workers generate phantoms with numpy/scipy; one torch thread each leaves the cores to training.
+    torch.set_num_threads(1)
+
+
+def make_sampler(data: Data, cfg: DeCoVNetTrainConfig, start_step: int = 0):
+    """An endless iterator of ``(x (2, T, H, W), label, patient_id)`` training volumes."""
+    rng = np.random.default_rng(stream_seed(cfg.seed, 4, start_step))
+    phantoms = None
+    if data.phantom_stream is not None:
+        data.phantom_stream.start_step = start_step
+        loader = DataLoader(
+            data.phantom_stream,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            worker_init_fn=_worker_init if cfg.num_workers else None,
+            prefetch_factor=2 if cfg.num_workers else None,
+        )
+        phantoms = iter(loader)
+    while True:
+        if data.real_train and (phantoms is None or rng.random() < cfg.real_fraction):
+            s = data.real_train[int(rng.integers(len(data.real_train)))]
+            yield s.x, s.label, s.patient_id
+        else:
+            yield next(phantoms)
+
+
+# ----------------------------------------------------------------------------- model, checkpoints
+
+
+def build_model(cfg: DeCoVNetTrainConfig) -> DeCoVNet:
+    size = (cfg.input_height, cfg.input_width)
+    if cfg.model == "tiny":
+        return DeCoVNet(tiny_decovnet_config(DECOVNET_CLASSES, input_size=size))
+    if cfg.model == "full":
+        return DeCoVNet(DeCoVNetConfig(classes=DECOVNET_CLASSES, input_size=size))
+    raise ValueError(f"model must be 'full' or 'tiny', got {cfg.model!r}")
+
+
+@dataclass
+class TrainState:
+    """Progress that a resumed run needs besides the weights and the optimiser."""
+
+    step: int = 0
+    best_auc: float = -1.0
+    best_loss: float = math.inf
+    best_step: int = -1
+    history: list = field(default_factory=list)
+
+
+def save_checkpoint(path, model, optimizer, state: TrainState, cfg, augment: VolumeAugment | None) -> None:
+    """Everything needed to resume, written atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": dataclasses.asdict(state),
+            "config": cfg.to_dict(),
+            "model_config": model.config.to_dict(),
+            "augment": augment.state_dict() if augment is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer=None, augment: VolumeAugment | None = None) -> TrainState:
+    """Restore weights (and optimiser, augmentation RNG) in place; return the training state."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if augment is not None and ckpt.get("augment"):
+        augment.load_state_dict(ckpt["augment"])
+    if optimizer is not None and ckpt.get("torch_rng") is not None:
+        torch.set_rng_state(ckpt["torch_rng"])
+    return TrainState(**ckpt["state"])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, augment=None) -> float:
+    """One optimiser step on a batch ``x (N, 2, T, H, W)``, ``y (N,)``; returns the loss."""
+    if augment is not None:
+        x = augment(x)
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(model, samples: Sequence[VolumeSample], device) -> dict:
+    """Mean loss, ROC AUC (NaN with one class only) and accuracy at p = 0.5 over whole volumes."""
+    from sklearn.metrics import roc_auc_score
+
+    was_training = model.training
+    model.eval()
+    probs, losses = [], []
+    for s in samples:
+        logits = model(s.x[None].to(device, torch.float32))
+        losses.append(float(F.cross_entropy(logits, torch.tensor([s.label], device=device))))
+        probs.append(float(torch.softmax(logits.float(), 1)[0, 1]))
+    model.train(was_training)
+    labels = np.array([s.label for s in samples])
+    probs = np.array(probs)
+    both = 0 < labels.sum() < len(labels)
+    return {
+        "loss": float(np.mean(losses)) if losses else math.nan,
+        "auc": float(roc_auc_score(labels, probs)) if both else math.nan,
+        "acc": float(np.mean((probs >= 0.5) == labels)) if len(labels) else math.nan,
+        "n": len(samples),
+        "probs": probs.tolist(),
+        "labels": labels.tolist(),
+        "patient_ids": [s.patient_id for s in samples],
+    }
+
+
+def _better(res: dict, state: TrainState) -> bool:
+    """Higher validation AUC wins; an equal (or undefined) AUC is decided by the lower loss."""
+    auc = res["auc"] if math.isfinite(res["auc"]) else -1.0
+    return (auc, -res["loss"]) > (state.best_auc, -state.best_loss)
+
+
+def _resolve_device(requested: str) -> torch.device:
+    from napari_wscovid.models.registry import select_device
+
+    device, note = select_device(requested)
+    if note:
+        log.warning("%s", note)
+    return device
+
+
+def train(cfg: DeCoVNetTrainConfig) -> dict:
+    """Run one training; returns the summary written to ``metrics.json``."""
+    t_start = time.monotonic()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    torch.manual_seed(stream_seed(cfg.seed, 5))
+
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    augment = VolumeAugment(seed=stream_seed(cfg.seed, 6)) if cfg.augment else None
+    state = TrainState()
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, model, optimizer, augment)
+        log.info("resumed from %s at step %d", cfg.resume, state.step)
+    log.info(
+        "DeCoVNet %s, input %dx%d, %d parameters, device %s",
+        cfg.model, cfg.input_height, cfg.input_width, sum(p.numel() for p in model.parameters()), device,
+    )  # fmt: skip
+    data = build_data(cfg, model.config)
+    for line in data.description:
+        log.info("data: %s", line)
+    log.info("data ready after %.1f s", time.monotonic() - t_start)
+
+    def validate() -> None:
+        res = evaluate(model, data.val, device)
+        if _better(res, state):
+            state.best_auc = res["auc"] if math.isfinite(res["auc"]) else -1.0
+            state.best_loss, state.best_step = res["loss"], state.step
+            save_checkpoint(out / "best.pt", model, optimizer, state, cfg, augment)
+        state.history.append(
+            {"step": state.step, "val_loss": res["loss"], "val_auc": res["auc"], "val_acc": res["acc"]}
+        )
+        log.info(
+            "step %d val loss %.4f AUC %.4f acc %.4f (best AUC %.4f at step %d)",
+            state.step, res["loss"], res["auc"], res["acc"], state.best_auc, state.best_step,
+        )  # fmt: skip
+
+    samples = make_sampler(data, cfg, start_step=state.step)
+    bar = tqdm(total=cfg.steps, initial=state.step, mininterval=5.0, file=sys.stderr, desc="train")
+    model.train()
+    it_t0, it_n, running, timed_out = time.monotonic(), 0, [], False
+    while state.step < cfg.steps:
+        x, y, _ = next(samples)
+        x = x[None].to(device, torch.float32)
+        y = torch.tensor([int(y)], device=device)
+        running.append(train_step(model, optimizer, x, y, augment))
+        state.step += 1
+        it_n += 1
+        bar.update(1)
+        if state.step % cfg.log_every == 0:
+            rate = (time.monotonic() - it_t0) / it_n
+            bar.set_postfix(loss=f"{np.mean(running):.4f}")
+            log.info(
+                "step %d loss %.4f (mean of %d)  %.2f s/step",
+                state.step,
+                np.mean(running),
+                len(running),
+                rate,
+            )
+            running = []
+        over_time = cfg.max_minutes is not None and (time.monotonic() - t_start) / 60 >= cfg.max_minutes
+        if state.step % cfg.val_every == 0 or over_time or state.step == cfg.steps:
+            validate()
+            save_checkpoint(out / "last.pt", model, optimizer, state, cfg, augment)
+            if over_time:
+                log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, state.step)
+                timed_out = True
+                break
+    bar.close()
+    seconds_per_step = (time.monotonic() - it_t0) / max(it_n, 1)
+    summary = {"steps": state.step, "seconds_per_step": seconds_per_step, "timed_out": timed_out}
+    summary.update(finish(cfg, model, data, state, device, time.monotonic() - t_start))
+    return summary
+
+
+def finish(cfg: DeCoVNetTrainConfig, model, data: Data, state: TrainState, device, elapsed: float) -> dict:
+    """Test the best checkpoint, export it, and write metrics.json."""
+    from napari_wscovid.models.registry import save_model
+
+    out = Path(cfg.out_dir)
+    net = build_model(cfg)
+    if (out / "best.pt").is_file():
+        load_checkpoint(out / "best.pt", net)
+    else:
+        net.load_state_dict(model.state_dict())
+    net.to(device).eval()
+    tests = {name: evaluate(net, samples, device) for name, samples in data.tests.items()}
+    for name, res in tests.items():
+        log.info("test on %s: %d volumes, AUC %.4f, acc %.4f", name, res["n"], res["auc"], res["acc"])
+    path = Path(cfg.export) if cfg.export else out / f"{cfg.export_name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sha = save_model(
+        net.to("cpu"),
+        path,
+        name=cfg.export_name,
+        version=cfg.export_version,
+        overwrite=True,
+        extra_metadata={
+            "training_data": "; ".join(data.description),
+            "recipe": (
+                f"Zheng et al. 2020: Adam lr {cfg.lr:g}, batch 1, cross-entropy, augmentation "
+                f"{'on' if cfg.augment else 'off'}; {state.step} steps, best val AUC at step "
+                f"{state.best_step}"
+            ),
+            "best_step": state.best_step,
+            "best_val_auc": state.best_auc,
+            "test_auc": {name: res["auc"] for name, res in tests.items()},
+        },
+    )
+    log.info("exported %s sha256 %s", path, sha)
+    summary = {
+        "classes": list(DECOVNET_CLASSES),
+        "input_size": [cfg.input_height, cfg.input_width],
+        "best_step": state.best_step,
+        "best_val_auc": state.best_auc,
+        "best_val_loss": state.best_loss,
+        "elapsed_min": elapsed / 60,
+        "history": state.history,
+        "test": tests,
+        "export": {"path": str(path), "sha256": sha},
+    }
+    (out / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    return summary
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv=None) -> int:
+    """Command-line entry point: parse options, configure logging, train."""
+    from training.train_classifier import setup_logging
+
+    args = config_parser().parse_args(argv)
+    cfg = DeCoVNetTrainConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(DeCoVNetTrainConfig)}
+    )
+    setup_logging(args.log_file)
+    summary = train(cfg)
+    log.info("done: %d steps, %.2f s/step", summary["steps"], summary["seconds_per_step"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
