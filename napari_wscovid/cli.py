@@ -19,7 +19,7 @@ import numpy as np
 
 logger = logging.getLogger("napari_wscovid")
 
-OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_mask.nii.gz")
+OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_mask.nii.gz", "lesions.csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,9 +144,45 @@ def summary_dict(result, volume) -> dict:
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "n_boxes": len(result.boxes),
         "saliency_slices": list(result.saliency_slices),
+        "n_lesions": len(result.lesions),
+        "lesion_types": _jsonable(result.lesion_types),
         "is_hu": volume.is_hu,
         "warnings": list(volume.warnings),
     }
+
+
+def _jsonable(value):
+    """Arrays and numpy scalars (e.g. k-means centres) as plain lists and numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def lesions_csv(result, volume) -> str:
+    """One row per typed lesion (Wu et al.'s detector): voxel and mm position, type, soft scores."""
+    names = (result.lesion_types or {}).get("names") or []
+    k = max((len(les.soft_scores) for les in result.lesions), default=0)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        ["slice", "y", "x", "z_mm", "y_mm", "x_mm", "cluster", "type", "area_mm2", "activation"]
+        + [f"score_{i}" for i in range(k)]
+    )
+    for les in result.lesions:
+        z_mm, y_mm, x_mm = (float(v) for v in volume.index_to_world((les.slice, les.y, les.x)))
+        name = names[les.cluster] if 0 <= les.cluster < len(names) else ""
+        writer.writerow(
+            [les.slice, les.y, les.x, f"{z_mm:.2f}", f"{y_mm:.2f}", f"{x_mm:.2f}", les.cluster, name]
+            + [f"{les.area_mm2:.1f}", f"{les.activation:.4f}"]
+            + [f"{v:.4f}" for v in les.soft_scores]
+        )
+    return buffer.getvalue()
 
 
 def write_results(result, volume, out: Path, *, overwrite: bool = False) -> None:
@@ -168,3 +204,5 @@ def write_results(result, volume, out: Path, *, overwrite: bool = False) -> None
     for name in ("boxes.json", "boxes.csv"):
         save_boxes(out / name, result.boxes, volume.geometry(), overwrite=overwrite, **meta)
     write_image(result.lung_mask, out / "lung_mask.nii.gz", like=volume, overwrite=overwrite)
+    if result.lesions:
+        atomic_write_text(out / "lesions.csv", lesions_csv(result, volume), overwrite=overwrite)

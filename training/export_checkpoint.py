@@ -42,7 +42,10 @@ def export_checkpoint(checkpoint, path, *, name: str, version: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", help="a best.pt or last.pt written by training.train_classifier, train_decovnet or train_fecnn")
+    parser.add_argument(
+        "checkpoint",
+        help="a best.pt or last.pt written by training.train_classifier, train_decovnet or train_fecnn",
+    )
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--name", required=True, help="model name stored in the file")
     parser.add_argument("--version", default="0.1.0", help="model version stored in the file")

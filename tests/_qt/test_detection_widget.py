@@ -297,3 +297,43 @@ def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     # (the tiny random network's joint map can be all zero on a slice; its per-level maps are not)
     assert viewer.layers["IG conv5"].data[lung_slice].max() > 0
     assert all(viewer.layers["IG conv5"].data[z].max() == 0 for z in range(12) if z != lung_slice)
+
+
+def test_fecnn_result_shows_its_map_and_lesion_types(
+    widget, viewer, ct_layer, small_volume, monkeypatch, errors, qtbot
+):
+    """A result of Wu et al.'s method: its Grad-CAM++ map and typed lesion points, no IG layers."""
+    import dataclasses
+    import sys
+
+    from napari_wscovid.results import Lesion
+    from tests._qt.conftest import FakePipeline, make_fake_result
+
+    base = make_fake_result(small_volume)
+    lesions = [
+        Lesion(slice=2, y=10, x=10, area_mm2=30.0, activation=0.9, cluster=0, soft_scores=(0.8, 0.2)),
+        Lesion(slice=4, y=20, x=30, area_mm2=50.0, activation=0.7, cluster=1, soft_scores=(0.3, 0.7)),
+    ]
+    result = dataclasses.replace(
+        base,
+        classes=("NP", "COVID-19"),
+        slice_probs=base.slice_probs[:, :2] / base.slice_probs[:, :2].sum(1, keepdims=True),
+        patient_probs=np.array([0.2, 0.8], np.float32),
+        cams={"gradcam++": base.cams["conv3"]},
+        saliency={},
+        boxes=[dataclasses.replace(b, source="gradcam++") for b in base.boxes],
+        lesions=lesions,
+        lesion_types={"k": 2, "names": ["GGO-like", "consolidation-like"]},
+        model_info={"name": "fecnn-tiny", "version": "t", "sha256": None, "architecture": "fecnn-wu2021"},
+    )
+    monkeypatch.setitem(sys.modules, "napari_wscovid.pipeline", FakePipeline(result))
+    run_and_wait(widget, qtbot)
+    assert errors == []
+    shown = names(viewer)
+    assert L.cam_layer_name("gradcam++") in shown and viewer.layers[L.cam_layer_name("gradcam++")].visible
+    assert not any(name.startswith("IG ") for name in shown)
+    points = [layer for layer in viewer.layers if layer.__class__.__name__ == "Points"]
+    assert len(points) == 1 and len(points[0].data) == 2
+    world = points[0].data_to_world(points[0].data[1])
+    np.testing.assert_allclose(world, ct_layer.data_to_world((4, 20, 30)), atol=1e-6)
+    assert list(points[0].features["type"]) == ["GGO-like", "consolidation-like"]
