@@ -16,6 +16,7 @@ from napari_wscovid.models.fecnn import (
     LEVELS,
     FeCNN,
     FeCNNConfig,
+    effective_fusion_weights,
     fusion_weights,
     level_error_rates,
     tiny_fecnn_config,
@@ -96,6 +97,9 @@ def test_fusion_weights_formula_and_buffer():
     assert set(rates) == set(LEVELS) and all(r in (0.0, 0.5, 1.0) for r in rates.values())
     with pytest.raises(ValueError):
         net.set_level_error_rates([0.1, 0.2])
+    # every level at chance or worse: averaged, not a constant fused score
+    net.set_level_error_rates([0.5, 0.6, 0.7, 0.5, 0.55])
+    np.testing.assert_allclose(net.level_weights.numpy(), np.full(5, 0.2), rtol=1e-6)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -408,7 +412,7 @@ def test_short_training_exports_a_loadable_model(tmp_path, monkeypatch, phantom)
     assert "phantoms" in info["training_data"]
     # the exported fusion weights come from the kept checkpoint's validation error rates (eq. 2-3)
     best = next(h for h in metrics["history"] if h["step"] == metrics["best_step"])
-    expected = fusion_weights([best["level_error_rates"][lv] for lv in LEVELS])
+    expected = effective_fusion_weights([best["level_error_rates"][lv] for lv in LEVELS])
     np.testing.assert_allclose(net.level_weights.numpy(), expected, rtol=2e-3)
     assert net(torch.rand(1, 1, 64, 64)).logits.shape == (1, 2)
 

@@ -108,6 +108,18 @@ def fusion_weights(error_rates) -> np.ndarray:
     return 0.5 * np.log((1.0 - e) / e)
 
 
+def effective_fusion_weights(error_rates) -> np.ndarray:
+    """Eq. 2's weights, or equal weights 1/L when no level beats chance.
+
+    Early in training every level can be at chance; eq. 2 would then zero every level and leave
+    the fused score a constant, so the levels are averaged instead until one is better.
+    """
+    weights = fusion_weights(error_rates)
+    if not np.any(weights > 0):
+        weights = np.full(len(weights), 1.0 / len(weights))
+    return weights
+
+
 def level_error_rates(level_logits: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
     """Eq. 3: the fraction of samples whose level score's arg max is not the label."""
     labels = torch.as_tensor(labels)
@@ -234,6 +246,6 @@ class FeCNN(nn.Module):
             error_rates = [error_rates[level] for level in LEVELS]
         if len(error_rates) != len(LEVELS) or not all(math.isfinite(e) for e in error_rates):
             raise ValueError(f"need {len(LEVELS)} finite error rates ({LEVELS}), got {error_rates}")
-        weights = fusion_weights(error_rates)
+        weights = effective_fusion_weights(error_rates)
         self.level_weights.copy_(torch.as_tensor(weights, dtype=self.level_weights.dtype))
         return weights
