@@ -239,3 +239,15 @@ def test_unknown_name_and_missing_default_are_clear():
     if "wsnet-3class" not in available_models():
         with pytest.raises(ModelLoadError, match="wsnet-3class.safetensors"):
             load_model("default")
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_bundled_model_loads_verified_and_matches_its_entry(name):
+    """Each shipped weights file: hash verified, and the registry says what the file holds."""
+    entry = model_info(name)
+    net, info = load_model(name, device="cpu", cache=False)
+    assert info["sha256_verified"] and info["sha256"] == entry["sha256"]
+    assert info["architecture"] == entry["architecture"] == net.config.architecture
+    assert tuple(net.config.classes) == tuple(entry["classes"])
+    assert entry["training_data"] and entry["version"]
+    assert all(torch.isfinite(p).all() for p in net.parameters())

@@ -144,20 +144,25 @@ def _field_type(f):
     return str
 
 
-def config_parser(description: str = __doc__) -> argparse.ArgumentParser:
-    """An argparse parser with one option per :class:`TrainConfig` field."""
+def config_parser(description: str = __doc__, config_cls: type = None) -> argparse.ArgumentParser:
+    """An argparse parser with one option per field of ``config_cls`` (:class:`TrainConfig` by default).
+
+    The DeCoVNet and FeCNN trainers build theirs here too, from their own config dataclasses.
+    """
+    config_cls = config_cls or TrainConfig
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_cls):
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats it
         if kind is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
             )
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     parser.add_argument("--log-file", default=None, help="also write the log to this file")
     return parser
 
@@ -626,6 +631,19 @@ def _enter_joint(state: TrainState) -> None:
     state.last_improvement = state.step
 
 
+def test_report(res: dict, classes, cfg, predictions_path: Path):
+    """Save one test set's predictions (labels, probabilities, patients) and return its report."""
+    np.savez(
+        predictions_path,
+        labels=res["labels"],
+        probs=res["probs"],
+        patient_ids=np.asarray(res["patient_ids"]),
+    )
+    return classification_report(
+        res["labels"], res["probs"], classes, patient_ids=res["patient_ids"], n_boot=cfg.n_boot, seed=cfg.seed
+    )
+
+
 def finish(
     cfg, model, data: Data, loss_fn, state: TrainState, device, classes, rate: float, elapsed: float
 ) -> dict:
@@ -640,20 +658,7 @@ def finish(
     reports = {}
     for name, test in data.tests.items():
         res = evaluate(net, test, loss_fn, "joint", device, cfg.eval_batch_size)
-        np.savez(
-            out / f"test_predictions_{name}.npz",
-            labels=res["labels"],
-            probs=res["probs"],
-            patient_ids=np.asarray(res["patient_ids"]),
-        )
-        reports[name] = classification_report(
-            res["labels"],
-            res["probs"],
-            classes,
-            patient_ids=res["patient_ids"],
-            n_boot=cfg.n_boot,
-            seed=cfg.seed,
-        )
+        reports[name] = test_report(res, classes, cfg, out / f"test_predictions_{name}.npz")
         log.info("test on %s:\n%s", name, reports[name].to_markdown())
     path = Path(cfg.export) if cfg.export else out / f"{cfg.export_name}.safetensors"
     summary = {

@@ -106,30 +106,11 @@ class DeCoVNetTrainConfig:
 # ----------------------------------------------------------------------------- command line
 
 
-def _field_type(f) -> type:
-    text = str(f.type)
-    for name, kind in (("bool", bool), ("int", int), ("float", float)):
-        if name in text:
-            return kind
-    return str
-
-
 def config_parser() -> argparse.ArgumentParser:
     """An argparse parser with one option per :class:`DeCoVNetTrainConfig` field."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    for f in dataclasses.fields(DeCoVNetTrainConfig):
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
-            )
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    parser.add_argument("--log-file", default=None, help="also write the log to this file")
-    return parser
+    from training.train_classifier import config_parser as parser_for
+
+    return parser_for(__doc__, DeCoVNetTrainConfig)
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -47,12 +47,10 @@ from napari_wscovid.models.fecnn import LEVELS, FeCNN, FeCNNConfig, resnet18_con
 from training.augment import Augment, AugmentConfig
 from training.datasets import SliceSet, stream_seed
 from training.losses import class_weights
-from training.metrics import classification_report
 from training.train_classifier import (
     DistInfo,
     TrainConfig,
     TrainState,
-    _field_type,
     _jsonable,
     build_data,
     load_checkpoint,
@@ -60,6 +58,7 @@ from training.train_classifier import (
     resolve_device,
     save_checkpoint,
     setup_logging,
+    test_report,
 )
 
 log = logging.getLogger("training.train_fecnn")
@@ -144,21 +143,9 @@ class FeCNNTrainConfig:
 
 def config_parser() -> argparse.ArgumentParser:
     """An argparse parser with one option per :class:`FeCNNTrainConfig` field."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(FeCNNTrainConfig):
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats it
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
-            )
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
-    parser.add_argument("--log-file", default=None, help="also write the log to this file")
-    return parser
+    from training.train_classifier import config_parser as parser_for
+
+    return parser_for(__doc__, FeCNNTrainConfig)
 
 
 def data_config(cfg: FeCNNTrainConfig) -> TrainConfig:
@@ -386,20 +373,7 @@ def finish(cfg: FeCNNTrainConfig, model, data, state: TrainState, device, second
     reports, test_errors = {}, {}
     for name, test in data.tests.items():
         res = evaluate(net, test, device, cfg.eval_batch_size)
-        np.savez(
-            out / f"test_predictions_{name}.npz",
-            labels=res["labels"],
-            probs=res["probs"],
-            patient_ids=np.asarray(res["patient_ids"]),
-        )
-        reports[name] = classification_report(
-            res["labels"],
-            res["probs"],
-            CLASSES,
-            patient_ids=res["patient_ids"],
-            n_boot=cfg.n_boot,
-            seed=cfg.seed,
-        )
+        reports[name] = test_report(res, CLASSES, cfg, out / f"test_predictions_{name}.npz")
         test_errors[name] = res["level_error_rates"]
         log.info(
             "test on %s (level error rates %s):\n%s",
