@@ -19,7 +19,8 @@ import numpy as np
 
 logger = logging.getLogger("napari_wscovid")
 
-OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_mask.nii.gz", "lesions.csv")
+OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_mask.nii.gz")
+OPTIONAL_OUTPUT_FILES = ("lesions.csv",)  # only from methods that type lesions (FeCNN)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +76,7 @@ def _detect(args) -> int:
     from napari_wscovid.pipeline import detect_iter, run_to_end
 
     out = Path(args.out)
-    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    existing = [name for name in (*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES) if (out / name).exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     series = int(args.series) if args.series is not None and args.series.isdigit() else args.series
