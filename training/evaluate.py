@@ -594,7 +594,12 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     outcome.seconds = time.perf_counter() - start
     outcome.classes = tuple(result.classes)
     architecture = (result.model_info or {}).get("architecture", WSNET_ARCHITECTURE)
-    # Other methods ignore ``saliency``: that one call was their whole default run.
+    if architecture != WSNET_ARCHITECTURE:
+        # Another method makes its maps and boxes in the same call (FeCNN on the slices it calls
+        # positive): its timed run is the plugin's default one, with saliency on.
+        start = time.perf_counter()
+        result = detect(volume, model=model, device=settings.device)
+        outcome.seconds = time.perf_counter() - start
     outcome.complete_run = architecture != WSNET_ARCHITECTURE
     probs = np.asarray(result.slice_probs, dtype=float)
     per_slice = probs.ndim == 2 and probs.shape[0] == volume.shape[0]
