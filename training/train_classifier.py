@@ -417,8 +417,12 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, model, optimizer=None, augment: Augment | None = None) -> TrainState:
-    """Restore weights (and optimiser, augmentation RNG) in place; return the training state."""
+def load_checkpoint(path, model, optimizer=None, augment=None, state_cls: type = None):
+    """Restore weights (and optimiser, augmentation RNG) in place; return the training state.
+
+    ``state_cls`` (default :class:`TrainState`) is the trainer's own state dataclass: the DeCoVNet
+    trainer keeps other progress fields but the same checkpoint layout.
+    """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     _unwrap(model).load_state_dict(ckpt["model"])
     if optimizer is not None:
@@ -427,7 +431,7 @@ def load_checkpoint(path, model, optimizer=None, augment: Augment | None = None)
         augment.load_state_dict(ckpt["augment"])
     if ckpt.get("torch_rng") is not None:
         torch.set_rng_state(ckpt["torch_rng"])
-    return TrainState(**ckpt["state"])
+    return (state_cls or TrainState)(**ckpt["state"])
 
 
 def _unwrap(model):

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -429,35 +428,17 @@ class TrainState:
 
 
 def save_checkpoint(path, model, optimizer, state: TrainState, cfg, augment: VolumeAugment | None) -> None:
-    """Everything needed to resume, written atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "state": dataclasses.asdict(state),
-            "config": cfg.to_dict(),
-            "model_config": model.config.to_dict(),
-            "augment": augment.state_dict() if augment is not None else None,
-            "torch_rng": torch.get_rng_state(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    """Everything needed to resume, written atomically; the classifier trainer's layout."""
+    from training import train_classifier
+
+    train_classifier.save_checkpoint(path, model, optimizer, state, cfg, augment)
 
 
 def load_checkpoint(path, model, optimizer=None, augment: VolumeAugment | None = None) -> TrainState:
     """Restore weights (and optimiser, augmentation RNG) in place; return the training state."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if augment is not None and ckpt.get("augment"):
-        augment.load_state_dict(ckpt["augment"])
-    if optimizer is not None and ckpt.get("torch_rng") is not None:
-        torch.set_rng_state(ckpt["torch_rng"])
-    return TrainState(**ckpt["state"])
+    from training import train_classifier
+
+    return train_classifier.load_checkpoint(path, model, optimizer, augment, state_cls=TrainState)
 
 
 # ----------------------------------------------------------------------------- training
