@@ -22,9 +22,9 @@ import numpy as np
 from training.metrics import HEADERS, METRICS, classification_report, fold_summary
 from training.train_classifier import (
     TrainConfig,
-    _jsonable,
     config_from_args,
     config_parser,
+    jsonable,
     setup_logging,
     train,
 )
@@ -102,7 +102,7 @@ def cross_validate(cfg: TrainConfig, k: int = 5) -> dict:
             _fold_table(means, classes),
             "",
         ]
-    (out / "cv_metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
+    (out / "cv_metrics.json").write_text(json.dumps(jsonable(result), indent=2))
     (out / "cv_table.md").write_text("\n".join(lines))
     log.info("cross-validation done:\n%s", "\n".join(lines))
     return result

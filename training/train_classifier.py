@@ -697,16 +697,17 @@ def finish(
     )
     summary["export"] = {"path": str(path), "sha256": sha}
     log.info("exported %s sha256 %s", path, sha)
-    (out / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
     (out / "model_card.md").write_text(model_card(cfg, data, summary, reports))
     return summary
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """Dicts, lists and numbers with NaN/inf as None: strict JSON for metrics files."""
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from napari_wscovid.methods.decovnet import prepare_volume
 from napari_wscovid.models.decovnet import DECOVNET_CLASSES, DeCoVNet, DeCoVNetConfig, tiny_decovnet_config
 from training.datasets import covid_ct_md_records, patient_kfold, stream_seed
+from training.train_classifier import jsonable
 
 log = logging.getLogger("training.train_decovnet")
 
@@ -622,18 +623,8 @@ def finish(cfg: DeCoVNetTrainConfig, model, data: Data, state: TrainState, devic
         "test": tests,
         "export": {"path": str(path), "sha256": sha},
     }
-    (out / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
     return summary
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def main(argv=None) -> int:

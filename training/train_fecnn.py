@@ -51,8 +51,8 @@ from training.train_classifier import (
     DistInfo,
     TrainConfig,
     TrainState,
-    _jsonable,
     build_data,
+    jsonable,
     load_checkpoint,
     make_loader,
     resolve_device,
@@ -421,7 +421,7 @@ def finish(cfg: FeCNNTrainConfig, model, data, state: TrainState, device, second
         "test": {n: {**r.to_dict(), "level_error_rates": test_errors[n]} for n, r in reports.items()},
         "export": {"path": str(path), "sha256": sha},
     }
-    (out / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
     (out / "model_card.md").write_text(model_card(cfg, data, summary, reports))
     return summary
 
