@@ -131,6 +131,7 @@ def test_a_patient_level_method_gets_na_slice_metrics_and_its_own_boxes_scored(m
         )
 
     monkeypatch.setattr("napari_wscovid.pipeline.detect", fake_detect)
+    monkeypatch.setattr("training.evaluate.model_architecture", lambda *_: "decovnet-zheng2020")
     settings = Settings(models=["x"], out=Path("."), n_boot=20)
     summary = summarise([run_case(case, volume, "x", settings)], settings, volumetric=True)
     assert summary["slice"] is None and summary["covid_vs_rest_slice_auc"] is None
@@ -168,6 +169,7 @@ def test_a_slice_method_is_scored_on_the_slices_it_explained(monkeypatch):
         )
 
     monkeypatch.setattr("napari_wscovid.pipeline.detect", fake_detect)
+    monkeypatch.setattr("training.evaluate.model_architecture", lambda *_: "fecnn-wu2021")
     settings = Settings(models=["x"], out=Path("."), n_boot=20)
     outcome = run_case(case, volume, "x", settings)
     assert outcome.unexplained["predicted NP"] == 1

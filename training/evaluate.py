@@ -583,23 +583,27 @@ def _why_not_explained(slices: Sequence[int], probs: np.ndarray, classes: Sequen
     return reasons
 
 
+def model_architecture(model: str, device: str) -> str:
+    """The architecture of a registry name or weights file (the registry caches the loaded model)."""
+    from napari_wscovid.models.registry import load_model
+
+    return load_model(model, device=device)[1]["architecture"]
+
+
 def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     """Detect on one case with one model; explain some slices and score boxes where masks exist."""
     from napari_wscovid import detect
     from napari_wscovid.boxes import boxes_from_saliency
 
     outcome = Outcome(case)
+    architecture = model_architecture(model, settings.device)
+    # WSNet is timed without saliency and explains chosen slices below; another method makes its
+    # maps and boxes in its one default run (FeCNN on the slices it calls positive).
+    saliency = {"saliency": "none"} if architecture == WSNET_ARCHITECTURE else {}
     start = time.perf_counter()
-    result = detect(volume, model=model, device=settings.device, saliency="none")
+    result = detect(volume, model=model, device=settings.device, **saliency)
     outcome.seconds = time.perf_counter() - start
     outcome.classes = tuple(result.classes)
-    architecture = (result.model_info or {}).get("architecture", WSNET_ARCHITECTURE)
-    if architecture != WSNET_ARCHITECTURE:
-        # Another method makes its maps and boxes in the same call (FeCNN on the slices it calls
-        # positive): its timed run is the plugin's default one, with saliency on.
-        start = time.perf_counter()
-        result = detect(volume, model=model, device=settings.device)
-        outcome.seconds = time.perf_counter() - start
     outcome.complete_run = architecture != WSNET_ARCHITECTURE
     probs = np.asarray(result.slice_probs, dtype=float)
     per_slice = probs.ndim == 2 and probs.shape[0] == volume.shape[0]
