@@ -54,6 +54,11 @@ def _default_ig() -> tuple[int, str]:
     return DEFAULT_IG_STEPS, DEFAULT_IG_METHOD
 
 
+def lung_volume_ml(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Volume of the lung mask in millilitres."""
+    return float(np.count_nonzero(lung_mask)) * float(np.prod(spacing)) / 1000.0
+
+
 def lung_slices(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Indices of the slices holding at least ``MIN_LUNG_AREA_MM2`` of lung."""
     area_mm2 = lung_mask.reshape(lung_mask.shape[0], -1).astype(bool).sum(1) * spacing[1] * spacing[2]
@@ -281,7 +286,6 @@ def detect_iter(
         involvement = _involvement(explained["masks"], explain_idx, lung_mask)
 
     yield 3, 4, "Finishing"
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     result = DetectionResult(
         classes=classes,
         slice_probs=slice_probs,
@@ -294,7 +298,7 @@ def detect_iter(
         model_info={**{k: info.get(k) for k in ("name", "version", "sha256")}, "architecture": ARCH},
         timings=timings,
         device=str(torch_device.type),
-        lung_volume_ml=float(np.count_nonzero(lung_mask)) * voxel_ml,
+        lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
         saliency_slices=tuple(int(i) for i in explain_idx),
         patient_rule=rule,
         explained_class=shown_class,

@@ -313,7 +313,7 @@ def detect_iter(
     Yields ``(done, total, message)`` and returns a :class:`DetectionResult`.
     """
     from napari_wscovid.boxes import involvement
-    from napari_wscovid.pipeline import to_uint8
+    from napari_wscovid.pipeline import lung_volume_ml, to_uint8
     from napari_wscovid.preprocess import model_intensity_range
 
     timings = timings if timings is not None else {}
@@ -381,7 +381,6 @@ def detect_iter(
     timings["lesion_localisation"] = time.perf_counter() - start
 
     yield 3, 4, "Finishing"
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     result = DetectionResult(
         classes=classes,
         slice_probs=np.full((n_z, len(classes)), np.nan, dtype=np.float32),
@@ -394,7 +393,7 @@ def detect_iter(
         model_info={k: info.get(k) for k in ("name", "version", "sha256")},
         timings=timings,
         device=str(torch_device.type),
-        lung_volume_ml=float(np.count_nonzero(lung_mask)) * voxel_ml,
+        lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
         patient_rule=PATIENT_RULE,
     )
     yield 4, 4, "Done"

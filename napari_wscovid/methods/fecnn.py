@@ -193,6 +193,7 @@ def detect_iter(
         SALIENCY_SCOPES,
         _batches,
         lung_slices,
+        lung_volume_ml,
         model_input_kwargs,
         patient_probabilities,
         to_uint8,
@@ -293,7 +294,6 @@ def detect_iter(
     lesion_types = type_lesions(lesions, np.asarray(density), n_lesion_types, is_hu=volume.is_hu)
     timings["lesion_clustering"] = time.perf_counter() - start
 
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     result = DetectionResult(
         classes=classes,
         slice_probs=slice_probs,
@@ -306,7 +306,7 @@ def detect_iter(
         model_info={k: info.get(k) for k in ("name", "version", "sha256")},
         timings=timings,
         device=str(torch_device.type),
-        lung_volume_ml=float(np.count_nonzero(lung_mask)) * voxel_ml,
+        lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
         saliency_slices=tuple(int(z) for z in explain_idx),
         patient_rule=rule,
         lesions=lesions,
