@@ -160,6 +160,14 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         load_model(path)
 
 
+def test_unknown_architecture_in_metadata_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "future.pt"
+    config = {**tiny_config().to_dict(), "architecture": "future-net"}
+    torch.save({"model": WSNet(tiny_config()).state_dict(), "model_config": config}, path)
+    with pytest.raises(ModelLoadError, match=r"future\.pt: unknown architecture 'future-net'"):
+        load_model(path)
+
+
 def test_plain_state_dict_pt_loads_with_inferred_config(tmp_path):
     model = WSNet(tiny_config()).eval()
     path = tmp_path / "plain.pth"

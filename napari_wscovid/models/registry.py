@@ -328,6 +328,8 @@ def _config_from(meta: dict, state: dict, entry: dict | None, path: Path):
             architecture = data.get("architecture") or meta.get("architecture") or WSNetConfig.architecture
             config_cls, _ = architecture_classes(architecture)
             return config_cls.from_dict(data)
+        except ModelLoadError as exc:  # an architecture this plugin does not know
+            raise ModelLoadError(f"{path.name}: {exc}") from exc
         except (ValueError, TypeError, AttributeError) as exc:
             raise ModelLoadError(f"{path.name}: unreadable config in metadata: {exc}") from exc
     return _infer_config(state, entry, path)
