@@ -143,10 +143,14 @@ def detect_iter(
     ``saliency`` chooses the slices that get integrated gradients and boxes: ``"positive"``
     (slices not predicted NP), ``"all"`` lung slices, ``"slices"`` (those in ``slices``) or
     ``"none"``. ``model`` is a registry name, a weights file or a ``WSNet`` instance.
+    ``lung_method`` is one of :data:`napari_wscovid.lung.LUNG_METHODS` (default
+    :data:`~napari_wscovid.lung.DEFAULT_LUNG_METHOD`); with ``lung_mask`` given there is no
+    segmentation, and ``model_info["lung_method"]`` says "given".
     """
     import torch
 
     from napari_wscovid.models.registry import load_model, select_device
+    from napari_wscovid.models.wsnet import inference_copy
     from napari_wscovid.preprocess import maps_to_slice, prepare_slices
 
     if not volume.is_hu:
@@ -215,10 +219,12 @@ def detect_iter(
     cam_lowres: dict[str, list[np.ndarray]] = {}
     crops_all = []
     done = 0
+    fast_net = inference_copy(net)
     with torch.inference_mode():
         for batch in _batches(lung_idx, batch_size):
             x, crops = prepare_slices(volume.hu, lung_mask, batch, **prep_kwargs)
-            out = net(torch.from_numpy(x).to(torch_device))
+            x = torch.from_numpy(x).to(torch_device).contiguous(memory_format=torch.channels_last)
+            out = fast_net(x)
             probs = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
             if not np.isfinite(probs).all():
                 raise FloatingPointError(

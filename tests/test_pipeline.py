@@ -173,3 +173,30 @@ def test_display_intensity_input_is_not_normalised_as_hu(phantom):
     lung = x[x > 0]
     # read as HU, 0..255 would all land in the top 7% of the -1350..150 window
     assert np.median(lung) < 0.5 and lung.std() > 0.02
+
+
+def test_inference_copy_folds_batch_norm_without_changing_outputs():
+    torch = pytest.importorskip("torch")
+    from napari_wscovid.models.wsnet import WSNet, inference_copy, tiny_config
+
+    torch.manual_seed(1)
+    net = WSNet(tiny_config()).eval()
+    # Non-trivial statistics, as after training; fresh ones would make folding nearly a no-op.
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.2, 3.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = inference_copy(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.rand(3, 1, 64, 64)
+    with torch.inference_mode():
+        reference = net(x)
+        folded = fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(folded.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    for scale, cam in reference.cams.items():
+        torch.testing.assert_close(folded.cams[scale], cam, rtol=1e-5, atol=1e-5)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key

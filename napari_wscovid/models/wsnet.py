@@ -122,3 +122,30 @@ class WSNet(nn.Module):
     def scale_score(self, x: torch.Tensor, scale: str) -> torch.Tensor:
         """(N, K) global-max-pooled score of one scale; computes only the blocks it needs."""
         return self.forward(x, scales=(scale,)).scores[scale]
+
+
+def inference_copy(net: WSNet) -> WSNet:
+    """An eval-mode copy for fast inference: batch norm folded into the convolutions, channels-last.
+
+    Same outputs to float rounding (about 1e-7 relative). Measured on this project's 2-core CPU
+    (`benchmarks/bench_detect.py`): folding saves about 12% of a 224x224 forward pass and the
+    channels-last layout, which oneDNN's convolutions prefer, about 30% more. Inputs should be
+    passed as ``x.contiguous(memory_format=torch.channels_last)``.
+    """
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fast = copy.deepcopy(net).eval()
+    for block in fast.blocks:
+        layers = list(block)
+        fused: list[nn.Module] = []
+        for layer in layers:
+            if isinstance(layer, nn.BatchNorm2d) and fused and isinstance(fused[-1], nn.Conv2d):
+                fused[-1] = fuse_conv_bn_eval(fused[-1], layer)
+            else:
+                fused.append(layer)
+        block._modules.clear()
+        for index, layer in enumerate(fused):
+            block.add_module(str(index), layer)
+    return fast.to(memory_format=torch.channels_last)
