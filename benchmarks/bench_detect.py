@@ -65,6 +65,31 @@ def load_benchmark_model(name: str):
     return WSNet().eval(), {"name": "random-full-size", "sha256": None}
 
 
+def forward_plain_vs_inference_copy(
+    net, n: int = 64, batch: int = 16, repeats: int = 3
+) -> tuple[float, float]:
+    """Seconds per slice of the trained network as is and of its folded, channels-last copy.
+
+    Interleaved in one run, best of ``repeats``, so machine load affects both alike.
+    """
+    from napari_wscovid.models.wsnet import inference_copy
+
+    fast = inference_copy(net)
+    size = net.config.input_size
+    x = torch.rand(batch, net.config.in_channels, size, size)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    best = {"plain": float("inf"), "copy": float("inf")}
+    with torch.inference_mode():
+        net(x), fast(x_last)  # warm-up
+        for _ in range(repeats):
+            for name, model, inp in (("plain", net, x), ("copy", fast, x_last)):
+                start = time.perf_counter()
+                for _ in range(n // batch):
+                    model(inp)
+                best[name] = min(best[name], (time.perf_counter() - start) / n)
+    return best["plain"], best["copy"]
+
+
 def run_stages(n_slices: int, model_name: str) -> dict:
     from napari_wscovid.lung import segment_lungs
     from napari_wscovid.phantom import make_phantom
@@ -90,6 +115,10 @@ def run_stages(n_slices: int, model_name: str) -> dict:
     out["classification_with_cams_s"] = result.timings["classification"] + result.timings["cams"]
     gflop = wsnet_forward_gflop(net) * out["n_lung_slices"]
     out["classification_gflops"] = gflop / result.timings["classification"]
+    plain, fast = forward_plain_vs_inference_copy(net)
+    out["forward_per_slice_plain_s"] = plain
+    out["forward_per_slice_folded_channels_last_s"] = fast
+    out["forward_speedup"] = plain / fast
 
     positive = np.flatnonzero(phantom.lesion_mask.reshape(n_slices, -1).any(1))
     z = int(positive[len(positive) // 2]) if len(positive) else out["n_lung_slices"] // 2

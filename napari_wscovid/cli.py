@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_wscovid.lung import LUNG_METHODS
+
 logger = logging.getLogger("napari_wscovid")
 
 OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_mask.nii.gz")
@@ -37,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--saliency", default="positive", choices=("positive", "all", "none"), help="slices to explain"
     )
     det.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps")
+    det.add_argument(
+        "--lung-method",
+        default=None,
+        choices=LUNG_METHODS,
+        help="lung segmentation: hybrid (classical + bundled U-Net), classical (no weights), unet",
+    )
     det.add_argument("--min-box-area", type=float, default=20.0, help="smallest box kept, in mm^2")
     det.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     det.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -95,6 +103,7 @@ def _detect(args) -> int:
         saliency=args.saliency,
         ig_steps=args.ig_steps,
         min_box_area_mm2=args.min_box_area,
+        lung_method=args.lung_method,
     )
     with tqdm(total=4, disable=args.quiet or not sys.stderr.isatty(), unit="stage") as bar:
 

@@ -32,6 +32,10 @@ NEGATIVE_CLASS = "NP"
 MAP_LEVELS = 255
 
 
+#: Lung slices whose CAMs are upsampled together (bounds the float temporaries).
+CAM_BLOCK_SLICES = 32
+
+
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """Quantise maps in [0, 1] to uint8."""
     return np.rint(np.clip(values, 0.0, 1.0) * MAP_LEVELS).astype(np.uint8)
@@ -134,7 +138,7 @@ def detect_iter(
     ig_method: str | None = None,
     min_box_area_mm2: float = 20.0,
     lung_mask: np.ndarray | None = None,
-    lung_method: str = "classical",
+    lung_method: str | None = None,
     batch_size: int = 16,
     saliency_batch_size: int = 2,
 ) -> Generator[Progress, None, DetectionResult]:
@@ -162,10 +166,12 @@ def detect_iter(
 
     yield 0, 4, "Segmenting lungs"
     start = time.perf_counter()
+    lung_source = "given"
     if lung_mask is None:
-        from napari_wscovid.lung import segment_lungs
+        from napari_wscovid.lung import DEFAULT_LUNG_METHOD, segment_lungs
 
-        lung_mask = segment_lungs(volume, method=lung_method)
+        lung_source = lung_method or DEFAULT_LUNG_METHOD
+        lung_mask = segment_lungs(volume, method=lung_source)
     lung_mask = np.asarray(lung_mask, dtype=np.uint8)
     if lung_mask.shape != volume.shape:
         raise ValueError(f"lung mask shape {lung_mask.shape} differs from the CT's {volume.shape}")
@@ -205,6 +211,7 @@ def detect_iter(
             slices=slices,
             explain_class=explain_class,
         )
+        result.model_info["lung_method"] = lung_source
         return result
     classes = tuple(net.config.classes)
     size = int(net.config.input_size)
@@ -257,7 +264,11 @@ def detect_iter(
         peak = float(raw.max()) if raw.size else 0.0
         volume_map = np.zeros(volume.shape, dtype=np.uint8)
         if peak > 0:
-            volume_map[lung_idx] = to_uint8(maps_to_slice(raw / peak, crops_all, volume.shape[1:]))
+            # In blocks: the float maps of all 520 lung slices of a 600-slice CT would take 545 MB.
+            for first in range(0, len(lung_idx), CAM_BLOCK_SLICES):
+                block = slice(first, first + CAM_BLOCK_SLICES)
+                full = maps_to_slice(raw[block] / peak, crops_all[block], volume.shape[1:])
+                volume_map[lung_idx[block]] = to_uint8(full)
         cams[scale] = volume_map
     del cam_lowres
     timings["cams"] = time.perf_counter() - start
@@ -301,7 +312,11 @@ def detect_iter(
         saliency=saliency_maps,
         boxes=boxes,
         involvement=involvement,
-        model_info={**{k: info.get(k) for k in ("name", "version", "sha256")}, "architecture": ARCH},
+        model_info={
+            **{k: info.get(k) for k in ("name", "version", "sha256")},
+            "architecture": ARCH,
+            "lung_method": lung_source,
+        },
         timings=timings,
         device=str(torch_device.type),
         lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),

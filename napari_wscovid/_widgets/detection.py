@@ -36,6 +36,7 @@ from napari_wscovid._widgets import layers as L
 from napari_wscovid._widgets.results_panel import ResultsPanel
 from napari_wscovid.io.boxes_io import load_boxes, save_boxes
 from napari_wscovid.io.volume import CTVolume
+from napari_wscovid.lung import DEFAULT_LUNG_METHOD
 from napari_wscovid.results import Box, DetectionResult
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ SALIENCY_SCOPES = (
     ("none", "none"),
 )
 DEVICES = (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"))
+LUNG_CHOICES = (
+    ("classical + U-Net (hybrid)", "hybrid"),
+    ("classical (no weights)", "classical"),
+    ("U-Net only", "unet"),
+)
 _SLICE_DEBOUNCE_MS = 200
 
 
@@ -200,6 +206,14 @@ class DetectionWidget(QWidget):
         self._device_combo = QComboBox()
         for label, value in DEVICES:
             self._device_combo.addItem(label, value)
+        self._lung_combo = QComboBox()
+        for label, value in LUNG_CHOICES:
+            self._lung_combo.addItem(label, value)
+        self._lung_combo.setCurrentIndex(self._lung_combo.findData(DEFAULT_LUNG_METHOD))
+        self._lung_combo.setToolTip(
+            "Lung segmentation. The hybrid adds consolidation touching the chest wall, which "
+            "thresholds miss, as found by the bundled multi-view U-Net."
+        )
         self._scope_combo = QComboBox()
         for label, value in SALIENCY_SCOPES:
             self._scope_combo.addItem(label, value)
@@ -232,6 +246,7 @@ class DetectionWidget(QWidget):
         form.addRow("CT layer", self._ct_combo)
         form.addRow("Model", self._model_combo)
         form.addRow("Device", self._device_combo)
+        form.addRow("Lungs", self._lung_combo)
         form.addRow("Saliency", self._scope_combo)
         form.addRow("IG steps", self._ig_steps)
         form.addRow("Min box area", self._min_area)
@@ -357,6 +372,7 @@ class DetectionWidget(QWidget):
         kwargs = {
             "model": self._model_combo.currentText(),
             "device": self._device_combo.currentData(),
+            "lung_method": self._lung_combo.currentData(),
             "saliency": "none" if scope == "current" else scope,
             "min_box_area_mm2": float(self._min_area.value()),
         }

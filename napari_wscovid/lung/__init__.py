@@ -12,14 +12,19 @@ import numpy as np
 
 from napari_wscovid.lung.classical import LEFT, RIGHT, segment_lungs_classical
 
-__all__ = ["LEFT", "RIGHT", "segment_lungs", "lung_volumes_ml"]
+__all__ = ["LEFT", "RIGHT", "LUNG_METHODS", "DEFAULT_LUNG_METHOD", "segment_lungs", "lung_volumes_ml"]
+
+#: "hybrid": classical lungs plus the dense lung the bundled multi-view U-Net finds;
+#: "classical": thresholds and morphology only, no weights; "unet": the U-Net alone.
+LUNG_METHODS = ("hybrid", "classical", "unet")
+DEFAULT_LUNG_METHOD = "hybrid"
 
 logger = logging.getLogger(__name__)
 
 
 def segment_lungs(
     volume,
-    method: str = "classical",
+    method: str = DEFAULT_LUNG_METHOD,
     *,
     spacing: tuple[float, float, float] | None = None,
     model=None,
@@ -32,14 +37,16 @@ def segment_lungs(
     volume : CTVolume or ndarray (z, y, x)
         The CT in HU. A bare array needs ``spacing`` and is assumed to be ordered
         feet-to-head with x increasing towards the patient's left (LPS).
-    method : {"classical", "unet"}
-        "classical" (default) needs no weights: thresholds, morphology and pleural
-        filling. "unet" runs the multi-view U-Net given as ``model`` (see
-        :func:`napari_wscovid.lung.unet.load_lung_unet`).
+    method : {"hybrid", "classical", "unet"}
+        "classical" needs no weights: thresholds, morphology and pleural filling.
+        "hybrid" adds to it the dense lung (consolidation against the chest wall) that
+        the multi-view U-Net finds. "unet" is the U-Net alone. The U-Net is ``model``,
+        or the bundled weights when ``model`` is None.
     spacing : tuple of 3 floats, optional
         Voxel size (z, y, x) in mm; only for a bare array.
     model : torch.nn.Module, optional
-        A 2-D lung U-Net (1 input channel, 1 or 2 output channels); required by "unet".
+        A 2-D lung U-Net (1 input channel, 1 or 2 output channels) for "hybrid" and "unet"
+        (see :func:`napari_wscovid.lung.unet.load_lung_unet`); default: the bundled one.
     progress : callable(done, total, message), optional
         Progress reports.
 
@@ -63,16 +70,20 @@ def segment_lungs(
         # and LPS x to the patient's left.
         superior_is_up = bool(volume.direction[0, 0] >= 0)
         x_is_left = bool(volume.direction[2, 2] >= 0)
+    if method not in LUNG_METHODS:
+        raise ValueError(f"method must be one of {LUNG_METHODS}, got {method!r}")
     if method == "classical":
         labels = segment_lungs_classical(hu, spacing, superior_is_up=superior_is_up, progress=progress)
-    elif method == "unet":
-        if model is None:
-            raise ValueError('method="unet" needs a model (see napari_wscovid.lung.unet.load_lung_unet)')
-        from napari_wscovid.lung.unet import segment_lungs_unet
-
-        labels = segment_lungs_unet(hu, spacing, model, progress=progress)
     else:
-        raise ValueError(f'method must be "classical" or "unet", got {method!r}')
+        from napari_wscovid.lung import unet
+
+        model = model if model is not None else unet.bundled_lung_unet()
+        if method == "unet":
+            labels = unet.segment_lungs_unet(hu, spacing, model, progress=progress)
+        else:
+            labels = unet.segment_lungs_hybrid(
+                hu, spacing, model, superior_is_up=superior_is_up, progress=progress
+            )
     if not x_is_left:
         # Axis flipped relative to LPS: the right lung is at large x, swap the names.
         labels = np.where(labels > 0, 3 - labels, 0).astype(np.uint8)
