@@ -64,6 +64,23 @@ def test_cli_detect_writes_every_file(phantom_file, tmp_path):
     assert mask.GetOrigin() == pytest.approx(source.GetOrigin())
 
 
+def test_cli_lung_method_is_used_and_recorded(phantom_file, tmp_path):
+    import json
+
+    import SimpleITK as sitk
+
+    masks = {}
+    for method in ("classical", "hybrid"):
+        out = tmp_path / method
+        args = ["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q"]
+        assert main([*args, "--saliency", "none", "--lung-method", method]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["model"]["lung_method"] == method
+        masks[method] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lung_mask.nii.gz")))
+    # The hybrid keeps every classical lung voxel and may add dense ones.
+    assert ((masks["hybrid"] > 0) | (masks["classical"] == 0)).all()
+
+
 def test_cli_never_overwrites_without_flag(phantom_file, tmp_path):
     out = tmp_path / "res"
     args = [
