@@ -256,11 +256,11 @@ def to_work_grid(hu: np.ndarray, spacing, work_spacing_mm: float = WORK_SPACING_
         max(1, int(round(n * s / work_spacing_mm))) for n, s in zip(hu.shape, spacing, strict=True)
     )
     start = sliding_window_start(hu)
-    planes = np.empty((hu.shape[0], *work_shape[1:]), np.float32)
-    for z in range(0, hu.shape[0], _CHUNK):
-        block = np.clip((hu[z : z + _CHUNK].astype(np.float32) - start) / WINDOW_WIDTH_HU, 0.0, 1.0)
-        planes[z : z + _CHUNK] = _resize_planes(block, work_shape[1:])
-    return _resize_z(planes, work_shape[0])
+
+    def normalise(block: np.ndarray) -> np.ndarray:
+        return np.clip((block.astype(np.float32) - start) / WINDOW_WIDTH_HU, 0.0, 1.0)
+
+    return resample_linear(hu, work_shape, transform=normalise)
 
 
 def upsample_mask(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -293,11 +293,12 @@ def _resize_z(planes: np.ndarray, n_out: int) -> np.ndarray:
     return np.ascontiguousarray(out[0].T.reshape(n_out, ny, nx).numpy())
 
 
-def resample_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear resampling of a (z, y, x) float array to ``shape``."""
+def resample_linear(array: np.ndarray, shape: tuple[int, ...], transform=None) -> np.ndarray:
+    """Trilinear resampling of a (z, y, x) array to ``shape``, ``transform`` applied to each block first."""
     planes = np.empty((array.shape[0], *shape[1:]), np.float32)
     for z in range(0, array.shape[0], _CHUNK):
-        planes[z : z + _CHUNK] = _resize_planes(array[z : z + _CHUNK], shape[1:])
+        block = array[z : z + _CHUNK]
+        planes[z : z + _CHUNK] = _resize_planes(transform(block) if transform else block, shape[1:])
     return _resize_z(planes, shape[0])
 
 
