@@ -112,10 +112,12 @@ class FakePipeline(types.ModuleType):
         slices=None,
         ig_steps=None,
         min_box_area_mm2=20.0,
+        lung_method=None,
     ):
         self.calls.append(
             {
                 "model": model,
+                "lung_method": lung_method,
                 "device": device,
                 "saliency": saliency,
                 "ig_steps": ig_steps,

@@ -87,11 +87,14 @@ def test_run_builds_layers_and_panel(widget, viewer, ct_layer, fake_pipeline, fa
     widget._min_area.setValue(35.0)
     widget._ig_steps.setValue(8)
     widget._model_combo.setCurrentText("tiny-test")
+    assert widget._lung_combo.currentData() == "hybrid"  # the default lung method
+    widget._lung_combo.setCurrentIndex(widget._lung_combo.findData("classical"))
     run_and_wait(widget, qtbot)
     assert errors == []
     assert fake_pipeline.calls == [
         {
             "model": "tiny-test",
+            "lung_method": "classical",
             "device": "auto",
             "saliency": "positive",
             "ig_steps": 8,
