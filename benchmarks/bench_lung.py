@@ -77,18 +77,21 @@ def summarise(title: str, rows: dict[str, list[dict]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(LUNG_METHODS), choices=LUNG_METHODS)
-    parser.add_argument("--phantoms", type=int, default=12, help="held-out phantoms (kinds in turn)")
+    parser.add_argument(
+        "--phantoms", type=int, default=12, help="held-out phantoms (kinds in turn); 0: speed only"
+    )
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--n-slices", type=int, default=32)
     parser.add_argument("--speed-slices", type=int, default=300, help="0 skips the speed test")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    summarise("test-suite cases", accuracy(args.methods, TEST_CASES, args.size, args.n_slices))
-    summarise(
-        f"{args.phantoms} held-out phantoms",
-        accuracy(args.methods, held_out_cases(args.phantoms), args.size, args.n_slices),
-    )
+    if args.phantoms:
+        summarise("test-suite cases", accuracy(args.methods, TEST_CASES, args.size, args.n_slices))
+        summarise(
+            f"{args.phantoms} held-out phantoms",
+            accuracy(args.methods, held_out_cases(args.phantoms), args.size, args.n_slices),
+        )
     if not args.speed_slices:
         return
     start = time.perf_counter()
