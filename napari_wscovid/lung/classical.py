@@ -307,18 +307,10 @@ def split_left_right(lungs: np.ndarray, spacing) -> np.ndarray:
         labels[lungs] = RIGHT if cx < lungs.shape[2] / 2 else LEFT
         logger.info("only one lung body found")
         return labels
-    return label_by_nearest(lungs, seeds, spacing)
-
-
-def label_by_nearest(mask: np.ndarray, seeds: np.ndarray, spacing) -> np.ndarray:
-    """Label every voxel of ``mask`` with the label of its nearest non-zero ``seeds`` voxel (mm).
-
-    The distance map is computed on a cropped grid at half the in-plane resolution: the
-    boundary between the lungs is a few millimetres wide, and this is the costliest step
-    otherwise.
-    """
-    labels = np.zeros(mask.shape, np.uint8)
-    box = _bounding_box(mask, pad=0)
+    # Every lung voxel goes to its nearest seed, measured in mm. The distance map is
+    # computed on a cropped grid at half the in-plane resolution: the junction between
+    # the lungs is a few millimetres wide, and this is the costliest step otherwise.
+    box = _bounding_box(lungs, pad=0)
     step = 2
     coarse_seeds = seeds[box][:, ::step, ::step]
     coarse_spacing = (spacing[0], spacing[1] * step, spacing[2] * step)
@@ -327,7 +319,7 @@ def label_by_nearest(mask: np.ndarray, seeds: np.ndarray, spacing) -> np.ndarray
     )
     owner = coarse_seeds[nearest[0], nearest[1], nearest[2]]
     owner = np.repeat(np.repeat(owner, step, axis=1), step, axis=2)
-    crop = mask[box]
+    crop = lungs[box]
     owner = owner[:, : crop.shape[1], : crop.shape[2]]
     labels[box][crop] = owner[crop]
     return labels
