@@ -36,7 +36,7 @@ from napari_wscovid._widgets import layers as L
 from napari_wscovid._widgets.results_panel import ResultsPanel
 from napari_wscovid.io.boxes_io import load_boxes, save_boxes
 from napari_wscovid.io.volume import CTVolume
-from napari_wscovid.lung import DEFAULT_LUNG_METHOD
+from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
 from napari_wscovid.results import Box, DetectionResult
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,7 @@ SALIENCY_SCOPES = (
     ("none", "none"),
 )
 DEVICES = (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"))
-LUNG_CHOICES = (
-    ("classical + U-Net (hybrid)", "hybrid"),
-    ("classical (no weights)", "classical"),
-    ("U-Net only", "unet"),
-)
+LUNG_CHOICES = tuple((label, method) for method, label in LUNG_METHOD_LABELS.items())
 _SLICE_DEBOUNCE_MS = 200
 
 

@@ -10,14 +10,29 @@ from collections.abc import Callable
 
 import numpy as np
 
-from napari_wscovid.lung.classical import LEFT, RIGHT, segment_lungs_classical
+__all__ = [
+    "LEFT",
+    "RIGHT",
+    "LUNG_METHODS",
+    "LUNG_METHOD_LABELS",
+    "DEFAULT_LUNG_METHOD",
+    "segment_lungs",
+    "lung_volumes_ml",
+]
 
-__all__ = ["LEFT", "RIGHT", "LUNG_METHODS", "DEFAULT_LUNG_METHOD", "segment_lungs", "lung_volumes_ml"]
-
+RIGHT, LEFT = 1, 2
 #: "hybrid": classical lungs plus the dense lung the bundled multi-view U-Net finds;
 #: "classical": thresholds and morphology only, no weights; "unet": the U-Net alone.
-LUNG_METHODS = ("hybrid", "classical", "unet")
+#: The labels are what the widget shows.
+LUNG_METHOD_LABELS = {
+    "hybrid": "classical + U-Net (hybrid)",
+    "classical": "classical (no weights)",
+    "unet": "U-Net only",
+}
+LUNG_METHODS = tuple(LUNG_METHOD_LABELS)
 DEFAULT_LUNG_METHOD = "hybrid"
+# The methods (scipy, scikit-image, torch) are imported when called: the CLI's and the
+# widget's start-up only need the names above.
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +88,8 @@ def segment_lungs(
     if method not in LUNG_METHODS:
         raise ValueError(f"method must be one of {LUNG_METHODS}, got {method!r}")
     if method == "classical":
+        from napari_wscovid.lung.classical import segment_lungs_classical
+
         labels = segment_lungs_classical(hu, spacing, superior_is_up=superior_is_up, progress=progress)
     else:
         from napari_wscovid.lung import unet

@@ -29,11 +29,12 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import convex_hull_image, disk
 
+from napari_wscovid.lung import LEFT, RIGHT
+
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
 
-RIGHT, LEFT = 1, 2
 
 #: Lung parenchyma is about -850 HU and soft tissue about +40 HU; -320 HU sits near the
 #: middle and is the value most classical lung masks use, so partial-volume pixels at
