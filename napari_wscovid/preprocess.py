@@ -131,12 +131,20 @@ def sliding_window(values: np.ndarray, q: float = DEFAULT_Q, s: float = DEFAULT_
     n_bins = int(np.ceil((vmax - edges_lo) / s)) + 1
     counts = np.bincount(((values - edges_lo) // s).astype(np.int64), minlength=n_bins)
     counts = np.concatenate([counts, np.zeros(n_window, dtype=counts.dtype)])
+    lo = edges_lo + best_window(counts, n_window) * s
+    return float(lo), float(lo + n_window * s)
+
+
+def best_window(counts: np.ndarray, n_window: int) -> int:
+    """First bin of the ``n_window`` consecutive histogram bins that hold the most counts.
+
+    Among equally full positions the middle one is taken. Shared by :func:`sliding_window`
+    and the lung U-Net's whole-volume normalisation, which builds its histogram in blocks.
+    """
     cum = np.concatenate([[0], np.cumsum(counts)])
     covered = cum[n_window:] - cum[:-n_window]  # covered[k]: bins k .. k + n_window - 1
     best = np.flatnonzero(covered == covered.max())
-    k = int(best[len(best) // 2])
-    lo = edges_lo + k * s
-    return float(lo), float(lo + n_window * s)
+    return int(best[len(best) // 2])
 
 
 def intensity_range(

@@ -29,6 +29,7 @@ from napari_wscovid.lung.classical import (
     segment_lungs_classical,
     split_left_right,
 )
+from napari_wscovid.preprocess import best_window
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +198,7 @@ def sliding_window_start(
         values = hu[z : z + _CHUNK, ::stride, ::stride]
         values = values[values > -1500]
         counts += np.bincount(((values - low) // step).astype(np.int64), minlength=n_bins)[:n_bins]
-    bins_per_window = max(1, int(round(width / step)))
-    covered = np.convolve(counts, np.ones(bins_per_window), mode="valid")
-    return low + step * int(np.argmax(covered))
+    return low + step * best_window(counts, max(1, int(round(width / step))))
 
 
 def predict_view(model, volume01: np.ndarray, axis: int, *, batch_size: int = 32) -> np.ndarray:
