@@ -410,8 +410,11 @@ def test_lung_unet_trainer_writes_loadable_weights(tmp_path):
         out_dir=str(tmp_path),
         threads=1,
         device="cpu",
+        dense_lesion_weight=5.0,
+        dense_lesion_fraction=0.5,
     )
     summary = train(cfg)
+    assert 0.0 <= summary["history"][-1]["val_dense_lesion_recall"] <= 1.0
     weights = tmp_path / "lung-unet.safetensors"
     assert summary["steps"] == 3 and 0.0 <= summary["best"]["dice"] <= 1.0
     model = load_lung_unet(weights, sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
@@ -419,3 +422,34 @@ def test_lung_unet_trainer_writes_loadable_weights(tmp_path):
     with torch.inference_mode():
         assert model(x).shape == (1, 1, 64, 64)
     assert json.loads((tmp_path / "metrics.json").read_text())["history"][-1]["step"] == 3
+
+
+def test_lung_unet_dense_lesion_targets_stay_aligned():
+    """The dense-lesion mask lies inside the lung target, picks the right slices, and moves with
+    the image under augmentation."""
+    from training.train_lung_unet import (
+        LungUNetConfig,
+        all_slices,
+        augment_batch,
+        cut,
+        dense_lesion_slices,
+        phantom_grid,
+    )
+
+    cfg = LungUNetConfig(phantom_size=64, min_height_mm=120.0, max_height_mm=130.0)
+    grids = [phantom_grid(1, 10000, cfg)]  # index 1: a CAP phantom
+    work, lung, dense = grids[0]
+    assert work.shape == lung.shape == dense.shape
+    assert dense.sum() > 0 and np.all(lung[dense > 0] == 1)
+    items = all_slices(grids)
+    chosen = dense_lesion_slices(grids, items, min_pixels=1)
+    assert 0 < len(chosen) < len(items)
+    assert all(np.take(dense, i, axis=a).sum() >= 1 for _, a, i in chosen)
+    cuts = [cut(grids, item, 96, np.random.default_rng(0)) for item in chosen[:8]]
+    x = torch.from_numpy(np.stack([c[0] for c in cuts]))[:, None]
+    y = torch.from_numpy(np.stack([np.stack(c[1:]) for c in cuts]))
+    _, y_aug = augment_batch(x, y, torch.Generator().manual_seed(0))
+    lung_aug, dense_aug = y_aug[:, 0] > 0, y_aug[:, 1] > 0
+    assert dense_aug.any()
+    # Both masks go through the same warp: dense lesion pixels stay (almost all) inside the lung.
+    assert (dense_aug & ~lung_aug).sum() <= 0.05 * dense_aug.sum()

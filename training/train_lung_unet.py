@@ -8,6 +8,10 @@ threshold cannot see when consolidation touches the chest wall. Slices of all th
 are cut from the same 2 mm isotropic, sliding-window-normalised grid the plugin uses
 (:func:`napari_wscovid.lung.unet.to_work_grid`), padded or cropped to a fixed canvas.
 
+Dense lesions (consolidation, nodules) are what the U-Net is for, yet a small share of the
+pixels: ``--dense-lesion-weight`` raises their cross-entropy weight and
+``--dense-lesion-fraction`` draws that share of each batch from slices that show them.
+
 Augmentation widens the phantom's range towards real scanners: in-plane rotation and
 scaling, left-right flips, intensity gain/offset/gamma, blur and noise. The kept weights
 are those with the best Dice on held-out phantoms (disjoint seeds); the run ends by
@@ -30,12 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from napari_wscovid.lung.unet import build_lung_unet, resample_linear, to_work_grid
-from napari_wscovid.phantom import make_phantom
+from napari_wscovid.phantom import LESION_CODES, make_phantom
 from training.train_classifier import _opt, config_parser, jsonable, setup_logging
 
 log = logging.getLogger("training.train_lung_unet")
 
 KINDS = ("NP", "CAP", "COVID-19")
+#: Lesions as dense as soft tissue: against the chest wall no threshold separates them from it.
+DENSE_LESION_CODES = (LESION_CODES["consolidation"], LESION_CODES["nodule"])
 
 
 @dataclass
@@ -67,13 +73,21 @@ class LungUNetConfig:
     )
     real_fraction: float = _opt(0.25, "share of each batch drawn from --real-normal slices")
     init: str | None = _opt(None, "lung U-Net safetensors to start from (fine-tuning)")
+    dense_lesion_weight: float = _opt(
+        1.0,
+        "cross-entropy weight of phantom lung pixels in consolidation or nodules (1 = like any "
+        "pixel): dense lung against the chest wall is what thresholds miss and what the U-Net is for",
+    )
+    dense_lesion_fraction: float = _opt(
+        0.0, "share of each phantom batch drawn from slices that show consolidation or nodules"
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def phantom_grid(index: int, seed_base: int, cfg: LungUNetConfig) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom on the U-Net's work grid: (normalised CT, lung mask as float)."""
+def phantom_grid(index: int, seed_base: int, cfg: LungUNetConfig) -> tuple[np.ndarray, ...]:
+    """One phantom on the U-Net's work grid: (normalised CT, lung mask, dense-lesion mask), floats."""
     rng = np.random.default_rng(seed_base + index)
     kind = KINDS[index % len(KINDS)]
     height = rng.uniform(cfg.min_height_mm, cfg.max_height_mm)
@@ -90,10 +104,12 @@ def phantom_grid(index: int, seed_base: int, cfg: LungUNetConfig) -> tuple[np.nd
     volume = phantom.volume
     work = to_work_grid(volume.hu, volume.spacing)
     mask = resample_linear((phantom.lung_mask > 0).astype(np.float32), work.shape) > 0.5
-    return work, mask.astype(np.float32)
+    dense_lesion = np.isin(phantom.lesion_mask, DENSE_LESION_CODES).astype(np.float32)
+    dense = resample_linear(dense_lesion, work.shape) > 0.5
+    return work, mask.astype(np.float32), (dense & mask).astype(np.float32)
 
 
-def real_grid(path: str) -> tuple[np.ndarray, np.ndarray]:
+def real_grid(path: str) -> tuple[np.ndarray, ...]:
     """A lesion-free real CT on the work grid, with its classical lung mask as the target."""
     from napari_wscovid.io import load_ct
     from napari_wscovid.lung import segment_lungs
@@ -102,13 +118,13 @@ def real_grid(path: str) -> tuple[np.ndarray, np.ndarray]:
     work = to_work_grid(volume.hu, volume.spacing)
     labels = segment_lungs(volume, method="classical")
     mask = resample_linear((labels > 0).astype(np.float32), work.shape) > 0.5
-    return work, mask.astype(np.float32)
+    return work, mask.astype(np.float32), np.zeros(work.shape, np.float32)
 
 
-def all_slices(grids: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, int, int]]:
+def all_slices(grids: list[tuple[np.ndarray, ...]]) -> list[tuple[int, int, int]]:
     """(volume, axis, index) of every slice of every view that shows some lung or is near it."""
     out = []
-    for v, (_, mask) in enumerate(grids):
+    for v, (_, mask, _) in enumerate(grids):
         for axis in range(3):
             has_lung = np.moveaxis(mask, axis, 0).any(axis=(1, 2))
             hits = np.flatnonzero(has_lung)
@@ -120,15 +136,19 @@ def all_slices(grids: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, in
     return out
 
 
-def cut(grids, item, canvas: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """A slice and its mask placed on a ``canvas`` square (randomly shifted when ``rng``)."""
+def dense_lesion_slices(grids, items, min_pixels: int = 20) -> list[tuple[int, int, int]]:
+    """The items whose slice shows at least ``min_pixels`` of consolidation or nodule."""
+    return [(v, axis, i) for v, axis, i in items if np.take(grids[v][2], i, axis=axis).sum() >= min_pixels]
+
+
+def cut(grids, item, canvas: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
+    """A slice, its lung mask and its dense-lesion mask on a ``canvas`` square (randomly
+    shifted when ``rng``)."""
     v, axis, i = item
-    image = np.take(grids[v][0], i, axis=axis)
-    mask = np.take(grids[v][1], i, axis=axis)
-    out_image = np.zeros((canvas, canvas), np.float32)
-    out_mask = np.zeros((canvas, canvas), np.float32)
+    planes = [np.take(grid, i, axis=axis) for grid in grids[v]]
+    outs = [np.zeros((canvas, canvas), np.float32) for _ in planes]
     src, dst = [], []
-    for n in image.shape:
+    for n in planes[0].shape:
         slack = canvas - n
         if slack >= 0:
             offset = int(rng.integers(0, slack + 1)) if rng is not None else slack // 2
@@ -138,13 +158,16 @@ def cut(grids, item, canvas: int, rng: np.random.Generator | None) -> tuple[np.n
             offset = int(rng.integers(0, -slack + 1)) if rng is not None else -slack // 2
             src.append(slice(offset, offset + canvas))
             dst.append(slice(0, canvas))
-    out_image[tuple(dst)] = image[tuple(src)]
-    out_mask[tuple(dst)] = mask[tuple(src)]
-    return out_image, out_mask
+    for plane, out in zip(planes, outs, strict=True):
+        out[tuple(dst)] = plane[tuple(src)]
+    return tuple(outs)
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
-    """Random rotation (+-12 deg), scale (0.85-1.15), flips, gain/offset/gamma, blur, noise."""
+    """Random rotation (+-12 deg), scale (0.85-1.15), flips, gain/offset/gamma, blur, noise.
+
+    ``y`` holds binary masks (any number of channels); they move with the image.
+    """
     n = x.shape[0]
 
     def uniform(low, high, size=(n,)):
@@ -179,19 +202,23 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model, grids, items, canvas: int, device) -> float:
-    """Dice of thresholded predictions over every validation slice (axial, coronal, sagittal)."""
+def validate(model, grids, items, canvas: int, device) -> tuple[float, float]:
+    """Over every validation slice (axial, coronal, sagittal): the Dice of thresholded
+    predictions, and the share of dense-lesion pixels called lung."""
     model.eval()
-    inter = total = 0.0
+    inter = total = dense_hit = dense_all = 0.0
     for start in range(0, len(items), 32):
-        pairs = [cut(grids, item, canvas, None) for item in items[start : start + 32]]
-        x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None].to(device)
-        y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None].to(device)
+        cuts = [cut(grids, item, canvas, None) for item in items[start : start + 32]]
+        x, y, dense = (
+            torch.from_numpy(np.stack(planes))[:, None].to(device) for planes in zip(*cuts, strict=True)
+        )
         pred = (model(x) > 0).float()
         inter += float((pred * y).sum())
         total += float(pred.sum() + y.sum())
+        dense_hit += float((pred * dense).sum())
+        dense_all += float(dense.sum())
     model.train()
-    return 2 * inter / max(total, 1.0)
+    return 2 * inter / max(total, 1.0), dense_hit / max(dense_all, 1.0)
 
 
 def train(cfg: LungUNetConfig) -> dict:
@@ -213,10 +240,12 @@ def train(cfg: LungUNetConfig) -> dict:
     train_grids = [phantom_grid(i, 10000 + 1000 * cfg.seed, cfg) for i in range(cfg.train_phantoms)]
     val_grids = [phantom_grid(i, 20000 + 1000 * cfg.seed, cfg) for i in range(cfg.val_phantoms)]
     train_items, val_items = all_slices(train_grids), all_slices(val_grids)
+    dense_items = dense_lesion_slices(train_grids, train_items)
     log.info(
-        "%d train phantoms (%d slices), %d val phantoms (%d slices) built in %.0f s",
+        "%d train phantoms (%d slices, %d with dense lesions), %d val phantoms (%d slices) built in %.0f s",
         len(train_grids),
         len(train_items),
+        len(dense_items),
         len(val_grids),
         len(val_items),
         time.perf_counter() - start,
@@ -225,6 +254,7 @@ def train(cfg: LungUNetConfig) -> dict:
     real_grids = [real_grid(p) for p in cfg.real_normal.split(",")] if cfg.real_normal else []
     real_items = all_slices(real_grids)
     n_real = int(round(cfg.batch_size * cfg.real_fraction)) if real_items else 0
+    n_dense = int(round((cfg.batch_size - n_real) * cfg.dense_lesion_fraction)) if dense_items else 0
     if real_grids:
         log.info(
             "%d real lesion-free CTs (%d slices), %d per batch", len(real_grids), len(real_items), n_real
@@ -247,18 +277,24 @@ def train(cfg: LungUNetConfig) -> dict:
         lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         for group in optimiser.param_groups:
             group["lr"] = lr
-        picks = rng.integers(0, len(train_items), cfg.batch_size - n_real)
-        pairs = [cut(train_grids, train_items[p], cfg.canvas, rng) for p in picks]
-        pairs += [
+        picks = rng.integers(0, len(train_items), cfg.batch_size - n_real - n_dense)
+        cuts = [cut(train_grids, train_items[p], cfg.canvas, rng) for p in picks]
+        cuts += [
+            cut(train_grids, dense_items[p], cfg.canvas, rng)
+            for p in rng.integers(0, len(dense_items), n_dense)
+        ]
+        cuts += [
             cut(real_grids, real_items[p], cfg.canvas, rng) for p in rng.integers(0, len(real_items), n_real)
         ]
-        x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
-        y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+        x = torch.from_numpy(np.stack([c[0] for c in cuts]))[:, None]
+        y = torch.from_numpy(np.stack([np.stack(c[1:]) for c in cuts]))  # (B, 2, H, W): lung, dense lesion
         if cfg.augment:
             x, y = augment_batch(x, y, generator)
         x, y = x.to(device), y.to(device)
+        lung, dense = y[:, :1], y[:, 1:]
         logits = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
+        weight = 1.0 + (cfg.dense_lesion_weight - 1.0) * dense
+        loss = F.binary_cross_entropy_with_logits(logits, lung, weight=weight) + dice_loss(logits, lung)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -267,9 +303,19 @@ def train(cfg: LungUNetConfig) -> dict:
         if step % 50 == 0:
             log.info("step %d loss %.4f lr %.2e (%.1f min)", step, loss.item(), lr, elapsed)
         if step % cfg.val_every == 0 or step == cfg.steps or time_up:
-            dice = validate(model, val_grids, val_items, cfg.canvas, device)
-            history.append({"step": step, "val_dice": dice, "loss": loss.item(), "minutes": elapsed})
-            log.info("step %d validation Dice %.4f", step, dice)
+            dice, dense_recall = validate(model, val_grids, val_items, cfg.canvas, device)
+            history.append(
+                {
+                    "step": step,
+                    "val_dice": dice,
+                    "val_dense_lesion_recall": dense_recall,
+                    "loss": loss.item(),
+                    "minutes": elapsed,
+                }
+            )
+            log.info(
+                "step %d validation Dice %.4f, dense lesion pixels called lung %.3f", step, dice, dense_recall
+            )
             if dice > best["dice"]:
                 best = {"dice": dice, "step": step}
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
