@@ -1,6 +1,7 @@
 """Lung segmentation methods on phantoms: accuracy on held-out phantoms, then speed at full size.
 
-Run: ``python benchmarks/bench_lung.py [--methods classical hybrid unet] [--phantoms 12] [--repeat 3]``
+Run: ``python benchmarks/bench_lung.py [--methods classical hybrid unet] [--phantoms 12] [--repeat 3]
+[--lung-weights FILE]`` (``--lung-weights``: a candidate U-Net instead of the bundled one).
 
 Accuracy: Dice against the phantom's exact lung mask (which includes every lesion) and the
 share of lesion voxels inside the mask, on phantoms whose seeds (30000+) the lung U-Net never
@@ -37,7 +38,7 @@ def held_out_cases(n: int) -> list[tuple[str, int, float | None]]:
     return [(kinds[i % 3], 30000 + i, None) for i in range(n)]
 
 
-def accuracy(methods, cases, size: int, n_slices: int) -> dict[str, list[dict]]:
+def accuracy(methods, cases, size: int, n_slices: int, model=None) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     for kind, seed, severity in cases:
         phantom = make_phantom(kind, n_slices=n_slices, size=size, seed=seed, severity=severity)
@@ -45,7 +46,7 @@ def accuracy(methods, cases, size: int, n_slices: int) -> dict[str, list[dict]]:
         lesion = phantom.lesion_mask > 0
         line = [f"{kind:8s} seed {seed:5d} sev {severity if severity is not None else '-':>4}"]
         for method in methods:
-            labels = segment_lungs(phantom.volume, method=method)
+            labels = segment_lungs(phantom.volume, method=method, model=model)
             row = {
                 "dice": dice(labels > 0, truth > 0),
                 "dice_sides": min(dice(labels == s, truth == s) for s in (1, 2)),
@@ -84,13 +85,20 @@ def main() -> None:
     parser.add_argument("--n-slices", type=int, default=32)
     parser.add_argument("--speed-slices", type=int, default=300, help="0 skips the speed test")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--lung-weights", default=None, help="lung U-Net safetensors (default: bundled)")
     args = parser.parse_args()
+    model = None
+    if args.lung_weights:
+        from napari_wscovid.lung.unet import load_lung_unet
+
+        model = load_lung_unet(args.lung_weights)
+        print(f"lung U-Net: {args.lung_weights}")
 
     if args.phantoms:
-        summarise("test-suite cases", accuracy(args.methods, TEST_CASES, args.size, args.n_slices))
+        summarise("test-suite cases", accuracy(args.methods, TEST_CASES, args.size, args.n_slices, model))
         summarise(
             f"{args.phantoms} held-out phantoms",
-            accuracy(args.methods, held_out_cases(args.phantoms), args.size, args.n_slices),
+            accuracy(args.methods, held_out_cases(args.phantoms), args.size, args.n_slices, model),
         )
     if not args.speed_slices:
         return
@@ -104,7 +112,7 @@ def main() -> None:
         timings = []
         for _ in range(args.repeat):
             start = time.perf_counter()
-            labels = segment_lungs(phantom.volume, method=method)
+            labels = segment_lungs(phantom.volume, method=method, model=model)
             timings.append(time.perf_counter() - start)
         print(
             f"{method:9s} best {min(timings):.2f} s, median {np.median(timings):.2f} s; "

@@ -350,6 +350,12 @@ def save_lung_unet(model, path: Path, cfg: LungUNetConfig, best: dict, steps: in
                 if cfg.real_normal
                 else ""
             )
+            + (
+                f"; dense lesions weighted {cfg.dense_lesion_weight:g}x, "
+                f"{cfg.dense_lesion_fraction:.0%} of phantom slices drawn from slices showing them"
+                if cfg.dense_lesion_weight != 1.0 or cfg.dense_lesion_fraction > 0
+                else ""
+            )
             + (f"; fine-tuned from {Path(cfg.init).name}" if cfg.init else "")
         ),
         "selection": f"best validation slice Dice {best['dice']:.4f} at step {best['step']} of {steps}",

@@ -53,8 +53,10 @@ VIEW_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 MAX_ADDED_DISTANCE_MM = 50.0
 #: Grid of the hybrid's distance, nearest-lung and connectivity checks.
 COARSE_GRID_MM = 4.0
-#: The hybrid runs the U-Net on the classical lungs' box grown by this much (chest wall context).
-UNET_MARGIN_MM = 25.0
+#: The hybrid runs the U-Net on the classical lungs' box grown by this much: the network
+#: needs the chest wall around the lung as context. With 25 mm the cropped views lost Dice
+#: 0.004 on the lobar CAP test phantom against the whole CT; 40 mm matches the whole CT.
+UNET_MARGIN_MM = 40.0
 #: Registry name (``models/weights/registry.json``, key ``lung_models``) of the bundled weights.
 BUNDLED_LUNG_UNET = "lung-unet"
 
