@@ -57,6 +57,11 @@ HU_AIRWAY_WALL = 20.0
 HU_LIVER = 60.0
 HU_SPLEEN = 48.0
 HU_STOMACH = 15.0  # fluid content
+HU_FOOD = (20.0, 70.0)  # solid gastric content, mottled with gas bubbles
+#: Share of phantoms whose stomach holds food with gas bubbles rather than fluid. Mottled
+#: content under the diaphragm looks like consolidation with air bronchograms: a lung
+#: segmenter must learn that it is not lung (it did not, on a real CT, before these were added).
+FOOD_PROBABILITY = 0.6
 HU_CORD = 25.0  # spinal canal (cord and CSF)
 HU_CORTICAL = 850.0
 HU_MARROW = 280.0  # rib and sternum marrow
@@ -147,6 +152,21 @@ def _rotation(rng) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- anatomy
+
+
+def _gastric_content(rng, hu: np.ndarray, spacing) -> None:
+    """Turn the stomach's fluid, in place, into food mottled with gas bubbles (some phantoms)."""
+    stomach = hu == np.float32(HU_STOMACH)
+    if rng.uniform() >= FOOD_PROBABILITY or not stomach.any():
+        return
+    box = ndimage.find_objects(stomach.astype(np.uint8))[0]
+    inside = stomach[box]
+    field = _smooth_field(rng, inside.shape, spacing, float(rng.uniform(3.0, 5.0)))
+    gas_fraction = float(rng.uniform(0.15, 0.4))
+    gas = field > np.quantile(field[inside], 1.0 - gas_fraction)
+    view = hu[box]
+    view[inside] = np.float32(rng.uniform(*HU_FOOD))
+    view[inside & gas] = np.float32(HU_AIR)
 
 
 @dataclass(frozen=True)
@@ -899,7 +919,8 @@ def make_phantom(
 
     rng = np.random.default_rng(seed)
     # independent streams so that lesions of one kind do not change the anatomy
-    r_anat, r_tree, r_les, r_noise = (np.random.default_rng(s) for s in rng.spawn(4))
+    # (spawning a fifth stream leaves the first four, and so older phantoms, unchanged)
+    r_anat, r_tree, r_les, r_noise, r_gut = (np.random.default_rng(s) for s in rng.spawn(5))
     if severity is None:
         severity = float(r_les.uniform(0.25, 0.85))
     severity = float(np.clip(severity, 0.0, 1.0))
@@ -913,6 +934,7 @@ def make_phantom(
     surfaces = tuple(s.astype(np.float32) for s in surfaces)
     for k in range(nz):
         hu[k], lung[k], cavity[k] = _anatomy_slice(a, float(zc[k]), Y, X, dz, surfaces)
+    _gastric_content(r_gut, hu, spacing_zyx)
 
     # slow perfusion-like variation of the parenchyma, and milder in soft tissue
     tex = _smooth_field(r_anat, hu.shape, spacing_zyx, 20.0)

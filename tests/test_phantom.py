@@ -162,3 +162,25 @@ def test_np_has_no_lesion_unless_nodules(phantoms):
     assert 1 <= len(ph.lesions) <= 3
     assert {rec["type"] for rec in ph.lesions} == {"nodule"}
     assert set(np.unique(ph.lesion_mask)) == {0, LESION_CODES["nodule"]}
+
+
+def test_gastric_content_is_food_mottled_with_gas():
+    """Food with gas bubbles replaces the stomach's fluid, and nothing else changes."""
+    from napari_wscovid.phantom import HU_AIR, HU_FOOD, HU_STOMACH, _gastric_content
+
+    hu = np.full((12, 40, 40), -100.0, np.float32)
+    hu[2:10, 8:30, 10:32] = HU_STOMACH
+    stomach = hu == HU_STOMACH
+    mottled = 0
+    for seed in range(10):
+        out = hu.copy()
+        _gastric_content(np.random.default_rng(seed), out, (2.5, 1.0, 1.0))
+        np.testing.assert_array_equal(out[~stomach], hu[~stomach])
+        if np.array_equal(out, hu):
+            continue  # this stomach keeps its fluid
+        mottled += 1
+        gas = out[stomach] == HU_AIR
+        assert 0.1 <= gas.mean() <= 0.45
+        food = out[stomach][~gas]
+        assert np.all((food >= HU_FOOD[0]) & (food <= HU_FOOD[1]))
+    assert 0 < mottled < 10  # some phantoms have food, some fluid
