@@ -24,7 +24,7 @@ def segment_lungs_display(image: np.ndarray) -> np.ndarray:
         if np.ptp(plane) == 0:
             continue
         dark = plane < filters.threshold_otsu(plane)
-        dark = segmentation.clear_border(morphology.binary_opening(dark, morphology.disk(1)))
+        dark = segmentation.clear_border(morphology.opening(dark, morphology.disk(1)))
         regions = measure.label(dark)
         props = [p for p in measure.regionprops(regions) if p.area >= MIN_LUNG_FRACTION * plane.size]
         props = sorted(props, key=lambda p: p.area, reverse=True)[:2]
