@@ -3,7 +3,8 @@
 The phantom is the test fixture of every downstream module and half of the
 training data, so it aims at what a radiologist looks for on a lung window:
 tapering apices and diaphragm domes (liver under the right, stomach and spleen
-under the left), a mediastinum with heart, aorta, trachea and main bronchi,
+under the left; the stomach holds fluid under a gas cap, or food mottled with gas
+bubbles), a mediastinum with heart, aorta, trachea and main bronchi,
 branching pulmonary arteries, veins and airways that thin towards the pleura,
 ribs, spine, sternum and scapulae, posterior (dependent) density, a slight PSF
 blur and correlated scanner noise.
