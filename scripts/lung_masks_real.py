@@ -18,9 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
 
-from napari_wscovid.io.volume import CTVolume  # noqa: E402
+from napari_wscovid.io import load_ct  # noqa: E402
 from napari_wscovid.lung import LEFT, LUNG_METHODS, RIGHT, lung_volumes_ml, segment_lungs  # noqa: E402
 
 SERIES = {
@@ -29,20 +28,6 @@ SERIES = {
     "normal001 (normal)": "Normal subjects/normal001",
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_series(folder: Path) -> CTVolume:
-    """A DICOM series as a CTVolume (GDCM decodes the JPEG-lossless pixels)."""
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    image = reader.Execute()
-    return CTVolume(
-        hu=sitk.GetArrayFromImage(image),
-        spacing=image.GetSpacing()[::-1],
-        origin=image.GetOrigin()[::-1],
-        direction=np.asarray(image.GetDirection()).reshape(3, 3)[::-1, ::-1],
-        source="DICOM",
-    )
 
 
 def draw(axis, image, labels, aspect=1.0, title="", added=None) -> None:
@@ -70,7 +55,7 @@ def main() -> None:
     root = args.data / "covid-ct-md" / "sample_data"
     figure, axes = plt.subplots(len(SERIES), 4, figsize=(16, 4.2 * len(SERIES)))
     for row, (name, relative) in enumerate(SERIES.items()):
-        volume = read_series(root / relative)
+        volume = load_ct(root / relative)
         start = time.perf_counter()
         labels = segment_lungs(volume, method=args.method)
         seconds = time.perf_counter() - start

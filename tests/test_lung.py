@@ -248,26 +248,11 @@ def test_hybrid_ignores_unet_air_and_detached_tissue(covid_phantom, monkeypatch)
     assert distance[added].max() <= 50.0 + 4.0 * np.sqrt(3)
 
 
-def _read_series(folder):
-    import SimpleITK as sitk
-
-    from napari_wscovid.io.volume import CTVolume
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    image = reader.Execute()
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)[::-1, ::-1]
-    return CTVolume(
-        hu=sitk.GetArrayFromImage(image),
-        spacing=image.GetSpacing()[::-1],
-        origin=image.GetOrigin()[::-1],
-        direction=direction,
-    )
-
-
 @pytest.mark.real_data
 def test_normal_lung_volume_is_plausible(covid_ct_md):
-    volume = _read_series(covid_ct_md / "Normal subjects" / "normal001")
+    from napari_wscovid.io import load_ct
+
+    volume = load_ct(covid_ct_md / "Normal subjects" / "normal001")
     labels = segment_lungs(volume)
     volumes = lung_volumes_ml(labels, volume.spacing)
     assert 2500 <= volumes["total"] <= 8000
