@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-test")
+    parser.add_argument("--model", default="default", help="registry name; default: the bundled default")
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshot.png"))
     args = parser.parse_args()
 
@@ -41,6 +41,14 @@ def main() -> None:
         slices = [int(np.round(r[0, 0])) for r in boxes[0].data]
         viewer.dims.set_current_step(0, max(set(slices), key=slices.count))
     for _ in range(20):
+        QApplication.processEvents()
+        time.sleep(0.05)
+    # Toasts (e.g. napari's note about the Qt backend) would cover the canvas.
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    for _ in range(10):
         QApplication.processEvents()
         time.sleep(0.05)
     viewer.screenshot(args.out, canvas_only=False)
