@@ -167,8 +167,10 @@ def config_parser(description: str = __doc__, config_cls: type = None) -> argpar
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+def config_from_args(args: argparse.Namespace, config_cls: type = None):
+    """The ``config_cls`` (:class:`TrainConfig` by default) that :func:`config_parser` options describe."""
+    config_cls = config_cls or TrainConfig
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
 
 # ----------------------------------------------------------------------------- distributed

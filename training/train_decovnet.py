@@ -40,17 +40,13 @@ from tqdm import tqdm
 from napari_wscovid.methods.decovnet import prepare_volume
 from napari_wscovid.models.decovnet import DECOVNET_CLASSES, DeCoVNet, DeCoVNetConfig, tiny_decovnet_config
 from training.datasets import covid_ct_md_records, patient_kfold, stream_seed
-from training.train_classifier import jsonable
+from training.train_classifier import _opt, config_from_args, jsonable
 
 log = logging.getLogger("training.train_decovnet")
 
 POSITIVE_KIND = "COVID-19"
 NEGATIVE_KINDS = ("NP", "CAP")
 PHANTOM_KINDS = ("NP", "CAP", "COVID-19")
-
-
-def _opt(default, help_text):
-    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -632,9 +628,7 @@ def main(argv=None) -> int:
     from training.train_classifier import setup_logging
 
     args = config_parser().parse_args(argv)
-    cfg = DeCoVNetTrainConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(DeCoVNetTrainConfig)}
-    )
+    cfg = config_from_args(args, DeCoVNetTrainConfig)
     setup_logging(args.log_file)
     summary = train(cfg)
     log.info("done: %d steps, %.2f s/step", summary["steps"], summary["seconds_per_step"])

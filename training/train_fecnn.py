@@ -35,7 +35,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,9 @@ from training.train_classifier import (
     DistInfo,
     TrainConfig,
     TrainState,
+    _opt,
     build_data,
+    config_from_args,
     jsonable,
     load_checkpoint,
     make_loader,
@@ -64,10 +66,6 @@ from training.train_classifier import (
 log = logging.getLogger("training.train_fecnn")
 
 CLASSES = ("NP", "COVID-19")
-
-
-def _opt(default, help_text):
-    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -470,7 +468,7 @@ def model_card(cfg: FeCNNTrainConfig, data, summary: dict, reports: dict) -> str
 def main(argv=None) -> int:
     """Command-line entry point: parse options, configure logging, train."""
     args = config_parser().parse_args(argv)
-    cfg = FeCNNTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FeCNNTrainConfig)})
+    cfg = config_from_args(args, FeCNNTrainConfig)
     setup_logging(args.log_file)
     summary = train(cfg)
     log.info("done: %d steps, exported %s", summary["steps"], summary["export"]["path"])

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from napari_wscovid.lung.unet import build_lung_unet, resample_linear, to_work_grid
 from napari_wscovid.phantom import LESION_CODES, make_phantom
-from training.train_classifier import _opt, config_parser, jsonable, setup_logging
+from training.train_classifier import _opt, config_from_args, config_parser, jsonable, setup_logging
 
 log = logging.getLogger("training.train_lung_unet")
 
@@ -366,7 +366,7 @@ def save_lung_unet(model, path: Path, cfg: LungUNetConfig, best: dict, steps: in
 def main(argv=None) -> int:
     args = config_parser(__doc__, LungUNetConfig).parse_args(argv)
     setup_logging(args.log_file)
-    cfg = LungUNetConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LungUNetConfig)})
+    cfg = config_from_args(args, LungUNetConfig)
     train(cfg)
     return 0
 
