@@ -718,3 +718,44 @@ def infinite_indices(n: int, seed: int, rank: int = 0, world_size: int = 1):
     rng = np.random.default_rng(stream_seed(seed, rank, world_size))
     while True:
         yield from rng.permutation(n).tolist()
+
+
+# ------------------------------------------------------------------------ synthetic lesions in real lungs
+
+
+class SynthInRealSliceDataset(PhantomSliceDataset):
+    """Unlimited stream of real lung slices with synthetic pneumonia painted in.
+
+    The same pool-and-refresh stream as :class:`PhantomSliceDataset`; a "phantom" here is one real
+    background (:mod:`training.real_backgrounds`) chosen by the seed, with lesions of the drawn
+    kind painted in by :func:`training.synthesis.synthesize`. NP cases are the real lungs as they
+    are (with distractor nodules in some). Slices of a background that hold a real lesion carry
+    no lung in the case and are never drawn.
+
+    Parameters
+    ----------
+    backgrounds : sequence of Background
+        Only patients that may be trained on (or, for a test set, only held-out ones).
+    classes, size, pool_per_class, refresh_every, seed, rank, balanced : see PhantomSliceDataset
+    """
+
+    def __init__(self, backgrounds, classes: Sequence[str] = TASK_CLASSES["3class"], **kwargs):
+        backgrounds = list(backgrounds)
+        if not backgrounds:
+            raise ValueError("no backgrounds to paint into")
+        self.backgrounds = backgrounds
+        super().__init__(classes, phantom_fn=self._synthesize, **kwargs)
+
+    def _synthesize(self, kind: str, seed: int):
+        from training.synthesis import synthesize
+
+        bg = self.backgrounds[seed % len(self.backgrounds)]
+        return synthesize(bg, kind, seed=int(seed % 2**63))
+
+    def make_entry(self, kind: str, seed: int) -> _PoolEntry | None:
+        entry = super().make_entry(kind, seed)
+        if entry is not None:
+            bg = self.backgrounds[seed % len(self.backgrounds)]
+            # Patients are the real backgrounds: bootstrap and splits must group by them.
+            entry.patient_id = f"synth-{bg.patient_id}-{kind}-{seed % 1000}"
+        return entry

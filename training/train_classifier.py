@@ -35,6 +35,7 @@ from training.datasets import (
     PhantomSliceDataset,
     SliceImageFolderDataset,
     SliceSet,
+    SynthInRealSliceDataset,
     VolumeFolderDataset,
     covid_ct_md_slices,
     infinite_indices,
@@ -53,7 +54,27 @@ def _opt(default, help_text):
 
 
 @dataclass
-class TrainConfig:
+class SynthOptions:
+    """Options of the synthetic-lesions-in-real-lungs stream; the slice trainers' configs inherit them."""
+
+    synth_backgrounds: str | None = _opt(
+        None, "folder of real-lung backgrounds (python -m training.real_backgrounds) to paint lesions into"
+    )
+    synth_weight: float = _opt(3.0, "mixing weight of the synthetic-in-real stream (the others weigh 1)")
+    phantom_weight: float = _opt(1.0, "mixing weight of the phantom stream")
+    synth_pool: int = _opt(3, "synthetic-in-real cases kept per class and per loader worker")
+    synth_refresh: int = _opt(96, "draws between replacing one pooled synthetic case (0: never)")
+    synth_val_cases: int = _opt(4, "synthetic cases per class in the validation set (training backgrounds)")
+    synth_test_cases: int = _opt(4, "synthetic cases per class in the test set (held-out backgrounds)")
+    holdout_patients: str | None = _opt(
+        None,
+        "comma-separated real patient ids never trained on (backgrounds and real slices); with it, "
+        "COVID-CT-MD is split by this list instead of by --k-folds, and its held-out patients are the test",
+    )
+
+
+@dataclass
+class TrainConfig(SynthOptions):
     """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
 
     # task and network
@@ -108,6 +129,7 @@ class TrainConfig:
     medseg_root: str | None = _opt(
         None, "MedSeg/Inf-Net folder holding images/ (all COVID-19), e.g. medseg-infnet/train_doctor_label"
     )
+    init: str | None = _opt(None, "weights file (safetensors, hash-checked loader) to start from")
     k_folds: int = _opt(5, "patient-level folds used to split the real data")
     fold: int = _opt(0, "which fold is the test fold (the next one validates)")
     # run
@@ -293,7 +315,7 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
             cfg.test_volumes
         )
         streams.append(train)
-        probs.append(1.0)
+        probs.append(cfg.phantom_weight)
         # The validation phantoms come from the same generator, so their class mix estimates an
         # unbalanced stream's without generating anything twice.
         freqs.append(train.expected_frequencies(val))
@@ -306,6 +328,44 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
             f"{cfg.phantom_refresh} draws); val {len(val)} slices of {cfg.val_volumes} phantoms/class, "
             f"test {len(test)} slices of {cfg.test_volumes} phantoms/class, disjoint seeds"
         )
+    holdout = holdout_set(cfg)
+    if cfg.synth_backgrounds:
+        from training.real_backgrounds import load_backgrounds
+
+        every = load_backgrounds(cfg.synth_backgrounds)
+        train_bg = [b for b in every if b.patient_id not in holdout]
+        test_bg = [b for b in every if b.patient_id in holdout]
+        common = dict(size=cfg.input_size, pool_per_class=cfg.synth_pool)
+        train = SynthInRealSliceDataset(
+            train_bg,
+            classes,
+            refresh_every=cfg.synth_refresh,
+            seed=stream_seed(cfg.seed, 10, cfg.fold),
+            rank=info.rank,
+            balanced=True,
+            **common,
+        )
+        val = SynthInRealSliceDataset(train_bg, classes, seed=stream_seed(cfg.seed, 11, cfg.fold), **common)
+        val = val.fixed_set(cfg.synth_val_cases)
+        streams.append(train)
+        probs.append(cfg.synth_weight)
+        freqs.append(train.expected_frequencies())
+        vals.append(val)
+        names = ", ".join(b.patient_id for b in train_bg)
+        desc.append(
+            f"synthetic lesions in real lungs of {len(train_bg)} patients ({names}); class-balanced "
+            f"draws, weight {cfg.synth_weight:g}; val {len(val)} slices of {cfg.synth_val_cases} cases/class"
+        )
+        if test_bg:
+            test = SynthInRealSliceDataset(
+                test_bg, classes, seed=stream_seed(cfg.seed, 12, cfg.fold), **common
+            )
+            tests["synth-heldout"] = test.fixed_set(cfg.synth_test_cases)
+            desc.append(
+                "test: synthetic lesions in held-out real lungs ("
+                + ", ".join(b.patient_id for b in test_bg)
+                + f"), {len(tests['synth-heldout'])} slices"
+            )
     real = []
     if cfg.covid_ct_md_root:
         real.append(("covid-ct-md", covid_ct_md_slices(cfg.covid_ct_md_root, classes, size=cfg.input_size)))
@@ -320,6 +380,20 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
         )
         real.append(("medseg", medseg))
     for name, data in real:
+        if holdout and name == "covid-ct-md":
+            held = np.isin(np.asarray(data.patient_ids), sorted(holdout))
+            if (~held).any():
+                train = data.subset(np.flatnonzero(~held))
+                streams.append(_SliceStream(train, stream_seed(cfg.seed, 3, cfg.fold), info.rank))
+                probs.append(1.0)
+                freqs.append(_freq(train.label_counts()))
+            if held.any():
+                tests[name] = data.subset(np.flatnonzero(held))
+            desc.append(
+                f"{name}: trained on {sorted(set(np.asarray(data.patient_ids)[~held]))}, "
+                f"held out {sorted(set(np.asarray(data.patient_ids)[held]))}"
+            )
+            continue
         # A source with fewer patients than folds (COVID-CT-MD's sample has 3) is split into as many
         # folds as it has patients, so it still gets a train, a validation and a test patient.
         k = min(cfg.k_folds, len(set(data.patient_ids)))
@@ -341,6 +415,11 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
     p = np.asarray(probs) / np.sum(probs)
     class_freq = np.sum([pi * f for pi, f in zip(p, freqs, strict=True)], axis=0)
     return Data(streams, list(p), class_freq, SliceSet.concat(vals), tests, desc)
+
+
+def holdout_set(cfg: TrainConfig) -> set[str]:
+    """The real patient ids this run must never train on."""
+    return {p.strip() for p in (cfg.holdout_patients or "").split(",") if p.strip()}
 
 
 def _worker_init(_):
@@ -375,6 +454,19 @@ def build_model(cfg: TrainConfig, classes: tuple[str, ...]) -> WSNet:
     if cfg.model == "full":
         return WSNet(WSNetConfig(classes=classes, input_size=cfg.input_size))
     raise ValueError(f"model must be 'full' or 'tiny', got {cfg.model!r}")
+
+
+def init_from(model: WSNet, path: str) -> None:
+    """Start from the weights in ``path`` (verified loader), which must be the same network."""
+    from napari_wscovid.models.registry import load_model
+
+    source, info = load_model(path, device="cpu", cache=False)
+    if tuple(getattr(source.config, "classes", ())) != tuple(model.config.classes):
+        raise ValueError(
+            f"{path}: classes {source.config.classes} differ from the task's {model.config.classes}"
+        )
+    model.load_state_dict(source.state_dict())
+    log.info("initialised from %s (%s %s)", path, info.get("name"), info.get("version"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -503,7 +595,10 @@ def train(cfg: TrainConfig) -> dict:
     for line in data.description:
         log.info("data: %s", line)
 
-    model = build_model(cfg, classes).to(device)
+    model = build_model(cfg, classes)
+    if cfg.init:
+        init_from(model, cfg.init)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     augment = (
         Augment(out_size=cfg.input_size, seed=stream_seed(cfg.seed, 6, info.rank)) if cfg.augment else None

@@ -49,6 +49,7 @@ from training.datasets import SliceSet, stream_seed
 from training.losses import class_weights
 from training.train_classifier import (
     DistInfo,
+    SynthOptions,
     TrainConfig,
     TrainState,
     _opt,
@@ -69,7 +70,7 @@ CLASSES = ("NP", "COVID-19")
 
 
 @dataclass
-class FeCNNTrainConfig:
+class FeCNNTrainConfig(SynthOptions):
     """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
 
     # network

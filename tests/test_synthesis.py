@@ -1,0 +1,193 @@
+"""Lesion synthesis into real lungs: backgrounds, painting rules, the training stream.
+
+The backgrounds here are cut from small lesion-free phantoms (fast, exact lung labels); the real
+cache is built the same way by ``python -m training.real_backgrounds``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_wscovid.io.volume import CTVolume
+
+
+@pytest.fixture(scope="module")
+def background():
+    from napari_wscovid.phantom import make_phantom
+    from training.real_backgrounds import make_background
+
+    ph = make_phantom("NP", n_slices=24, size=128, seed=3)
+    positive = np.zeros(24, bool)
+    positive[20:] = True  # as if the top slices held a real lesion
+    return make_background("bgA", "NP", ph.volume, ph.lung_mask, positive, pixel_mm=2.0)
+
+
+def test_background_crop_orientation_and_flags():
+    from training.real_backgrounds import make_background
+
+    hu = np.full((6, 40, 50), -1000, np.int16)
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[:, 10:30, 5:20] = 1
+    lung[:, 10:30, 30:45] = 2
+    hu[lung > 0] = -850
+    hu[:, 12, 8] = 40  # a marker near the "top" row
+    flipped = CTVolume(
+        hu=hu, spacing=(2.0, 1.0, 1.0), origin=(0, 0, 0), direction=np.diag([1.0, -1.0, 1.0]), is_hu=True
+    )
+    positive = np.array([0, 0, 0, 0, 1, 1], bool)
+    bg = make_background("x", "NP", flipped, lung, positive, pixel_mm=1.0, margin_mm=2.0)
+    # y axis flipped to run along +world y: the marker row moves to the other side of the lung
+    rows = np.argwhere(bg.hu[0] == 40)[:, 0]
+    assert rows.size == 1 and rows[0] > bg.hu.shape[1] // 2
+    assert bg.hu.shape[1:] == (24, 44)  # lung box 20 x 40 plus 2 mm each side
+    assert bg.usable.tolist() == [True] * 4 + [False] * 2
+    assert set(np.unique(bg.lung)) == {0, 1, 2}
+
+
+def test_background_roundtrip(tmp_path, background):
+    from training.real_backgrounds import Background, load_backgrounds
+
+    background.save(tmp_path / "bgA.npz")
+    back = Background.load(tmp_path / "bgA.npz")
+    assert back.patient_id == "bgA" and back.spacing == background.spacing
+    assert np.array_equal(back.hu, background.hu) and np.array_equal(back.usable, background.usable)
+    assert [b.patient_id for b in load_backgrounds(tmp_path)] == ["bgA"]
+    with pytest.raises(FileNotFoundError, match="no background"):
+        load_backgrounds(tmp_path, exclude={"bgA"})
+
+
+@pytest.mark.parametrize("kind", ["COVID-19", "CAP"])
+def test_synthesis_changes_only_the_marked_lesion_inside_the_lung(background, kind):
+    from training.synthesis import synthesize
+
+    case = synthesize(background, kind, seed=5, severity=0.8, nodules=False)
+    les = case.lesion_mask
+    changed = case.volume.hu != background.hu
+    assert les.any() and changed.any()
+    assert not (changed & (les == 0)).any(), "HU changed outside the lesion mask"
+    assert not ((les > 0) & (case.lung_mask == 0)).any(), "lesion outside the lung"
+    # a lesion only adds density
+    assert (case.volume.hu.astype(int) >= background.hu.astype(int)).all()
+    # slices with a real lesion carry no lung (never drawn) and no synthetic lesion
+    assert not case.lung_mask[~background.usable].any() and not les[~background.usable].any()
+    again = synthesize(background, kind, seed=5, severity=0.8, nodules=False)
+    assert np.array_equal(again.volume.hu, case.volume.hu) and np.array_equal(again.lesion_mask, les)
+
+
+def test_covid_is_bilateral_mostly_ground_glass(background):
+    from training.synthesis import synthesize
+
+    case = synthesize(background, "COVID-19", seed=11, severity=0.9, nodules=False)
+    les = case.lesion_mask
+    assert set(np.unique(case.lung_mask[les > 0])) - {0} == {1, 2}
+    assert np.isin(les, (1, 3)).sum() > (les == 2).sum()
+
+
+def test_ground_glass_keeps_vessels_and_noise(background):
+    from training import synthesis
+
+    ctx = synthesis._Context(background, background.usable)
+    rng = np.random.default_rng(0)
+    centre = np.argwhere(ctx.lung == 1).mean(0)
+    paint = synthesis._blob(rng, ctx, centre, 25.0, 1, "GGO")
+    hu0 = background.hu.astype(np.float32)
+    hu1 = hu0.copy()
+    les = synthesis._apply(hu1, [paint], ctx.spacing)
+    ggo = les == 1
+    vessels = ggo & (hu0 > paint.target.max() + 1)
+    assert vessels.any() and np.array_equal(hu1[vessels], hu0[vessels])
+    parenchyma = ggo & (hu0 < -700) & (paint_weight(paint, les.shape) > 0.99)
+    raised = hu1[parenchyma]
+    assert synthesis.HU_GGO[0] - 150 < np.median(raised) < synthesis.HU_GGO[1] + 150
+    # the background's own grain stays on top of the raise (replacing would decorrelate them)
+    assert np.corrcoef(raised, hu0[parenchyma])[0, 1] > 0.3
+
+
+def paint_weight(paint, shape):
+    w = np.zeros(shape, np.float32)
+    w[paint.sl] = paint.weight
+    return w
+
+
+def test_cap_is_ground_glass_and_consolidation_mostly_in_one_lung(background):
+    from training.synthesis import HU_CONSOLIDATION, synthesize
+
+    case = synthesize(background, "CAP", seed=2, severity=0.7, nodules=False)
+    les = case.lesion_mask
+    assert (les == 2).any() and (les == 1).any()
+    dense = case.volume.hu[les == 2]
+    assert HU_CONSOLIDATION[0] - 150 < np.median(dense) < HU_CONSOLIDATION[1] + 100
+    per_side = np.bincount(case.lung_mask[np.isin(les, (1, 2))], minlength=3)[1:]
+    assert per_side.max() >= 0.8 * per_side.sum()
+
+
+def test_np_case_is_the_background_unchanged(background):
+    from training.synthesis import synthesize
+
+    case = synthesize(background, "NP", seed=4, nodules=False)
+    assert np.array_equal(case.volume.hu, background.hu) and not case.lesion_mask.any()
+    nod = synthesize(background, "NP", seed=4, nodules=True)
+    assert set(np.unique(nod.lesion_mask)) <= {0, 4}
+    with pytest.raises(ValueError, match="kind"):
+        synthesize(background, "flu", seed=0)
+
+
+def test_synth_stream_labels_and_patients(background):
+    from training.datasets import SynthInRealSliceDataset
+
+    ds = SynthInRealSliceDataset(
+        [background], size=48, pool_per_class=1, refresh_every=0, seed=1, balanced=True
+    )
+    draws = [d for _, d in zip(range(60), iter(ds), strict=False)]
+    labels = np.array([d[1] for d in draws])
+    assert draws[0][0].shape == (1, 48, 48)
+    assert np.bincount(labels, minlength=3).min() >= 8  # class-balanced draws
+    assert all(d[2].startswith("synth-bgA-") for d in draws)
+
+
+def test_trainer_holds_out_background_patients(tmp_path, background):
+    from training.real_backgrounds import Background
+    from training.train_classifier import TrainConfig, train
+
+    folder = tmp_path / "bg"
+    folder.mkdir()
+    background.save(folder / "bgA.npz")
+    other = Background(**{**background.__dict__, "patient_id": "bgB"})
+    other.save(folder / "bgB.npz")
+    cfg = TrainConfig(
+        model="tiny",
+        input_size=48,
+        iterations=2,
+        batch_size=4,
+        val_every=2,
+        phantom=False,
+        synth_backgrounds=str(folder),
+        synth_pool=1,
+        synth_val_cases=1,
+        synth_test_cases=1,
+        holdout_patients="bgB",
+        num_workers=0,
+        n_boot=10,
+        out_dir=str(tmp_path / "run"),
+    )
+    summary = train(cfg)
+    assert set(summary["test"]) == {"synth-heldout"}
+    card = (tmp_path / "run" / "model_card.md").read_text()
+    assert "real lungs of 1 patients (bgA)" in card and "held-out real lungs (bgB)" in card
+
+
+def test_gpu_run_smoke_trains_four_networks_and_times_detect(tmp_path):
+    """The prepared GPU command, run as --smoke: the same code on CPU with tiny networks."""
+    import json
+
+    from napari_wscovid.models.registry import load_model
+    from training.gpu_run import main
+
+    assert main(["train", "--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_run.json").read_text())
+    assert set(report["steps"]) == {"wsnet", "fecnn", "decovnet", "lung_unet"}
+    for name in ("wsnet-3class", "fecnn-covid", "decovnet-covid"):
+        net, info = load_model(tmp_path / f"{name}.safetensors", device="cpu", cache=False)
+        assert info["name"] == name and report["detect"][name]["device"] == "cpu"
+    assert list((tmp_path / "lung_unet").glob("*.safetensors"))

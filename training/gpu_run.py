@@ -1,0 +1,264 @@
+"""One prepared command that trains all four networks on one GPU and times ``detect`` on CUDA.
+
+The device machine has torch, numpy, scipy, scikit-image and safetensors, no network and no
+``../shared``: everything it trains on travels with the repository. So the run trains on
+
+* the **pack** (``gpu_pack/``, git-ignored, carried): the real lesion-free lung backgrounds of
+  :mod:`training.real_backgrounds` (six patients, about 29 MiB), into which
+  :mod:`training.synthesis` paints lesions, for WSNet and FeCNN;
+* phantoms generated on the spot, a minority for WSNet and FeCNN, and the data of DeCoVNet
+  (patient-level volumes) and of the lung U-Net (exact lung masks).
+
+Steps and budgets (minutes, ``--minutes`` scales them): WSNet 4, FeCNN 1.5, DeCoVNet 1, lung
+U-Net 1, then ``detect`` with each new network on the bundled sample on CUDA, timings printed.
+Weights are written to ``--out`` (``$OUT`` on the device machine) as safetensors with their
+SHA-256; nothing is registered here (``scripts/register_weights.py`` does that once the weights
+have beaten the bundled ones on held-out real patients).
+
+Build the pack here, then run on the device::
+
+    python -m training.gpu_run pack --data ../shared/data --out gpu_pack
+    python -m training.gpu_run train --pack gpu_pack --out "$OUT"        # on the GPU machine
+    python -m training.gpu_run train --smoke --out /tmp/smoke            # the same code, CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("training.gpu_run")
+
+#: The run's data must fit the device copy: 64 MiB in all with the repository's ~23 MB.
+PACK_LIMIT_MIB = 35.0
+#: Fold A of the real patients: never trained on, so the run's weights can be compared with the
+#: CPU weights on the same held-out patients.
+DEFAULT_HOLDOUT = "cap001,LIDC-IDRI-0003,Lung_Dx-A0001"
+BUDGET_MINUTES = {"wsnet": 4.0, "fecnn": 1.5, "decovnet": 1.0, "lung_unet": 1.0}
+
+
+def build_pack(data_root: str | Path, out: str | Path) -> Path:
+    """Write the real backgrounds into ``out/backgrounds`` and refuse a pack over the limit."""
+    from training.real_backgrounds import build_cache
+
+    out = Path(out)
+    files = build_cache(data_root, out / "backgrounds")
+    size = sum(f.stat().st_size for f in files) / 2**20
+    if size > PACK_LIMIT_MIB:
+        raise ValueError(
+            f"pack {out} is {size:.1f} MiB, over the {PACK_LIMIT_MIB:g} MiB the device copy allows"
+        )
+    (out / "pack.json").write_text(json.dumps({"patients": [f.stem for f in files], "mib": round(size, 2)}))
+    print(f"pack {out}: {len(files)} backgrounds, {size:.1f} MiB (limit {PACK_LIMIT_MIB:g})")
+    return out
+
+
+def _smoke_pack(folder: Path) -> Path:
+    """Two backgrounds cut from small lesion-free phantoms: the pack's format, made in seconds."""
+    from napari_wscovid.phantom import make_phantom
+    from training.real_backgrounds import make_background
+
+    bg_dir = folder / "backgrounds"
+    bg_dir.mkdir(parents=True, exist_ok=True)
+    for i, pid in enumerate(("smokeA", "smokeB")):
+        ph = make_phantom("NP", n_slices=16, size=96, seed=40 + i)
+        make_background(pid, "NP", ph.volume, ph.lung_mask, pixel_mm=2.5).save(bg_dir / f"{pid}.npz")
+    return folder
+
+
+def _train_wsnet(pack: Path, out: Path, device: str, minutes: float, smoke: bool, holdout: str) -> dict:
+    from training.train_classifier import TrainConfig, train
+
+    size = (
+        dict(model="tiny", input_size=48, iterations=2, batch_size=4, val_every=2)
+        if smoke
+        else dict(model="full", input_size=224, iterations=100000, batch_size=64, val_every=250)
+    )
+    cfg = TrainConfig(
+        **size,
+        # the bundled weights never saw the held-out fold (they trained on P001 and normal001)
+        init=None if smoke else "wsnet-3class",
+        synth_backgrounds=str(pack / "backgrounds"),
+        holdout_patients=holdout,
+        synth_weight=3.0,
+        phantom=not smoke,
+        phantom_weight=0.5,
+        phantom_pool=2,
+        phantom_size=256,
+        val_volumes=1,
+        test_volumes=1,
+        synth_pool=1 if smoke else 3,
+        synth_val_cases=1 if smoke else 3,
+        synth_test_cases=1 if smoke else 4,
+        aux_fraction=0.3,
+        patience=100000,
+        max_minutes=minutes,
+        device=device,
+        num_workers=0 if smoke else 12,
+        n_boot=10 if smoke else 1000,
+        out_dir=str(out / "wsnet"),
+        export=str(out / "wsnet-3class.safetensors"),
+        export_name="wsnet-3class",
+        export_version="2.1.0-gpu",
+    )
+    return train(cfg)
+
+
+def _train_fecnn(pack: Path, out: Path, device: str, minutes: float, smoke: bool, holdout: str) -> dict:
+    from training.train_fecnn import FeCNNTrainConfig, train
+
+    size = (
+        dict(model="tiny", input_size=64, iterations=2, batch_size=2, val_every=2)
+        if smoke
+        else dict(iterations=100000, batch_size=32, val_every=250)
+    )
+    cfg = FeCNNTrainConfig(
+        **size,
+        synth_backgrounds=str(pack / "backgrounds"),
+        holdout_patients=holdout,
+        phantom=not smoke,
+        phantom_weight=0.5,
+        phantom_pool=2,
+        val_volumes=1,
+        test_volumes=1,
+        synth_pool=1 if smoke else 3,
+        synth_val_cases=1 if smoke else 2,
+        synth_test_cases=1 if smoke else 2,
+        max_minutes=minutes,
+        device=device,
+        num_workers=0 if smoke else 12,
+        n_boot=10 if smoke else 1000,
+        out_dir=str(out / "fecnn"),
+        export=str(out / "fecnn-covid.safetensors"),
+        export_version="2.1.0-gpu",
+    )
+    return train(cfg)
+
+
+def _train_decovnet(out: Path, device: str, minutes: float, smoke: bool) -> dict:
+    from training.train_decovnet import DeCoVNetTrainConfig, train
+
+    size = (
+        dict(model="tiny", input_height=32, input_width=48, steps=2, val_every=2, phantom_size=64,
+             phantom_slices_min=8, phantom_slices_max=8, phantom_pool=1, val_volumes=1, test_volumes=1)
+        if smoke
+        else dict(input_height=96, input_width=144, steps=100000, val_every=200)
+    )  # fmt: skip
+    cfg = DeCoVNetTrainConfig(
+        **size,
+        max_minutes=minutes,
+        device=device,
+        num_workers=0 if smoke else 12,
+        out_dir=str(out / "decovnet"),
+        export=str(out / "decovnet-covid.safetensors"),
+        export_name="decovnet-covid",
+        export_version="2.1.0-gpu",
+    )
+    return train(cfg)
+
+
+def _train_lung_unet(out: Path, device: str, minutes: float, smoke: bool) -> dict:
+    from training.train_lung_unet import LungUNetConfig, train
+
+    size = (
+        dict(channels="4,8,8,16,16", canvas=64, train_phantoms=2, val_phantoms=1, phantom_size=64, steps=2,
+             batch_size=2, val_every=2)
+        if smoke
+        else dict(steps=100000, batch_size=48, val_every=300)
+    )  # fmt: skip
+    cfg = LungUNetConfig(**size, max_minutes=minutes, device=device, out_dir=str(out / "lung_unet"))
+    return train(cfg)
+
+
+def _time_detect(out: Path, device: str, smoke: bool) -> dict:
+    """``detect`` with the new WSNet on the bundled sample: the stage timings on this device."""
+    from napari_wscovid import detect, load_ct
+    from napari_wscovid.phantom import make_phantom
+
+    if smoke:
+        volume = make_phantom("COVID-19", n_slices=12, size=96, seed=1).volume
+    else:
+        volume = load_ct(str(Path(__file__).resolve().parents[1] / "sample_data" / "phantom_covid" / "dicom"))
+    timings = {}
+    for name in ("wsnet-3class", "fecnn-covid", "decovnet-covid"):
+        weights = out / f"{name}.safetensors"
+        if not weights.is_file():
+            continue
+        start = time.perf_counter()
+        result = detect(volume, model=str(weights), device=device, saliency="positive")
+        timings[name] = {
+            "total_s": round(time.perf_counter() - start, 3),
+            "device": result.device,
+            "predicted": result.predicted_class,
+            "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
+        }
+        print(f"detect {name} on {result.device}: {json.dumps(timings[name])}", flush=True)
+    return timings
+
+
+def run(pack: Path | None, out: Path, *, smoke: bool, minutes_scale: float, holdout: str) -> dict:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if smoke else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not smoke and device != "cuda":
+        log.warning("no CUDA device: the full run on CPU takes the same minutes but trains far less")
+    if pack is None:
+        if not smoke:
+            raise ValueError("the full run needs --pack (python -m training.gpu_run pack ...)")
+        pack = _smoke_pack(out / "smoke_pack")
+        holdout = "smokeB"
+    budgets = {k: v * minutes_scale for k, v in BUDGET_MINUTES.items()}
+    report = {"device": device, "torch": torch.__version__, "budget_min": budgets, "steps": {}}
+    if device == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(0)
+    for name, step in (
+        ("wsnet", lambda m: _train_wsnet(pack, out, device, m, smoke, holdout)),
+        ("fecnn", lambda m: _train_fecnn(pack, out, device, m, smoke, holdout)),
+        ("decovnet", lambda m: _train_decovnet(out, device, m, smoke)),
+        ("lung_unet", lambda m: _train_lung_unet(out, device, m, smoke)),
+    ):
+        start = time.perf_counter()
+        summary = step(budgets[name])
+        report["steps"][name] = {
+            "minutes": round((time.perf_counter() - start) / 60, 2),
+            "steps": summary.get("steps"),
+            "iterations_per_s": summary.get("iterations_per_s"),
+            "export": summary.get("export"),
+        }
+        print(f"trained {name}: {json.dumps(report['steps'][name], default=str)}", flush=True)
+    report["detect"] = _time_detect(out, device, smoke)
+    (out / "gpu_run.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_pack = sub.add_parser("pack", help="build the data pack that travels to the device machine")
+    p_pack.add_argument("--data", default="../shared/data")
+    p_pack.add_argument("--out", default="gpu_pack")
+    p_train = sub.add_parser("train", help="train the four networks and time detect")
+    p_train.add_argument("--pack", default=None, help="the folder built by 'pack' (not needed with --smoke)")
+    p_train.add_argument("--out", required=True, help="where weights, logs and gpu_run.json go ($OUT)")
+    p_train.add_argument(
+        "--smoke", action="store_true", help="tiny networks on CPU for seconds: the same code"
+    )
+    p_train.add_argument("--minutes-scale", type=float, default=1.0, help="multiply every step's budget")
+    p_train.add_argument("--holdout", default=DEFAULT_HOLDOUT, help="real patients never trained on")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.command == "pack":
+        build_pack(args.data, args.out)
+        return 0
+    pack = Path(args.pack) if args.pack else None
+    run(pack, Path(args.out), smoke=args.smoke, minutes_scale=args.minutes_scale, holdout=args.holdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
