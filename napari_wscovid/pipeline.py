@@ -187,7 +187,7 @@ def detect_iter(
     if isinstance(model, torch.nn.Module):
         torch_device, device_note = select_device(device)
         net = model.to(torch_device).eval()
-        info = {"name": type(model).__name__, "version": "in-memory", "sha256": None}
+        info = {"name": type(model).__name__, "version": "in-memory", "sha256": None, "temperature": 1.0}
     else:
         net, info = load_model(model, device=device)
         torch_device = next(net.parameters()).device
@@ -218,6 +218,7 @@ def detect_iter(
     normalisation = info.get("normalisation")
     timings["model_load"] = time.perf_counter() - start
     prep_kwargs = model_input_kwargs(volume, lung_mask, size, normalisation)
+    temperature = float(info.get("temperature") or 1.0)
 
     total = len(lung_idx)
     yield 1, 4, f"Classifying {total} lung slices on {torch_device.type.upper()}"
@@ -232,7 +233,8 @@ def detect_iter(
             x, crops = prepare_slices(volume.hu, lung_mask, batch, **prep_kwargs)
             x = torch.from_numpy(x).to(torch_device).contiguous(memory_format=torch.channels_last)
             out = fast_net(x)
-            probs = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
+            # Calibrated probabilities: the temperature fitted on validation data (1 if none).
+            probs = torch.softmax(out.logits.float() / temperature, dim=1).cpu().numpy()
             if not np.isfinite(probs).all():
                 raise FloatingPointError(
                     f"the model produced NaN/inf on slices {batch.tolist()}; weights or input are broken"
@@ -313,7 +315,7 @@ def detect_iter(
         boxes=boxes,
         involvement=involvement,
         model_info={
-            **{k: info.get(k) for k in ("name", "version", "sha256")},
+            **{k: info.get(k) for k in ("name", "version", "sha256", "temperature")},
             "architecture": ARCH,
             "lung_method": lung_source,
         },

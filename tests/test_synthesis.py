@@ -191,3 +191,23 @@ def test_gpu_run_smoke_trains_four_networks_and_times_detect(tmp_path):
         net, info = load_model(tmp_path / f"{name}.safetensors", device="cpu", cache=False)
         assert info["name"] == name and report["detect"][name]["device"] == "cpu"
     assert list((tmp_path / "lung_unet").glob("*.safetensors"))
+
+
+@pytest.mark.real_data
+def test_real_background_and_synthesis_on_a_real_ct(shared_data, tmp_path):
+    """Lung-PET-CT-Dx (64 slices): cached on the 1.5 mm grid, painted into, lesions inside its lungs."""
+    from training.real_backgrounds import PATIENTS_BY_ID, build_cache, load_backgrounds
+    from training.synthesis import synthesize
+
+    patient = PATIENTS_BY_ID["Lung_Dx-A0001"]
+    if not (shared_data / patient.path).is_dir():
+        pytest.skip(f"{shared_data / patient.path} is absent")
+    (path,) = build_cache(shared_data, tmp_path, [patient])
+    assert path.name == "Lung_Dx-A0001.npz"
+    (bg,) = load_backgrounds(tmp_path)
+    assert bg.usable.all() and abs(bg.spacing[1] - 1.5) < 0.01 and bg.spacing[0] == 5.0
+    lung_l = (bg.lung > 0).sum() * np.prod(bg.spacing) / 1e6
+    assert 2.0 < lung_l < 8.0, f"lung volume {lung_l:.2f} L"
+    case = synthesize(bg, "COVID-19", seed=3, severity=0.6)
+    inside = case.lung_mask[case.lesion_mask > 0] > 0
+    assert case.lesion_mask.any() and inside.all()

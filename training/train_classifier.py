@@ -761,6 +761,8 @@ def finish(
         res = evaluate(net, test, loss_fn, "joint", device, cfg.eval_batch_size)
         reports[name] = test_report(res, classes, cfg, out / f"test_predictions_{name}.npz")
         log.info("test on %s:\n%s", name, reports[name].to_markdown())
+    temperature, calibration = calibrate_on(net, data.val, device, cfg.eval_batch_size)
+    log.info("temperature %.3f fitted on the validation set: %s", temperature, calibration)
     path = Path(cfg.export) if cfg.export else out / f"{cfg.export_name}.safetensors"
     summary = {
         "task": cfg.task,
@@ -776,6 +778,8 @@ def finish(
         "iterations_per_s": rate,
         "elapsed_min": elapsed / 60,
         "history": state.history,
+        "temperature": temperature,
+        "calibration": calibration,
         "test": {name: r.to_dict() for name, r in reports.items()},
     }
     net_cpu = net.to("cpu")
@@ -790,6 +794,7 @@ def finish(
             "best_step": state.best_step,
             "best_val_acc": state.best_acc,
             "test_overall_acc": {n: r.get("acc")[0] for n, r in reports.items()},
+            "temperature": temperature,
         },
     )
     summary["export"] = {"path": str(path), "sha256": sha}
@@ -797,6 +802,24 @@ def finish(
     (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
     (out / "model_card.md").write_text(model_card(cfg, data, summary, reports))
     return summary
+
+
+@torch.no_grad()
+def calibrate_on(net, data: SliceSet, device, batch_size: int = 64) -> tuple[float, dict]:
+    """Temperature (see :mod:`training.calibrate`) fitted on ``data``'s summed logits, with the
+    validation NLL before and after."""
+    from training.calibrate import fit_temperature, nll
+
+    logits = []
+    for i in range(0, len(data), batch_size):
+        logits.append(net(data.images[i : i + batch_size].to(device, torch.float32)).logits.float().cpu())
+    logits = torch.cat(logits).numpy()
+    labels = data.labels.numpy()
+    temperature = fit_temperature(logits, labels)
+    return temperature, {
+        "val_nll_before": nll(logits, labels, 1.0),
+        "val_nll_after": nll(logits, labels, temperature),
+    }
 
 
 def jsonable(obj):

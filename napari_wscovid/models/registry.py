@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -126,6 +127,20 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def _temperature(meta: Mapping, path: Path) -> float:
+    """The calibration temperature stored with the weights (1 when there is none)."""
+    raw = meta.get("temperature")
+    if raw is None:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ModelLoadError(f"{path.name}: calibration temperature {raw!r} is not a positive number")
+    return value
+
+
 def load_model(
     name_or_path,
     *,
@@ -212,6 +227,7 @@ def load_model(
     if isinstance(normalisation, str) and normalisation.startswith("{"):
         normalisation = json.loads(normalisation)
     info = {
+        "temperature": _temperature(meta, path),
         "name": (entry or {}).get("name") or meta.get("name") or path.stem,
         "version": (entry or {}).get("version") or meta.get("version") or "unknown",
         "sha256": actual,

@@ -1,0 +1,66 @@
+"""Temperature scaling: fitted on validation logits, carried in the weights file, applied by detect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    from scipy.special import softmax
+
+    from training.calibrate import fit_temperature, nll
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 4.0, size=(20000, 3))
+    p = softmax(logits / 2.5, axis=1)
+    labels = np.array([rng.choice(3, p=row) for row in p])
+    t = fit_temperature(logits, labels)
+    assert abs(t - 2.5) < 0.15
+    assert nll(logits, labels, t) < nll(logits, labels, 1.0)
+    with pytest.raises(ValueError, match="logits"):
+        fit_temperature(logits[:, 0], labels)
+
+
+def _tiny(path, **meta):
+    from napari_wscovid.models.registry import save_model
+    from napari_wscovid.models.wsnet import WSNet, tiny_config
+
+    torch.manual_seed(0)
+    net = WSNet(tiny_config(input_size=64))
+    save_model(net, path, name="tiny-cal", version="0", extra_metadata=meta, overwrite=True)
+    return path
+
+
+def test_registry_reads_and_checks_the_temperature(tmp_path):
+    from napari_wscovid.models.registry import ModelLoadError, load_model
+
+    _, info = load_model(_tiny(tmp_path / "a.safetensors", temperature=2.0), device="cpu", cache=False)
+    assert info["temperature"] == 2.0
+    _, info = load_model(_tiny(tmp_path / "b.safetensors"), device="cpu", cache=False)
+    assert info["temperature"] == 1.0
+    with pytest.raises(ModelLoadError, match="c.safetensors.*temperature"):
+        load_model(_tiny(tmp_path / "c.safetensors", temperature=-1), device="cpu", cache=False)
+
+
+def test_detect_divides_the_logits_by_the_temperature(tmp_path):
+    from napari_wscovid import detect
+    from napari_wscovid.phantom import make_phantom
+
+    ph = make_phantom("COVID-19", n_slices=8, size=96, seed=0)
+    plain = detect(
+        ph.volume, model=str(_tiny(tmp_path / "t1.safetensors")), saliency="none", lung_mask=ph.lung_mask
+    )
+    hot = detect(
+        ph.volume,
+        model=str(_tiny(tmp_path / "t4.safetensors", temperature=4.0)),
+        saliency="none",
+        lung_mask=ph.lung_mask,
+    )
+    rows = np.isfinite(plain.slice_probs).all(1)
+    logp = np.log(plain.slice_probs[rows])
+    expected = np.exp(logp / 4.0)
+    expected /= expected.sum(1, keepdims=True)
+    assert np.allclose(hot.slice_probs[rows], expected, atol=1e-4)
+    assert hot.model_info["temperature"] == 4.0

@@ -1,0 +1,51 @@
+"""Scoring of the held-out real-patient evaluation (the detect runs themselves are real-data work)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+
+def _box(z, y0, x0, y1, x1):
+    return SimpleNamespace(slice=z, y0=y0, x0=x0, y1=y1, x1=x1)
+
+
+def test_score_lesions_counts_missed_slices_and_false_boxes():
+    from training.heldout_real import score_lesions
+
+    mask = np.zeros((3, 40, 40), np.uint8)
+    mask[0, 5:15, 5:15] = 1  # found
+    mask[1, 20:30, 20:30] = 2  # on a slice without any box: missed
+    result = SimpleNamespace(boxes=[_box(0, 4, 4, 16, 16), _box(2, 0, 0, 10, 10)])  # second: false positive
+    c = score_lesions(result, mask, (1.0, 1.0))
+    assert (c.lesions, c.lesions_found, c.boxes, c.boxes_on_lesion) == (2, 1, 2, 1)
+
+
+def test_summary_pools_real_slices_and_counts_patients():
+    from training.heldout_real import Fold, summarise
+
+    classes = ["NP", "CAP", "COVID-19"]
+    covid = {
+        "patient": "P001",
+        "truth": "COVID-19",
+        "called": "COVID-19",
+        "right": True,
+        "boxes": 4,
+        "classes": classes,
+        "slices": {"probs": [[0.1, 0.1, 0.8], [0.9, 0.05, 0.05]], "infected": [True, False]},
+    }
+    normal = {
+        "patient": "normal001",
+        "truth": "NP",
+        "called": "CAP",
+        "right": False,
+        "boxes": 3,
+        "classes": classes,
+        "slices": {"probs": [[0.7, 0.2, 0.1]], "infected": [False]},
+    }
+    s = summarise({"real": [covid, normal]})
+    assert s["patients_right"] == "1 of 2"
+    assert s["real_slice_auc_covid_vs_rest"] == 1.0 and s["real_np_boxes"] == {"normal001": 3}
+    fold = Fold.parse("runs/a/w.safetensors:P001, normal001")
+    assert fold.weights == "runs/a/w.safetensors" and fold.patients == ["P001", "normal001"]
