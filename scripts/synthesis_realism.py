@@ -1,10 +1,9 @@
 """How real do the synthetic lesions look? A figure, HU-histogram distances and a patch classifier.
 
-Real lesions: broad opacities (see ``scripts/lesion_intensities.py``) on the infected slices of
-COVID-CT-MD's P001 and cap001, minus what lesion-free slices of the same patient also show is
-not separable without voxel masks, so real patches are centred on the largest broad-opacity
-components of infected slices. Synthetic lesions: components of the exact lesion mask of cases
-painted into the four real lungs without lesions (normal001, LIDC-IDRI-0001/0003, Lung_Dx-A0001).
+Real lesions: COVID-CT-MD labels slices, not voxels, so real patches are centred on the broad
+opacities (see ``scripts/lesion_intensities.py``) of the infected slices of P001 and cap001.
+Synthetic lesions: components of the exact lesion mask of cases painted into the lesion-free
+slices of the same two patients, so that patient, scanner and noise are shared.
 
 * **HU histograms**: the 1-D Wasserstein distance between real and synthetic opacity HU (and,
   for scale, between the two real patients).
@@ -143,7 +142,9 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     real_bgs = load_backgrounds(args.backgrounds, ["P001", "cap001"])
-    clean_bgs = load_backgrounds(args.backgrounds, exclude={"P001", "cap001"})
+    # Synthetic lesions go into the lesion-free slices of the same two patients, so that the
+    # classifier cannot tell real from synthetic by the patient (scanner, anatomy, noise).
+    clean_bgs = real_bgs
     X, y, groups, real_hu, synth_hu, shown = [], [], [], {}, [], []
     for bg in real_bgs:
         patches, hus = real_patches(bg, args.per_patient, rng)
@@ -159,8 +160,9 @@ def main(argv=None) -> int:
         y += [1] * len(patches)
         groups += [bg.patient_id] * len(patches)
     X, y = np.asarray(X), np.asarray(y)
-    # Groups pair one real and one or two synthetic patients per fold, so each fold tests both kinds.
-    fold_of = {g: i % 2 for i, g in enumerate(sorted(set(groups), key=lambda g: (g not in real_hu, g)))}
+    # Two folds, one patient each (its real and its synthetic patches): trained on one patient,
+    # judged on the other.
+    fold_of = {g: i for i, g in enumerate(sorted(set(groups)))}
     folds = np.array([fold_of[g] for g in groups])
     forest = RandomForestClassifier(n_estimators=300, min_samples_leaf=3, random_state=args.seed)
     scores = cross_val_predict(forest, X, y, groups=folds, cv=GroupKFold(2), method="predict_proba")[:, 1]

@@ -64,3 +64,32 @@ def test_detect_divides_the_logits_by_the_temperature(tmp_path):
     expected /= expected.sum(1, keepdims=True)
     assert np.allclose(hot.slice_probs[rows], expected, atol=1e-4)
     assert hot.model_info["temperature"] == 4.0
+
+
+def test_recalibrate_writes_a_copy_with_the_fitted_temperature(tmp_path):
+    import dataclasses
+    import json
+
+    from napari_wscovid.models.registry import load_model, save_model
+    from napari_wscovid.models.wsnet import WSNet, tiny_config
+    from napari_wscovid.phantom import make_phantom
+    from training.calibrate import recalibrate
+    from training.real_backgrounds import make_background
+    from training.train_classifier import TrainConfig
+
+    ph = make_phantom("NP", n_slices=12, size=96, seed=8)
+    (tmp_path / "bg").mkdir()
+    make_background("bgA", "NP", ph.volume, ph.lung_mask, pixel_mm=2.5).save(tmp_path / "bg" / "bgA.npz")
+    cfg = TrainConfig(
+        model="tiny", input_size=48, phantom=False, synth_backgrounds=str(tmp_path / "bg"), synth_val_cases=1
+    )
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    torch.manual_seed(1)
+    save_model(
+        WSNet(tiny_config(input_size=48)), tmp_path / "w.safetensors", name="w", version="1",
+        extra_metadata={"training_data": "bgA"},
+    )  # fmt: skip
+    t = recalibrate(tmp_path / "w.safetensors", tmp_path / "config.json", tmp_path / "w-cal.safetensors")
+    _, info = load_model(tmp_path / "w-cal.safetensors", device="cpu", cache=False)
+    assert t > 0 and info["temperature"] == pytest.approx(t)
+    assert info["name"] == "w" and info["version"] == "1" and info["training_data"] == "bgA"

@@ -122,6 +122,17 @@ def test_cap_is_ground_glass_and_consolidation_mostly_in_one_lung(background):
     assert per_side.max() >= 0.8 * per_side.sum()
 
 
+def test_bronchopneumonia_is_many_small_foci(background):
+    from training import synthesis
+
+    ctx = synthesis._Context(background, background.usable)
+    paints = synthesis.bronchopneumonia(np.random.default_rng(3), ctx, severity=0.5)
+    foci = [p for p in paints if p.kind in ("GGO", "consolidating")]
+    assert len(foci) >= 15
+    voxel_ml = np.prod(background.spacing) / 1000
+    assert np.median([(p.weight > 0).sum() * voxel_ml for p in foci]) < 5.0  # each under 5 mL
+
+
 def test_np_case_is_the_background_unchanged(background):
     from training.synthesis import synthesize
 

@@ -8,6 +8,8 @@ and the plugin divides the logits by it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
@@ -30,3 +32,48 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         lambda t: nll(logits, labels, float(np.exp(t))), bounds=LOG_T_BOUNDS, method="bounded"
     )
     return float(np.exp(res.x))
+
+
+def recalibrate(weights: str | Path, config: str | Path, out: str | Path) -> float:
+    """Fit the temperature of exported ``weights`` on the validation set of the run ``config``
+    describes (rebuilt from its seeds) and write a copy with it in the metadata; return it.
+
+    For weights exported before their trainer fitted temperatures, or after a change of the
+    validation data. The copy keeps every other metadata field.
+    """
+    import json
+
+    import safetensors
+
+    from napari_wscovid.models.registry import load_model, save_model
+    from training.train_classifier import DistInfo, TrainConfig, build_data, calibrate_on
+
+    cfg = TrainConfig(**json.loads(Path(config).read_text()))
+    net, info = load_model(str(weights), device="cpu", cache=False)
+    data = build_data(cfg, tuple(net.config.classes), DistInfo())
+    temperature, calibration = calibrate_on(net, data.val, "cpu", cfg.eval_batch_size)
+    with safetensors.safe_open(str(weights), framework="pt") as handle:
+        meta = dict(handle.metadata() or {})
+    keep = {k: v for k, v in meta.items() if k not in ("name", "version", "config", "architecture", "format")}
+    keep["temperature"] = temperature
+    keep["calibration"] = calibration
+    save_model(net, out, name=info["name"], version=info["version"], extra_metadata=keep, overwrite=True)
+    return temperature
+
+
+def main(argv=None) -> int:
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description="Fit and store the calibration temperature of weights")
+    parser.add_argument("weights")
+    parser.add_argument("--config", required=True, help="the training run's config.json (its validation set)")
+    parser.add_argument("--out", required=True, help="where to write the calibrated copy")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    print(f"temperature {recalibrate(args.weights, args.config, args.out):.4f} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,11 +17,15 @@ Patterns (``lesion_mask`` codes as in :mod:`napari_wscovid.phantom`):
   it (air bronchograms).
 * **nodules (4)**: bronchocentric clusters of small nodules (tree-in-bud-like) with CAP, as
   distractors with NP.
+* **bronchopneumonia**: half of the CAP cases are many small patchy foci (ground glass, some
+  consolidating) clustered in one or two pseudo-lobes, often of one lung, with tree-in-bud
+  nodules; the other half lobar or segmental.
 
 Where (canonical axes of a :class:`~training.real_backgrounds.Background`: +z superior,
 +y posterior): COVID-19 is bilateral and multifocal, subpleural, posterior and lower-zone
-predominant, rounded; CAP is lobar or segmental consolidation reaching the pleura, usually in one
-lung, confined to a pseudo-lobe (k-means of the lung's voxel positions; no lobe masks are needed).
+predominant, rounded; CAP is lobar or segmental pneumonia reaching the pleura, or a
+bronchopneumonia, usually in one lung, confined to pseudo-lobes (k-means of the lung's voxel
+positions; no lobe masks are needed).
 Severity runs from a single trace focus to most of a lung. Soft borders come from smoothsteps of
 noisy shape fields in millimetres, so partial volume across thick slices follows from the geometry.
 
@@ -48,7 +52,7 @@ from napari_wscovid.phantom import (
 from training.real_backgrounds import Background
 
 # HU levels a lesion blends towards, drawn per lesion (docs/lesion_intensities.md).
-HU_GGO = (-700.0, -420.0)
+HU_GGO = (-700.0, -330.0)
 HU_CONSOLIDATION = (-120.0, 40.0)
 HU_SEPTA = -250.0
 HU_NODULE = (-60.0, 40.0)
@@ -153,7 +157,7 @@ def _blob(rng, ctx: _Context, centre, radius, side, pattern) -> _Paint | None:
     if not np.any(w > 0):
         return None
     tex = _smooth_field(rng, shape, sp, 4.0)
-    target = rng.uniform(*HU_GGO) + 40.0 * tex
+    target = rng.uniform(*HU_GGO) + 60.0 * tex
     labels = np.where(w > 0, LESION_CODES["GGO"], 0).astype(np.uint8)
     if pattern == "crazy paving":
         septa = _septal_network(rng, zz, yy, xx, w > 0, sp)
@@ -189,9 +193,9 @@ def covid_lesions(rng, ctx: _Context, severity: float) -> list[_Paint]:
             continue
         radius = (8.0 + 32.0 * severity) * rng.uniform(0.6, 1.25)
         roll = rng.uniform()
-        if roll < 0.1 + 0.35 * severity:
+        if roll < 0.2 + 0.4 * severity:
             pattern = "consolidating"
-        elif roll < 0.35 + 0.3 * severity:
+        elif roll < 0.45 + 0.3 * severity:
             pattern = "crazy paving"
         else:
             pattern = "GGO"
@@ -237,7 +241,42 @@ def _upsample_labels(coarse: np.ndarray, ctx: _Context, sl) -> np.ndarray:
 
 
 def cap_lesions(rng, ctx: _Context, severity: float) -> list[_Paint]:
-    """Lobar or segmental consolidation reaching the pleura, mostly one lung, with nodules."""
+    """Community-acquired pneumonia: lobar/segmental, or a bronchopneumonia (half each)."""
+    if rng.uniform() < 0.5:
+        return bronchopneumonia(rng, ctx, severity)
+    return lobar_pneumonia(rng, ctx, severity)
+
+
+def bronchopneumonia(rng, ctx: _Context, severity: float) -> list[_Paint]:
+    """Many small patchy, bronchocentric foci clustered in one or two pseudo-lobes, often of one
+    lung, with tree-in-bud nodules: the pattern of the real CAP patient at hand (cap001)."""
+    side = 1 if rng.uniform() < 0.55 else 2
+    sides = [side] + ([3 - side] if rng.uniform() < 0.5 else [])
+    out = []
+    for i, sd in enumerate(sides):
+        lobes = pseudo_lobes(ctx, sd, int(rng.integers(2**31)))
+        if lobes is None:
+            continue
+        chosen = rng.choice(
+            np.arange(1, lobes.max() + 1), size=min(int(lobes.max()), 1 + (rng.uniform() < 0.5))
+        )
+        region = np.isin(lobes, chosen) & (ctx.cmask == sd)
+        n = int((30 + 120 * severity) * (1.0 if i == 0 else 0.5) * rng.uniform(0.7, 1.3))
+        for _ in range(n):
+            c = _pick(rng, region.astype(float))
+            if c is None:
+                break
+            pattern = "consolidating" if rng.uniform() < 0.35 else "GGO"
+            paint = _blob(rng, ctx, ctx.to_full(c), rng.uniform(4.0, 10.0), sd, pattern)
+            if paint is not None:
+                out.append(paint)
+        if rng.uniform() < 0.6:
+            out += nodule_cluster(rng, ctx, sd, bronchocentric=True)
+    return out
+
+
+def lobar_pneumonia(rng, ctx: _Context, severity: float) -> list[_Paint]:
+    """Lobar or segmental pneumonia reaching the pleura, mostly one lung, with nodules."""
     side = 1 if rng.uniform() < 0.6 else 2
     sides = [side] + ([3 - side] if rng.uniform() < 0.15 else [])
     out = []
