@@ -222,3 +222,10 @@ def test_real_background_and_synthesis_on_a_real_ct(shared_data, tmp_path):
     case = synthesize(bg, "COVID-19", seed=3, severity=0.6)
     inside = case.lung_mask[case.lesion_mask > 0] > 0
     assert case.lesion_mask.any() and inside.all()
+
+
+def test_gpu_run_sample_is_the_bundled_sample():
+    from napari_wscovid._sample_data import FALLBACK_KWARGS
+    from training.gpu_run import SAMPLE_KWARGS
+
+    assert SAMPLE_KWARGS == FALLBACK_KWARGS

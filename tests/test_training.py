@@ -453,3 +453,25 @@ def test_lung_unet_dense_lesion_targets_stay_aligned():
     assert dense_aug.any()
     # Both masks go through the same warp: dense lesion pixels stay (almost all) inside the lung.
     assert (dense_aug & ~lung_aug).sum() <= 0.05 * dense_aug.sum()
+
+
+def test_roc_auc_without_scikit_learn_is_the_same_number(monkeypatch):
+    """The GPU machine has no scikit-learn: the rank (Mann-Whitney) form must agree with it."""
+    import builtins
+
+    from training.metrics import roc_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    score = np.round(rng.normal(y * 0.8, 1.0), 1)  # ties included
+    with_sklearn = roc_auc(y, score)
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    assert roc_auc(y, score) == pytest.approx(with_sklearn, abs=1e-12)
+    assert np.isnan(roc_auc(np.ones(4), np.arange(4)))

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 METRICS = ("acc", "precision", "sensitivity", "specificity", "auc")
 HEADERS = {"acc": "ACC", "precision": "PRC", "sensitivity": "SEN", "specificity": "SPE", "auc": "AUC"}
@@ -23,8 +22,28 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of binary ``y`` (NaN when one class is absent).
+
+    scikit-learn's where it is installed; on the bare GPU machine of ``training.gpu_run``
+    (numpy, scipy, torch only) the Mann-Whitney form on SciPy's ranks, which is the same number.
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, dtype=float)
+    if not 0 < y.sum() < len(y):
+        return float("nan")
+    try:
+        from sklearn.metrics import roc_auc_score
+    except ImportError:
+        from scipy.stats import rankdata
+
+        ranks = rankdata(score)
+        n_pos, n_neg = int(y.sum()), int((~y).sum())
+        return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, score))
+
+
+_auc = roc_auc
 
 
 def point_metrics(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, np.ndarray]:

@@ -205,6 +205,19 @@ def covid_lesions(rng, ctx: _Context, severity: float) -> list[_Paint]:
     return out
 
 
+def _kmeans(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means centres. SciPy's, not scikit-learn's: the GPU machine the prepared training run
+    goes to has numpy, scipy and torch but no scikit-learn."""
+    from scipy.cluster.vq import kmeans2
+
+    gen = np.random.default_rng(seed)
+    try:
+        centres, _ = kmeans2(points, k, minit="++", rng=gen)
+    except TypeError:  # SciPy before 1.15 calls it seed
+        centres, _ = kmeans2(points, k, minit="++", seed=gen)
+    return centres
+
+
 def pseudo_lobes(ctx: _Context, side: int, seed: int) -> np.ndarray | None:
     """Coarse-grid labels 1..k of one lung cut into k compact parts (3 right, 2 left) by k-means.
 
@@ -213,8 +226,6 @@ def pseudo_lobes(ctx: _Context, side: int, seed: int) -> np.ndarray | None:
     about lobar size whose borders a consolidation must stop at, which is what the classifier
     has to learn. Exact lobes need a lobe segmentation this project does not have.
     """
-    from sklearn.cluster import KMeans
-
     pts = np.argwhere(ctx.cmask == side)
     if len(pts) < 50:
         return None
@@ -222,14 +233,15 @@ def pseudo_lobes(ctx: _Context, side: int, seed: int) -> np.ndarray | None:
     feats = mm * [1.0, 0.8, 0.25]
     k = 3 if side == 1 else 2
     sub = feats[:: max(1, len(feats) // 4000)]
-    km = KMeans(n_clusters=k, n_init=2, random_state=seed).fit(sub)
+    centres = _kmeans(sub, k, seed)
     # Positions displaced by a smooth random field before assignment: a k-means partition alone
     # has flat borders, which show as straight cuts across a slice; fissures are curved sheets.
     rng = np.random.default_rng(seed)
     sampling = (ctx.spacing[0], ctx.cstep * ctx.spacing[1], ctx.cstep * ctx.spacing[2])
     warp = np.stack([_smooth_field(rng, ctx.cmask.shape, sampling, 40.0)[tuple(pts.T)] for _ in range(3)], 1)
     labels = np.zeros(ctx.cmask.shape, np.uint8)
-    labels[tuple(pts.T)] = km.predict(feats + 12.0 * warp) + 1
+    moved = feats + 12.0 * warp
+    labels[tuple(pts.T)] = np.argmin(((moved[:, None, :] - centres[None]) ** 2).sum(-1), axis=1) + 1
     return labels
 
 

@@ -76,6 +76,14 @@ class DeCoVNetTrainConfig:
     phantom_refresh: int = _opt(8, "draws between replacing one pooled phantom (0: never)")
     val_volumes: int = _opt(4, "phantom volumes per kind in the validation set")
     test_volumes: int = _opt(4, "phantom volumes per kind in the test set")
+    # synthetic lesions in real lungs (training.synthesis)
+    synth_backgrounds: str | None = _opt(
+        None, "folder of real-lung backgrounds (python -m training.real_backgrounds) to paint lesions into"
+    )
+    synth_fraction: float = _opt(0.75, "share of generated volumes that are synthetic-in-real, not phantoms")
+    holdout_patients: str | None = _opt(
+        None, "comma-separated real background patients never trained on; their cases form the test set"
+    )
     # real data (optional)
     covid_ct_md_root: str | None = _opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
     k_folds: int = _opt(5, "patient-level folds of the real data (at most its number of patients)")
@@ -311,19 +319,70 @@ class Data:
     description: list[str]
 
 
-def _phantom_kwargs(cfg: DeCoVNetTrainConfig) -> dict:
-    return {
+class SynthOrPhantom:
+    """``phantom_fn`` drop-in: a synthetic-in-real case (share ``fraction``) or a phantom.
+
+    The synthetic case keeps its background's own geometry; the phantom geometry arguments then
+    do not apply. A plain class (not a closure) so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, backgrounds, fraction: float):
+        self.backgrounds, self.fraction = list(backgrounds), float(fraction)
+
+    def __call__(self, kind, *, seed, nodules=False, **phantom_kwargs):
+        from napari_wscovid.phantom import make_phantom
+        from training.synthesis import synthesize
+
+        rng = np.random.default_rng([seed, 77])
+        if self.backgrounds and rng.random() < self.fraction:
+            bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
+            return synthesize(bg, kind, seed=seed, nodules=nodules)
+        return make_phantom(kind, seed=seed, nodules=nodules, **phantom_kwargs)
+
+
+def _holdout(cfg) -> set[str]:
+    return {p.strip() for p in (cfg.holdout_patients or "").split(",") if p.strip()}
+
+
+def _phantom_kwargs(cfg: DeCoVNetTrainConfig, backgrounds=None, fraction: float | None = None) -> dict:
+    kwargs = {
         "size": cfg.phantom_size,
         "slices": (cfg.phantom_slices_min, cfg.phantom_slices_max),
         "spacing_z": cfg.phantom_spacing_z,
     }
+    if backgrounds:
+        kwargs["phantom_fn"] = SynthOrPhantom(
+            backgrounds, cfg.synth_fraction if fraction is None else fraction
+        )
+    return kwargs
 
 
 def build_data(cfg: DeCoVNetTrainConfig, net_config: DeCoVNetConfig) -> Data:
     """Phantom and real-data sources; the real patients split by patient for one fold."""
     stream, real_train, val, tests, desc = None, [], [], {}, []
+    train_bg = []
+    if cfg.synth_backgrounds:
+        from training.real_backgrounds import load_backgrounds
+
+        # A patient-level label needs a whole volume free of real lesions: the labelled slices
+        # of P001 and cap001 would otherwise sit in an "NP" volume.
+        every = [b for b in load_backgrounds(cfg.synth_backgrounds) if not b.real_positive.any()]
+        train_bg = [b for b in every if b.patient_id not in _holdout(cfg)]
+        test_bg = [b for b in every if b.patient_id in _holdout(cfg)]
+        if test_bg:
+            tests["synth-heldout"] = fixed_phantoms(
+                net_config,
+                cfg.test_volumes,
+                stream_seed(cfg.seed, 12, cfg.fold),
+                **_phantom_kwargs(cfg, test_bg, 1.0),
+            )
+        desc.append(
+            f"synthetic lesions in real lungs of {', '.join(b.patient_id for b in train_bg)} "
+            f"({cfg.synth_fraction:g} of generated volumes); test: "
+            f"{', '.join(b.patient_id for b in test_bg) or 'none'}"
+        )
     if cfg.phantom:
-        kwargs = _phantom_kwargs(cfg)
+        kwargs = _phantom_kwargs(cfg, train_bg)
         stream = PhantomVolumeStream(
             net_config,
             pool_per_kind=cfg.phantom_pool,
@@ -455,7 +514,7 @@ def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, augment=None)
 @torch.no_grad()
 def evaluate(model, samples: Sequence[VolumeSample], device) -> dict:
     """Mean loss, ROC AUC (NaN with one class only) and accuracy at p = 0.5 over whole volumes."""
-    from sklearn.metrics import roc_auc_score
+    from training.metrics import roc_auc
 
     was_training = model.training
     model.eval()
@@ -467,10 +526,9 @@ def evaluate(model, samples: Sequence[VolumeSample], device) -> dict:
     model.train(was_training)
     labels = np.array([s.label for s in samples])
     probs = np.array(probs)
-    both = 0 < labels.sum() < len(labels)
     return {
         "loss": float(np.mean(losses)) if losses else math.nan,
-        "auc": float(roc_auc_score(labels, probs)) if both else math.nan,
+        "auc": roc_auc(labels, probs),
         "acc": float(np.mean((probs >= 0.5) == labels)) if len(labels) else math.nan,
         "n": len(samples),
         "probs": probs.tolist(),

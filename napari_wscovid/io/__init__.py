@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import os
+from importlib import import_module
 from pathlib import Path
 
-from .dicom import DEFAULT_MAX_BYTES, list_dicom_series, load_dicom, scan_dicom
-from .formats import format_of, load_2d_image, load_itk, load_nifti
-from .volume import CTLoadError, CTVolume, SeriesInfo, pseudonymous_key
-from .write import write_dicom_series, write_image
+from .volume import DEFAULT_MAX_BYTES, CTLoadError, CTVolume, SeriesInfo, pseudonymous_key
+
+# The readers and writers import pydicom, nibabel and SimpleITK; they are loaded when first used,
+# so that code needing only CTVolume (phantoms, synthesis, training on a bare GPU machine with
+# numpy/scipy/torch alone) does not need them installed.
+_LAZY = {
+    "scan_dicom": ".dicom",
+    "write_dicom_series": ".write",
+    "write_image": ".write",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CTLoadError",
@@ -34,6 +48,9 @@ def load_ct(
     patient LPS, reoriented so index 0 is the most inferior slice. Raises CTLoadError with the file
     or series and the reason when the input cannot be loaded safely.
     """
+    from .dicom import load_dicom
+    from .formats import format_of, load_2d_image, load_itk, load_nifti
+
     path = Path(path)
     if not path.exists():
         raise CTLoadError(f"{path.name}: no such file or folder")
@@ -63,4 +80,6 @@ def load_ct(
 
 def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     """Series in a DICOM folder, largest CT first, read from headers only (non-CT listed with is_ct=False)."""
+    from .dicom import list_dicom_series
+
     return list_dicom_series(folder)

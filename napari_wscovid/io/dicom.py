@@ -26,11 +26,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .formats import PADDING_HU_THRESHOLD, reorient_nearest_identity
-from .volume import CTLoadError, CTVolume, SeriesInfo, pseudonymous_key
+from .volume import DEFAULT_MAX_BYTES, CTLoadError, CTVolume, SeriesInfo, pseudonymous_key
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 4 * 1024**3
 # Bytes per voxel held at once: float32 HU plus a bool padding mask.
 BYTES_PER_VOXEL = 5
 

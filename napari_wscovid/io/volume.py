@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: Largest volume a reader will hold in memory (bytes) unless told otherwise.
+DEFAULT_MAX_BYTES = 4 * 1024**3
+
 
 class CTLoadError(ValueError):
     """A file or series that cannot be loaded; the message names the file and the reason."""
