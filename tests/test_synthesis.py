@@ -229,3 +229,25 @@ def test_gpu_run_sample_is_the_bundled_sample():
     from training.gpu_run import SAMPLE_KWARGS
 
     assert SAMPLE_KWARGS == FALLBACK_KWARGS
+
+
+def test_training_path_imports_without_readers_or_scikit_learn():
+    """The GPU machine has numpy/scipy/torch/scikit-image/safetensors only: the training and
+    detection code it runs must import without pydicom, SimpleITK, nibabel or scikit-learn."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('pydicom', 'SimpleITK', 'nibabel', 'sklearn', 'pandas', 'napari', 'qtpy'):\n"
+        "    sys.modules[m] = None\n"
+        "from napari_wscovid.phantom import make_phantom\n"
+        "from napari_wscovid.pipeline import detect\n"
+        "from training import synthesis, real_backgrounds, train_decovnet, train_fecnn, train_lung_unet, gpu_run\n"
+        "from training.train_classifier import train\n"
+        "from training.metrics import roc_auc\n"
+        "print(roc_auc([0, 1, 1], [0.1, 0.2, 0.9]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "1.0"
