@@ -187,7 +187,7 @@ def _train_lung_unet(out: Path, device: str, minutes: float, smoke: bool) -> dic
         dict(channels="4,8,8,16,16", canvas=64, train_phantoms=2, val_phantoms=1, phantom_size=64, steps=2,
              batch_size=2, val_every=2)
         if smoke
-        else dict(steps=100000, batch_size=48, val_every=300)
+        else dict(steps=100000, batch_size=48, val_every=300, train_phantoms=24, val_phantoms=3)
     )  # fmt: skip
     cfg = LungUNetConfig(**size, max_minutes=minutes, device=device, out_dir=str(out / "lung_unet"))
     return train(cfg)
