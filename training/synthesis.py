@@ -252,6 +252,16 @@ def _upsample_labels(coarse: np.ndarray, ctx: _Context, sl) -> np.ndarray:
     return coarse[np.ix_(zz, yy, xx)]
 
 
+def _lungs_with_lobes(rng, ctx: _Context, *, p_right: float, p_both: float):
+    """Yield ``(i, side, pseudo_lobes)`` for the affected lung and, with ``p_both``, the other."""
+    side = 1 if rng.uniform() < p_right else 2
+    sides = [side] + ([3 - side] if rng.uniform() < p_both else [])
+    for i, sd in enumerate(sides):
+        lobes = pseudo_lobes(ctx, sd, int(rng.integers(2**31)))
+        if lobes is not None:
+            yield i, sd, lobes
+
+
 def cap_lesions(rng, ctx: _Context, severity: float) -> list[_Paint]:
     """Community-acquired pneumonia: lobar/segmental, or a bronchopneumonia (half each)."""
     if rng.uniform() < 0.5:
@@ -262,13 +272,8 @@ def cap_lesions(rng, ctx: _Context, severity: float) -> list[_Paint]:
 def bronchopneumonia(rng, ctx: _Context, severity: float) -> list[_Paint]:
     """Many small patchy, bronchocentric foci clustered in one or two pseudo-lobes, often of one
     lung, with tree-in-bud nodules: the pattern of the real CAP patient at hand (cap001)."""
-    side = 1 if rng.uniform() < 0.55 else 2
-    sides = [side] + ([3 - side] if rng.uniform() < 0.5 else [])
     out = []
-    for i, sd in enumerate(sides):
-        lobes = pseudo_lobes(ctx, sd, int(rng.integers(2**31)))
-        if lobes is None:
-            continue
+    for i, sd, lobes in _lungs_with_lobes(rng, ctx, p_right=0.55, p_both=0.5):
         chosen = rng.choice(
             np.arange(1, lobes.max() + 1), size=min(int(lobes.max()), 1 + (rng.uniform() < 0.5))
         )
@@ -289,13 +294,10 @@ def bronchopneumonia(rng, ctx: _Context, severity: float) -> list[_Paint]:
 
 def lobar_pneumonia(rng, ctx: _Context, severity: float) -> list[_Paint]:
     """Lobar or segmental pneumonia reaching the pleura, mostly one lung, with nodules."""
-    side = 1 if rng.uniform() < 0.6 else 2
-    sides = [side] + ([3 - side] if rng.uniform() < 0.15 else [])
     out = []
-    for i, sd in enumerate(sides):
-        lobes = pseudo_lobes(ctx, sd, int(rng.integers(2**31)))
-        if lobes is None:
-            continue
+    side = None
+    for i, sd, lobes in _lungs_with_lobes(rng, ctx, p_right=0.6, p_both=0.15):
+        side = sd if side is None else side
         lobe = int(rng.integers(1, lobes.max() + 1))
         # the lobe's box on the full grid
         where = np.argwhere(lobes == lobe)
@@ -343,32 +345,15 @@ def lobar_pneumonia(rng, ctx: _Context, severity: float) -> list[_Paint]:
         if not (w_c.any() or w_g.any()):
             continue
         tex = _smooth_field(rng, shape, ctx.spacing, 5.0)
-        if w_g.any():
-            out.append(
-                _Paint(
-                    "ground glass",
-                    sd,
-                    sl,
-                    w_g,
-                    (rng.uniform(*HU_GGO) + 30.0 * tex).astype(np.float32),
-                    np.where(w_g > 0, LESION_CODES["GGO"], 0).astype(np.uint8),
-                    "raise",
-                )
-            )
-        if not w_c.any():
-            continue
-        out.append(
-            _Paint(
-                "consolidation",
-                sd,
-                sl,
-                w_c,
-                (rng.uniform(*HU_CONSOLIDATION) + 10.0 * tex).astype(np.float32),
-                np.where(w_c > 0, LESION_CODES["consolidation"], 0).astype(np.uint8),
-                "replace",
-            )
-        )
-    if rng.uniform() < 0.4:
+        for kind, w, levels, grain, code, mode in (
+            ("ground glass", w_g, HU_GGO, 30.0, "GGO", "raise"),
+            ("consolidation", w_c, HU_CONSOLIDATION, 10.0, "consolidation", "replace"),
+        ):
+            if w.any():
+                target = (rng.uniform(*levels) + grain * tex).astype(np.float32)
+                labels = np.where(w > 0, LESION_CODES[code], 0).astype(np.uint8)
+                out.append(_Paint(kind, sd, sl, w, target, labels, mode))
+    if side is not None and rng.uniform() < 0.4:
         out += nodule_cluster(rng, ctx, side, bronchocentric=True)
     return out
 
