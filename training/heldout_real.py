@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,14 @@ def _recall_precision(c: MatchCounts) -> dict:
     }
 
 
+def _rounded(value, digits: int = 3):
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, float):
+        return round(value, digits)
+    return value
+
+
 def to_markdown(report: dict) -> str:
     s = report["summary"]
     lines = [
@@ -228,7 +237,7 @@ def to_markdown(report: dict) -> str:
         )
     lines += ["", "| measure | value |", "|---|---|"]
     for key, value in s.items():
-        lines.append(f"| {key} | {json.dumps(value, default=lambda v: round(v, 3))} |")
+        lines.append(f"| {key} | {json.dumps(_rounded(value))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +260,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     data_root = Path(args.data)
     report = {
-        "command": "python -m training.heldout_real " + " ".join(argv or []),
+        "command": "python -m training.heldout_real " + " ".join(sys.argv[1:] if argv is None else argv),
         "real": [],
         "synthetic": [],
     }
