@@ -666,6 +666,21 @@ def _pick_centres(rng, weights, n):
     return np.unravel_index(rng.choice(flat.size, size=n, p=flat), weights.shape)
 
 
+def covid_location_weight(sel: np.ndarray, cdist: np.ndarray, lower_floor: float = 0.05) -> np.ndarray:
+    """Where a COVID-19 focus sits in one lung: subpleural, lower-zone and posterior predominant.
+
+    ``sel`` is the lung's (coarse) mask with axes running superior-wards and posterior-wards,
+    ``cdist`` the distance to the pleura in mm; ``lower_floor`` keeps some weight on the upper zones.
+    """
+    zs = np.nonzero(sel.any(axis=(1, 2)))[0]
+    tz = (np.arange(sel.shape[0]) - zs.min()) / max(zs.max() - zs.min(), 1)
+    ys = np.nonzero(sel.any(axis=(0, 2)))[0]
+    ty = (np.arange(sel.shape[1]) - ys.min()) / max(ys.max() - ys.min(), 1)
+    w = sel * np.exp(-cdist / 8.0)  # subpleural
+    w = w * (np.clip(1.0 - tz, 0, 1) ** 2 + lower_floor)[:, None, None]  # lower zones
+    return w * (0.3 + np.clip(ty, 0, 1) ** 1.5)[None, :, None]  # posterior (dependent)
+
+
 def _covid_lesions(rng, a, lung, grid, spacing, severity, coarse) -> list[_Lesion]:
     """Bilateral, peripheral, lower and posterior predominant GGO patches."""
     cmask, cstep, cdist = coarse
@@ -678,13 +693,7 @@ def _covid_lesions(rng, a, lung, grid, spacing, severity, coarse) -> list[_Lesio
         sel = cmask == side
         if not sel.any():
             continue
-        zs = np.nonzero(sel.any(axis=(1, 2)))[0]
-        tz = (np.arange(cmask.shape[0]) - zs.min()) / max(zs.max() - zs.min(), 1)
-        ys = np.nonzero(sel.any(axis=(0, 2)))[0]
-        ty = (np.arange(cmask.shape[1]) - ys.min()) / max(ys.max() - ys.min(), 1)
-        w = sel * np.exp(-cdist / 8.0)  # subpleural
-        w = w * (np.clip(1.0 - tz, 0, 1) ** 2 + 0.05)[:, None, None]  # lower zones
-        w = w * (0.3 + np.clip(ty, 0, 1) ** 1.5)[None, :, None]  # posterior (dependent)
+        w = covid_location_weight(sel, cdist)
         ci = np.array([c[0] for c in _pick_centres(rng, w, 1)], float) * [1, cstep, cstep]
         radius = (14.0 + 30.0 * severity) * rng.uniform(0.6, 1.25)
         roll = rng.uniform()

@@ -83,6 +83,28 @@ def _smoke_pack(folder: Path) -> Path:
     return folder
 
 
+def _slice_data(pack: Path, device: str, minutes: float, smoke: bool, holdout: str) -> dict:
+    """The data and run options WSNet and FeCNN share (both train on slices)."""
+    return dict(
+        synth_backgrounds=str(pack / "backgrounds"),
+        holdout_patients=holdout,
+        phantom=not smoke,
+        phantom_weight=0.5,
+        phantom_pool=1,
+        val_volumes=1,
+        test_volumes=1,
+        # small pools per worker: 14 workers build theirs in parallel before the first batch
+        synth_pool=1 if smoke else 2,
+        synth_refresh=48,
+        synth_val_cases=1 if smoke else 2,
+        synth_test_cases=1 if smoke else 2,
+        max_minutes=minutes,
+        device=device,
+        num_workers=0 if smoke else 14,
+        n_boot=10 if smoke else 1000,
+    )
+
+
 def _train_wsnet(pack: Path, out: Path, device: str, minutes: float, smoke: bool, holdout: str) -> dict:
     from training.train_classifier import TrainConfig, train
 
@@ -93,28 +115,13 @@ def _train_wsnet(pack: Path, out: Path, device: str, minutes: float, smoke: bool
     )
     cfg = TrainConfig(
         **size,
+        **_slice_data(pack, device, minutes, smoke, holdout),
         # the bundled weights never saw the held-out fold (they trained on P001 and normal001)
         init=None if smoke else "wsnet-3class",
-        synth_backgrounds=str(pack / "backgrounds"),
-        holdout_patients=holdout,
         synth_weight=3.0,
-        phantom=not smoke,
-        phantom_weight=0.5,
-        phantom_pool=1,
         phantom_size=256,
-        val_volumes=1,
-        test_volumes=1,
-        # small pools per worker: 14 workers build theirs in parallel before the first batch
-        synth_pool=1 if smoke else 2,
-        synth_refresh=48,
-        synth_val_cases=1 if smoke else 3,
-        synth_test_cases=1 if smoke else 2,
         aux_fraction=0.3,
         patience=100000,
-        max_minutes=minutes,
-        device=device,
-        num_workers=0 if smoke else 14,
-        n_boot=10 if smoke else 1000,
         out_dir=str(out / "wsnet"),
         export=str(out / "wsnet-3class.safetensors"),
         export_name="wsnet-3class",
@@ -133,21 +140,7 @@ def _train_fecnn(pack: Path, out: Path, device: str, minutes: float, smoke: bool
     )
     cfg = FeCNNTrainConfig(
         **size,
-        synth_backgrounds=str(pack / "backgrounds"),
-        holdout_patients=holdout,
-        phantom=not smoke,
-        phantom_weight=0.5,
-        phantom_pool=1,
-        val_volumes=1,
-        test_volumes=1,
-        synth_pool=1 if smoke else 2,
-        synth_refresh=48,
-        synth_val_cases=1 if smoke else 2,
-        synth_test_cases=1 if smoke else 1,
-        max_minutes=minutes,
-        device=device,
-        num_workers=0 if smoke else 14,
-        n_boot=10 if smoke else 1000,
+        **_slice_data(pack, device, minutes, smoke, holdout),
         out_dir=str(out / "fecnn"),
         export=str(out / "fecnn-covid.safetensors"),
         export_version="2.1.0-gpu",

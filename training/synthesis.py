@@ -48,6 +48,7 @@ from napari_wscovid.phantom import (
     _septal_network,
     _smooth_field,
     _ss,
+    covid_location_weight,
 )
 from training.real_backgrounds import Background
 
@@ -127,16 +128,6 @@ class _Context:
     def to_full(self, c) -> np.ndarray:
         return np.array(c, float) * [1, self.cstep, self.cstep]
 
-    def side_extent(self, side):
-        sel = self.cmask == side
-        if not sel.any():
-            return None
-        zs = np.flatnonzero(sel.any(axis=(1, 2)))
-        ys = np.flatnonzero(sel.any(axis=(0, 2)))
-        tz = np.clip((np.arange(sel.shape[0]) - zs.min()) / max(zs.max() - zs.min(), 1), 0, 1)
-        ty = np.clip((np.arange(sel.shape[1]) - ys.min()) / max(ys.max() - ys.min(), 1), 0, 1)
-        return sel, tz, ty
-
 
 def _blob(rng, ctx: _Context, centre, radius, side, pattern) -> _Paint | None:
     """A rounded patch with an irregular soft margin, clipped to one lung."""
@@ -181,14 +172,10 @@ def covid_lesions(rng, ctx: _Context, severity: float) -> list[_Paint]:
     sides += list(rng.integers(1, 3, size=max(n - len(sides), 0)))
     out = []
     for side in sides:
-        ext = ctx.side_extent(side)
-        if ext is None:
+        sel = ctx.cmask == side
+        if not sel.any():
             continue
-        sel, tz, ty = ext
-        w = sel * np.exp(-ctx.cdist / 8.0)
-        w = w * (np.clip(1.0 - tz, 0, 1) ** 2 + 0.08)[:, None, None]
-        w = w * (0.3 + ty**1.5)[None, :, None]
-        c = _pick(rng, w)
+        c = _pick(rng, covid_location_weight(sel, ctx.cdist, lower_floor=0.08))
         if c is None:
             continue
         radius = (8.0 + 32.0 * severity) * rng.uniform(0.6, 1.25)
