@@ -87,7 +87,7 @@ def test_covid_is_bilateral_mostly_ground_glass(background):
 def test_ground_glass_keeps_vessels_and_noise(background):
     from training import synthesis
 
-    ctx = synthesis._Context(background, background.usable)
+    ctx = synthesis._Context(background)
     rng = np.random.default_rng(0)
     centre = np.argwhere(ctx.lung == 1).mean(0)
     paint = synthesis._blob(rng, ctx, centre, 25.0, 1, "GGO")
@@ -125,7 +125,7 @@ def test_cap_is_ground_glass_and_consolidation_mostly_in_one_lung(background):
 def test_bronchopneumonia_is_many_small_foci(background):
     from training import synthesis
 
-    ctx = synthesis._Context(background, background.usable)
+    ctx = synthesis._Context(background)
     paints = synthesis.bronchopneumonia(np.random.default_rng(3), ctx, severity=0.5)
     foci = [p for p in paints if p.kind in ("GGO", "consolidating")]
     assert len(foci) >= 15

@@ -746,16 +746,17 @@ class SynthInRealSliceDataset(PhantomSliceDataset):
         self.backgrounds = backgrounds
         super().__init__(classes, phantom_fn=self._synthesize, **kwargs)
 
+    def _background(self, seed: int):
+        return self.backgrounds[seed % len(self.backgrounds)]
+
     def _synthesize(self, kind: str, seed: int):
         from training.synthesis import synthesize
 
-        bg = self.backgrounds[seed % len(self.backgrounds)]
-        return synthesize(bg, kind, seed=int(seed % 2**63))
+        return synthesize(self._background(seed), kind, seed=int(seed % 2**63))
 
     def make_entry(self, kind: str, seed: int) -> _PoolEntry | None:
         entry = super().make_entry(kind, seed)
         if entry is not None:
-            bg = self.backgrounds[seed % len(self.backgrounds)]
             # Patients are the real backgrounds: bootstrap and splits must group by them.
-            entry.patient_id = f"synth-{bg.patient_id}-{kind}-{seed % 1000}"
+            entry.patient_id = f"synth-{self._background(seed).patient_id}-{kind}-{seed % 1000}"
         return entry

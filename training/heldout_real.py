@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from training.localisation import MIN_LESION_AREA_MM2, MatchCounts, component_rects, match_slice
+from training.metrics import roc_auc
 
 log = logging.getLogger("training.heldout_real")
 
@@ -157,12 +158,6 @@ def medseg_rows(weights_files, root: Path, device: str, seen: set[str]) -> list[
     return rows
 
 
-def _auc(y, s):
-    from training.metrics import roc_auc
-
-    return roc_auc(np.asarray(y), np.asarray(s))
-
-
 def summarise(report: dict) -> dict:
     out = {}
     real = report["real"]
@@ -177,8 +172,8 @@ def summarise(report: dict) -> dict:
         covid_truth += is_covid.tolist()
         inf_score += (1 - p[:, cls.index("NP")]).tolist()
         inf_truth += inf.tolist()
-    out["real_slice_auc_covid_vs_rest"] = _auc(covid_truth, covid_score)
-    out["real_slice_auc_infected_vs_clean"] = _auc(inf_truth, inf_score)
+    out["real_slice_auc_covid_vs_rest"] = roc_auc(covid_truth, covid_score)
+    out["real_slice_auc_infected_vs_clean"] = roc_auc(inf_truth, inf_score)
     out["real_np_boxes"] = {r["patient"]: r["boxes"] for r in real if r["truth"] == "NP"}
     synth = report.get("synthetic") or []
     if synth:
@@ -186,7 +181,7 @@ def summarise(report: dict) -> dict:
         probs = np.concatenate([np.asarray(r["probs"]).reshape(-1, len(cls)) for r in synth])
         labels = [lab for r in synth for lab in r["labels"]]
         out["synthetic_slice_auc"] = {
-            c: _auc([lab == c for lab in labels], probs[:, i]) for i, c in enumerate(cls)
+            c: roc_auc([lab == c for lab in labels], probs[:, i]) for i, c in enumerate(cls)
         }
         total = MatchCounts()
         for r in synth:

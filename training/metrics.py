@@ -43,9 +43,6 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score))
 
 
-_auc = roc_auc
-
-
 def point_metrics(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, np.ndarray]:
     """Per-class metrics plus an ``"overall"`` entry, without intervals.
 
@@ -75,7 +72,7 @@ def point_metrics(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, np.ndarra
         out["precision"][c] = _ratio(tp, tp + fp)
         out["sensitivity"][c] = _ratio(tp, tp + fn)
         out["specificity"][c] = _ratio(tn, tn + fp)
-        out["auc"][c] = _auc(t.astype(int), y_prob[:, c])
+        out["auc"][c] = roc_auc(t.astype(int), y_prob[:, c])
     out["acc"][k] = _ratio(np.sum(pred == y_true), len(y_true))
     for m in METRICS[1:]:
         vals = out[m][:k]

@@ -45,11 +45,14 @@ from napari_wscovid.phantom import (
     _LABEL_PRIORITY,
     LESION_CODES,
     Phantom,
+    _box,
+    _rotation,
     _septal_network,
     _smooth_field,
     _ss,
     covid_location_weight,
 )
+from napari_wscovid.phantom import _box_coords as _coords
 from training.real_backgrounds import Background
 
 # HU levels a lesion blends towards, drawn per lesion (docs/lesion_intensities.md).
@@ -86,19 +89,6 @@ def _grid(shape, spacing):
     return tuple(np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing, strict=True))
 
 
-def _box(centre, half, shape):
-    return tuple(
-        slice(max(int(c - h), 0), min(int(c + h) + 1, n)) for c, h, n in zip(centre, half, shape, strict=True)
-    )
-
-
-def _coords(sl, grid):
-    return tuple(
-        g[s].reshape([-1 if i == ax else 1 for i in range(3)])
-        for ax, (g, s) in enumerate(zip(grid, sl, strict=True))
-    )
-
-
 def _pick(rng, weights) -> tuple[int, int, int] | None:
     flat = np.asarray(weights, float).ravel()
     total = flat.sum()
@@ -108,16 +98,12 @@ def _pick(rng, weights) -> tuple[int, int, int] | None:
     return tuple(int(v) for v in np.unravel_index(i, np.shape(weights)))
 
 
-def _rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    return q * np.sign(np.diag(r))
-
-
 class _Context:
     """Per-background quantities the lesion makers share (coarse lung grid, pleural distance)."""
 
-    def __init__(self, bg: Background, usable: np.ndarray):
-        self.lung = np.where(usable[:, None, None], bg.lung, 0).astype(np.uint8)
+    def __init__(self, bg: Background):
+        # slices with a real lesion get no lung: never painted, never drawn
+        self.lung = np.where(bg.usable[:, None, None], bg.lung, 0).astype(np.uint8)
         self.spacing = tuple(float(s) for s in bg.spacing)
         self.grid = _grid(bg.lung.shape, self.spacing)
         self.cstep = max(1, int(round(3.0 / min(self.spacing[1:]))))
@@ -436,7 +422,7 @@ def synthesize(
         severity = float(rng.beta(1.3, 1.8))
     if nodules is None:
         nodules = bool(rng.uniform() < 0.25)
-    ctx = _Context(bg, bg.usable)
+    ctx = _Context(bg)
     if kind == "COVID-19":
         paints = covid_lesions(rng, ctx, severity)
     elif kind == "CAP":

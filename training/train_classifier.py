@@ -423,8 +423,8 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
     return Data(streams, list(p), class_freq, SliceSet.concat(vals), tests, desc)
 
 
-def holdout_set(cfg: TrainConfig) -> set[str]:
-    """The real patient ids this run must never train on."""
+def holdout_set(cfg) -> set[str]:
+    """The real patient ids a run must never train on (any trainer's config with ``holdout_patients``)."""
     return {p.strip() for p in (cfg.holdout_patients or "").split(",") if p.strip()}
 
 

@@ -340,10 +340,6 @@ class SynthOrPhantom:
         return make_phantom(kind, seed=seed, nodules=nodules, **phantom_kwargs)
 
 
-def _holdout(cfg) -> set[str]:
-    return {p.strip() for p in (cfg.holdout_patients or "").split(",") if p.strip()}
-
-
 def _phantom_kwargs(cfg: DeCoVNetTrainConfig, backgrounds=None, fraction: float | None = None) -> dict:
     kwargs = {
         "size": cfg.phantom_size,
@@ -363,12 +359,13 @@ def build_data(cfg: DeCoVNetTrainConfig, net_config: DeCoVNetConfig) -> Data:
     train_bg = []
     if cfg.synth_backgrounds:
         from training.real_backgrounds import load_backgrounds
+        from training.train_classifier import holdout_set
 
         # A patient-level label needs a whole volume free of real lesions: the labelled slices
         # of P001 and cap001 would otherwise sit in an "NP" volume.
         every = [b for b in load_backgrounds(cfg.synth_backgrounds) if not b.real_positive.any()]
-        train_bg = [b for b in every if b.patient_id not in _holdout(cfg)]
-        test_bg = [b for b in every if b.patient_id in _holdout(cfg)]
+        train_bg = [b for b in every if b.patient_id not in holdout_set(cfg)]
+        test_bg = [b for b in every if b.patient_id in holdout_set(cfg)]
         if test_bg:
             tests["synth-heldout"] = fixed_phantoms(
                 net_config,
