@@ -93,3 +93,5 @@ def test_recalibrate_writes_a_copy_with_the_fitted_temperature(tmp_path):
     _, info = load_model(tmp_path / "w-cal.safetensors", device="cpu", cache=False)
     assert t > 0 and info["temperature"] == pytest.approx(t)
     assert info["name"] == "w" and info["version"] == "1" and info["training_data"] == "bgA"
+    with pytest.raises(FileExistsError, match="w-cal.safetensors exists"):
+        recalibrate(tmp_path / "w.safetensors", tmp_path / "config.json", tmp_path / "w-cal.safetensors")

@@ -34,21 +34,25 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-def recalibrate(weights: str | Path, config: str | Path, out: str | Path) -> float:
+def recalibrate(
+    weights: str | Path, config: str | Path, out: str | Path, *, overwrite: bool = False
+) -> float:
     """Fit the temperature of exported ``weights`` on the validation set of the run ``config``
     describes (rebuilt from its seeds) and write a copy with it in the metadata; return it.
 
     For weights exported before their trainer fitted temperatures, or after a change of the
-    validation data. The copy keeps every other metadata field.
+    validation data. The copy keeps every other metadata field; an existing ``out`` is replaced
+    only with ``overwrite``.
     """
-    import json
-
     import safetensors
 
     from napari_wscovid.models.registry import load_model, save_model
-    from training.train_classifier import DistInfo, TrainConfig, build_data, calibrate_on
+    from training.evaluate import load_training_config
+    from training.train_classifier import DistInfo, build_data, calibrate_on
 
-    cfg = TrainConfig(**json.loads(Path(config).read_text()))
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{Path(out).name} exists; pass overwrite=True (--overwrite) to replace it")
+    cfg = load_training_config(config)
     net, info = load_model(str(weights), device="cpu", cache=False)
     data = build_data(cfg, tuple(net.config.classes), DistInfo())
     temperature, calibration = calibrate_on(net, data.val, "cpu", cfg.eval_batch_size)
@@ -57,7 +61,7 @@ def recalibrate(weights: str | Path, config: str | Path, out: str | Path) -> flo
     keep = {k: v for k, v in meta.items() if k not in ("name", "version", "config", "architecture", "format")}
     keep["temperature"] = temperature
     keep["calibration"] = calibration
-    save_model(net, out, name=info["name"], version=info["version"], extra_metadata=keep, overwrite=True)
+    save_model(net, out, name=info["name"], version=info["version"], extra_metadata=keep, overwrite=overwrite)
     return temperature
 
 
@@ -69,9 +73,11 @@ def main(argv=None) -> int:
     parser.add_argument("weights")
     parser.add_argument("--config", required=True, help="the training run's config.json (its validation set)")
     parser.add_argument("--out", required=True, help="where to write the calibrated copy")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    print(f"temperature {recalibrate(args.weights, args.config, args.out):.4f} -> {args.out}")
+    temperature = recalibrate(args.weights, args.config, args.out, overwrite=args.overwrite)
+    print(f"temperature {temperature:.4f} -> {args.out}")
     return 0
 
 
