@@ -41,8 +41,6 @@ PACK_LIMIT_MIB = 35.0
 #: Fold A of the real patients: never trained on, so the run's weights can be compared with the
 #: CPU weights on the same held-out patients.
 DEFAULT_HOLDOUT = "cap001,LIDC-IDRI-0003,Lung_Dx-A0001"
-#: ``napari_wscovid._sample_data.FALLBACK_KWARGS`` (that module imports the napari reader).
-SAMPLE_KWARGS = {"kind": "COVID-19", "seed": 0, "n_slices": 64, "size": 256}
 #: Pure-Python packages the trainers import that the GPU machine lacks; the pack carries them.
 CARRIED_PACKAGES = ("tqdm",)
 # WSNet's includes about a minute of building its validation and test sets.
@@ -189,6 +187,7 @@ def _train_lung_unet(out: Path, device: str, minutes: float, smoke: bool) -> dic
 def _time_detect(out: Path, device: str, smoke: bool) -> dict:
     """``detect`` with the new WSNet on the bundled sample: the stage timings on this device."""
     from napari_wscovid import detect
+    from napari_wscovid._sample_data import FALLBACK_KWARGS
     from napari_wscovid.phantom import make_phantom
 
     if smoke:
@@ -196,7 +195,7 @@ def _time_detect(out: Path, device: str, smoke: bool) -> dict:
     else:
         # The bundled sample is this phantom written as DICOM (scripts/make_sample_data.py); the
         # GPU machine has no pydicom, so the very same study is generated rather than read.
-        volume = make_phantom(**SAMPLE_KWARGS).volume
+        volume = make_phantom(**FALLBACK_KWARGS).volume
     timings = {}
     for name in ("wsnet-3class", "fecnn-covid", "decovnet-covid"):
         weights = out / f"{name}.safetensors"
