@@ -185,7 +185,7 @@ def _train_lung_unet(out: Path, device: str, minutes: float, smoke: bool) -> dic
 
 
 def _time_detect(out: Path, device: str, smoke: bool) -> dict:
-    """``detect`` with the new WSNet on the bundled sample: the stage timings on this device."""
+    """``detect`` with each new network on the bundled sample: the stage timings on this device."""
     from napari_wscovid import detect
     from napari_wscovid._sample_data import FALLBACK_KWARGS
     from napari_wscovid.phantom import make_phantom

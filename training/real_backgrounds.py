@@ -94,12 +94,13 @@ def canonical(volume, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Flip arrays so that each array axis runs along +world of its nearest world axis.
 
     Only axis flips (no rotations): CT series are axial with at most a small tilt, and the
-    synthesis only needs to know which way is superior and posterior.
+    synthesis only needs to know which way is superior and posterior. An array of fewer
+    dimensions (per-slice flags) is flipped along the volume's leading axes.
     """
     direction = np.asarray(volume.direction, float)
     out = []
     for a in arrays:
-        for axis in range(3):
+        for axis in range(np.ndim(a)):
             if direction[axis, axis] < 0:
                 a = np.flip(a, axis)
         out.append(np.ascontiguousarray(a))
@@ -121,8 +122,7 @@ def make_background(
     hu = np.asarray(volume.hu)
     lung = np.asarray(lung, np.uint8)
     positive = np.zeros(hu.shape[0], bool) if positive is None else np.asarray(positive, bool)
-    hu, lung, positive3 = canonical(volume, hu, lung, np.broadcast_to(positive[:, None, None], hu.shape))
-    positive = positive3[:, 0, 0].copy()
+    hu, lung, positive = canonical(volume, hu, lung, positive)
     dz, dy, dx = (float(s) for s in volume.spacing)
     area = (lung > 0).reshape(lung.shape[0], -1).sum(1) * dy * dx
     zs = np.flatnonzero(area >= min_lung_mm2)
