@@ -144,6 +144,31 @@ def test_np_case_is_the_background_unchanged(background):
         synthesize(background, "flu", seed=0)
 
 
+def test_solitary_mass_is_a_dense_distractor_not_pneumonia(background):
+    from training.datasets import slice_labels_from_masks
+    from training.synthesis import _Context, solitary_mass
+
+    rng = np.random.default_rng(1)
+    ctx = _Context(background)
+    (paint,) = solitary_mass(rng, ctx, side=1)
+    assert paint.kind == "mass" and paint.mode == "replace" and set(np.unique(paint.labels)) == {0, 4}
+    diameter_mm = (paint.weight > 0.5).any((0, 1)).sum() * ctx.spacing[2]
+    assert 10.0 <= diameter_mm <= 55.0
+    # a case whose only finding is the mass is NP on every slice
+    masses = [s for s in range(40) if "mass" in {r["type"] for r in synthesize_np(background, s).lesions}]
+    assert masses, "no NP case with a mass in 40 seeds"
+    case = synthesize_np(background, masses[0])
+    assert (case.volume.hu[case.lesion_mask == 4] > -200).mean() > 0.5
+    _, names = slice_labels_from_masks(case.lung_mask, case.lesion_mask, "NP")
+    assert set(names) == {"NP"}
+
+
+def synthesize_np(background, seed):
+    from training.synthesis import synthesize
+
+    return synthesize(background, "NP", seed=seed, nodules=True)
+
+
 def test_synth_stream_labels_and_patients(background):
     from training.datasets import SynthInRealSliceDataset
 

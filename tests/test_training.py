@@ -110,6 +110,29 @@ def test_augment_identity_and_flip():
 # ----------------------------------------------------------------------------- data and splits
 
 
+def test_scanner_augment_keeps_the_mask_and_varies_kernel_noise_and_anatomy():
+    from training.augment import SCANNER_AUGMENT, _gaussian_blur
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(8, 1, 48, 48)
+    x[:, :, 8:40, 10:38] = 0.3 + 0.1 * torch.rand(8, 1, 32, 28, generator=g)
+    x[:, :, 20:24, 20:24] = 0.9  # a vessel
+    still = dict(scale=(1, 1), max_rotation_deg=0, flip_p=0, contrast=(1, 1))
+    plain = Augment(AugmentConfig(**still), seed=1)(x)
+    scanner = Augment(AugmentConfig(**{**SCANNER_AUGMENT.__dict__, **still}), seed=1)
+    out = scanner(x)
+    assert out.shape == x.shape and torch.equal(out, Augment(scanner.config, seed=1)(x))
+    assert not torch.allclose(out, plain, atol=1e-3)
+    # nothing is painted on the black surround the lung mask left (up to the warp at the edge)
+    assert float(out[:, :, :4].abs().max()) == 0.0 and float(out[:, :, :, :4].abs().max()) == 0.0
+    # a blur conserves the mean away from the border and lowers the vessel's peak
+    blurred = _gaussian_blur(x[:2], torch.tensor([1.0, 2.0]))
+    assert float(blurred[1, 0, 21, 21]) < float(blurred[0, 0, 21, 21]) < 0.9
+    torch.testing.assert_close(
+        blurred[:, :, 4:44, 4:44].mean(), x[:2, :, 4:44, 4:44].mean(), atol=1e-3, rtol=0
+    )
+
+
 def test_slice_labels_lesion_free_slices_are_np():
     lung = np.zeros((5, 20, 20), np.uint8)
     lung[1:5, 4:16, 4:16] = 1

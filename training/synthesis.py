@@ -15,8 +15,8 @@ Patterns (``lesion_mask`` codes as in :mod:`napari_wscovid.phantom`):
 * **consolidation (2)**: blended towards a soft-tissue level over the local mean, which hides
   vessels but keeps the real noise; the background's own air-filled bronchi are left dark inside
   it (air bronchograms).
-* **nodules (4)**: bronchocentric clusters of small nodules (tree-in-bud-like) with CAP, as
-  distractors with NP.
+* **nodules (4)**: bronchocentric clusters of small nodules (tree-in-bud-like) with CAP; as
+  distractors in any class, one to three solid nodules or one lobulated tumour-like mass.
 * **bronchopneumonia**: half of the CAP cases are many small patchy foci (ground glass, some
   consolidating) clustered in one or two pseudo-lobes, often of one lung, with tree-in-bud
   nodules; the other half lobar or segmental.
@@ -69,6 +69,8 @@ AIRWAY_CONTRAST_HU = 70.0
 W_MIN = 0.1  # blend weight below which a voxel is left untouched and unmarked
 
 KINDS = ("NP", "CAP", "COVID-19")
+#: Of the cases with distractors, the share that gets one tumour-like mass instead of nodules.
+MASS_FRACTION = 0.4
 
 
 @dataclass
@@ -362,6 +364,34 @@ def nodule_cluster(rng, ctx: _Context, side: int, *, bronchocentric: bool) -> li
     return out
 
 
+def solitary_mass(rng, ctx: _Context, side: int) -> list[_Paint]:
+    """One solid, lobulated mass of 15-45 mm (a tumour): not pneumonia, a hard negative.
+
+    Real non-pneumonia patients carry nodules and tumours (LIDC-IDRI, Lung-PET-CT-Dx); a stream
+    whose only dense round things are pneumonia teaches that every mass is CAP.
+    """
+    sel = (ctx.cmask == side) & (ctx.cdist > 10.0)
+    c0 = _pick(rng, sel.astype(float))
+    if c0 is None:
+        return []
+    centre = ctx.to_full(c0)
+    radius = rng.uniform(7.5, 22.5)
+    sp = ctx.spacing
+    sl = _box(centre, [1.6 * radius / v + 2 for v in sp], ctx.lung.shape)
+    zz, yy, xx = _coords(sl, ctx.grid)
+    c = [ctx.grid[a][int(np.clip(centre[a], 0, len(ctx.grid[a]) - 1))] for a in range(3)]
+    dist = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    shape = tuple(v.stop - v.start for v in sl)
+    lobulation = np.clip(_smooth_field(rng, shape, sp, radius * 0.4), -2.5, 2.5)
+    edge = radius * (1.0 + 0.15 * lobulation) - dist
+    w = (np.clip(edge / min(sp[1:]) + 0.5, 0.0, 1.0) * (ctx.lung[sl] == side)).astype(np.float32)
+    w[w < W_MIN] = 0.0
+    if not w.any():
+        return []
+    target = (rng.uniform(*HU_NODULE) + 15.0 * _smooth_field(rng, shape, sp, 3.0)).astype(np.float32)
+    return [_Paint("mass", side, sl, w, target, np.where(w > 0, 4, 0).astype(np.uint8), "replace")]
+
+
 def _apply(hu: np.ndarray, paints: list[_Paint], spacing) -> np.ndarray:
     """Blend every lesion into ``hu`` (float32, in place) and return the lesion label volume."""
     lesion_mask = np.zeros(hu.shape, np.uint8)
@@ -430,7 +460,11 @@ def synthesize(
     else:
         paints = []
     if nodules:
-        paints += nodule_cluster(rng, ctx, int(rng.integers(1, 3)), bronchocentric=False)
+        side = int(rng.integers(1, 3))
+        if rng.uniform() < MASS_FRACTION:
+            paints += solitary_mass(rng, ctx, side)
+        else:
+            paints += nodule_cluster(rng, ctx, side, bronchocentric=False)
     hu = bg.hu.astype(np.float32)
     lesion_mask = _apply(hu, paints, ctx.spacing)
     lesion_mask[ctx.lung == 0] = 0

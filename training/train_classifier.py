@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from napari_wscovid.models.wsnet import TASK_CLASSES, WSNet, WSNetConfig, tiny_config
 from training import _export
-from training.augment import Augment
+from training.augment import SCANNER_AUGMENT, Augment
 from training.datasets import (
     MEDSEG_CLASS_MAP,
     PhantomSliceDataset,
@@ -101,6 +101,9 @@ class TrainConfig(SynthOptions):
     gamma: float = _opt(1.0, "focal-loss focusing parameter (eq. 1)")
     joint_aux_weight: float = _opt(1.0, "weight of the auxiliary losses during the joint phase")
     augment: bool = _opt(True, "the paper's random crop/rotation/flip/contrast augmentation")
+    scanner_augment: bool = _opt(
+        False, "also elastic warps, other scanners' kernels and noise (training.augment.SCANNER_AUGMENT)"
+    )
     # validation and stopping
     val_every: int = _opt(500, "iterations between validations")
     select_metric: str = _opt(
@@ -609,7 +612,13 @@ def train(cfg: TrainConfig) -> dict:
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     augment = (
-        Augment(out_size=cfg.input_size, seed=stream_seed(cfg.seed, 6, info.rank)) if cfg.augment else None
+        Augment(
+            SCANNER_AUGMENT if cfg.scanner_augment else None,
+            out_size=cfg.input_size,
+            seed=stream_seed(cfg.seed, 6, info.rank),
+        )
+        if cfg.augment
+        else None
     )
     state = TrainState(aux_end=int(round(cfg.aux_fraction * cfg.iterations)))
     if cfg.resume:
@@ -844,6 +853,8 @@ def jsonable(obj):
 def model_card(cfg: TrainConfig, data: Data, summary: dict, reports: dict) -> str:
     """A short markdown model card: data, recipe, training, test metrics with CIs, export."""
     aug = "centre crop 0.7-1, rotation +-25 deg, h-flip 0.5, contrast 0.5-1.5" if cfg.augment else "none"
+    if cfg.augment and cfg.scanner_augment:
+        aug += "; elastic warps, blur/unsharp kernels and noise (SCANNER_AUGMENT)"
     budget = f"{cfg.iterations} it" + (f" / {cfg.max_minutes:g} min" if cfg.max_minutes else "")
     lines = [
         f"# {cfg.export_name} {cfg.export_version}",
