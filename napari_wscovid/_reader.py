@@ -1,6 +1,8 @@
 """npe2 reader: chest CT (DICOM folder/file, NIfTI, MHA/MHD, NRRD) and exported boxes.
 
-``get_reader`` only looks at names (and, for folders, at a few file headers); the
+``get_reader`` only looks at names and headers (for folders, a few files'; for ``.json`` and
+``.csv`` the first bytes, so a boxes file saved under any name opens and other JSON/CSV is left
+to other readers); the
 returned function does the loading and raises an error with a clear message when
 it fails, which napari shows without closing the viewer. Layer names never carry
 patient data: the CT is called ``CT <series_key>`` with the pseudonymous key.
@@ -14,13 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_wscovid.io.boxes_io import geometry_layer_kwargs, geometry_mismatch, load_boxes
+from napari_wscovid.io.boxes_io import (
+    COLUMNS,
+    FORMAT_NAME,
+    geometry_layer_kwargs,
+    geometry_mismatch,
+    load_boxes,
+)
 from napari_wscovid.io.volume import CTLoadError, CTVolume
 
 logger = logging.getLogger(__name__)
 
 CT_SUFFIXES = (".dcm", ".ima", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 BOXES_SUFFIX = ".boxes.json"
+_SNIFF_BYTES = 4096
 HU_WINDOW = (-1350.0, 150.0)  # lung window: level -600, width 1500
 _DICOM_PROBE_FILES = 64
 
@@ -41,13 +50,27 @@ def get_reader(path):
             return None
     path = str(path)
     lower = path.lower()
-    if lower.endswith(BOXES_SUFFIX):
+    if lower.endswith(BOXES_SUFFIX) or (lower.endswith((".json", ".csv")) and _is_boxes_file(path)):
         return read_boxes
     if os.path.isdir(path):
         return read_ct if _folder_has_dicom(path) else None
     if lower.endswith(CT_SUFFIXES) or _is_dicom_file(path):
         return read_ct
     return None
+
+
+def _is_boxes_file(path: str) -> bool:
+    """Whether a ``.json``/``.csv`` file is one of ours: the format name near the top of a JSON,
+    every column of :data:`~napari_wscovid.io.boxes_io.COLUMNS` in a CSV's header."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    if path.lower().endswith(".json"):
+        return f'"{FORMAT_NAME}"' in head
+    header = {c.strip().strip('"') for c in head.splitlines()[0].split(",")} if head else set()
+    return set(COLUMNS) <= header
 
 
 def _is_dicom_file(path: str) -> bool:
@@ -120,17 +143,20 @@ def read_ct(path) -> list[tuple]:
 
 # ---------------------------------------------------------------------------- boxes
 def read_boxes(path) -> list[tuple]:
-    """An exported ``*.boxes.json`` as an editable Shapes layer on its CT's grid.
+    """An exported boxes file (JSON or CSV, any name) as an editable Shapes layer on its CT's grid.
 
     When a CT is open in the current viewer and none has the grid the boxes were
     made on, the file is refused with both geometries named (BAD_INPUTS case 36).
+    A CSV carries no grid: it goes onto the open CT whose grid its millimetre corners fit.
     """
     from napari_wscovid._widgets.layers import boxes_layer_data, default_box_class
 
     boxes, meta = load_boxes(path)
     geometry = meta["geometry"]
     open_geometries = _open_ct_geometries()
-    if open_geometries and all(geometry_mismatch(geometry, g) for g in open_geometries):
+    if geometry is None:
+        geometry = _csv_geometry(path, open_geometries)
+    elif open_geometries and all(geometry_mismatch(geometry, g) for g in open_geometries):
         # Re-load against the newest CT so the error names both grids.
         load_boxes(path, expected_geometry=open_geometries[-1])
     classes = meta["classes"] or sorted({b.class_name for b in boxes})
@@ -146,6 +172,21 @@ def read_boxes(path) -> list[tuple]:
             model_info=meta["model"],
         )
     ]
+
+
+def _csv_geometry(path, open_geometries: list[dict]) -> dict:
+    """The grid of the open CT a boxes CSV fits (newest first); a clear error if none does."""
+    name = Path(path).name
+    if not open_geometries:
+        raise ValueError(f"{name} is a boxes CSV, which carries no CT grid: open its CT first, then the CSV")
+    errors = []
+    for geometry in reversed(open_geometries):
+        try:
+            load_boxes(path, expected_geometry=geometry)
+            return geometry
+        except ValueError as exc:
+            errors.append(str(exc))
+    raise ValueError(f"{name} fits none of the open CTs: {errors[0]}")
 
 
 def _open_ct_geometries() -> list[dict]:

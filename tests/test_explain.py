@@ -12,11 +12,10 @@ from captum.attr import IntegratedGradients
 from napari_wscovid.explain import (
     DEFAULT_IG_METHOD,
     DEFAULT_IG_STEPS,
-    class_cams,
+    cam_volume,
     integrated_gradients,
     multiscale_saliency,
     quadrature,
-    upsample_maps,
 )
 from napari_wscovid.explain.integrated_gradients import IG_METHODS
 from napari_wscovid.models.wsnet import SCALES, WSNet, tiny_config
@@ -157,23 +156,20 @@ def test_defaults_and_quadrature():
         quadrature("simpson", 5)
 
 
-def test_class_cams_in_unit_range_and_upsampled(net, x):
-    with torch.no_grad():
-        out = net(x)
-    cams = class_cams(out, 2)
-    assert set(cams) == set(SCALES)
-    for scale, cam in cams.items():
-        assert cam.dtype == np.float32 and cam.shape == (3, *out.cams[scale].shape[2:])
-        assert cam.min() >= 0 and cam.max() <= 1
-        peaks = cam.reshape(3, -1).max(1)
-        assert np.all((peaks == 0) | np.isclose(peaks, 1))
-    up = upsample_maps(cams["conv5"], 64)
-    assert up.shape == (3, 64, 64) and up.min() >= 0 and up.max() <= 1 + 1e-6
+def test_cam_volume_one_factor_for_the_volume_on_the_lung_slices_only():
+    from napari_wscovid.preprocess import prepare_slices
 
-
-def test_class_cams_all_negative_slice_is_zero():
-    cams = torch.full((1, 3, 4, 4), -1.0)
-    from napari_wscovid.models.wsnet import WSNetOutput
-
-    out = WSNetOutput(logits=torch.zeros(1, 3), scores={"conv5": cams.amax((2, 3))}, cams={"conv5": cams})
-    assert np.all(class_cams(out, 0)["conv5"] == 0)
+    hu = np.full((5, 32, 32), -1000, np.int16)
+    lung = np.zeros((5, 32, 32), np.uint8)
+    lung[1:4, 8:24, 8:24] = 1
+    lung_idx = np.array([1, 2, 3])
+    _, crops = prepare_slices(hu, lung, lung_idx, size=16, spacing_yx=(1.0, 1.0))
+    lowres = np.zeros((3, 4, 4), np.float32)
+    lowres[0] = 2.0  # the strongest slice
+    lowres[1] = 1.0  # half as strong: stays half, not rescaled to its own peak
+    lowres[2] = -3.0  # negative evidence only: dropped (ReLU)
+    vol = cam_volume(lowres, crops, lung_idx, hu.shape)
+    assert vol.dtype == np.uint8 and vol.shape == hu.shape
+    assert vol[0].max() == 0 and vol[4].max() == 0 and vol[3].max() == 0
+    assert vol[1].max() == 255 and abs(int(vol[2].max()) - 128) <= 1
+    assert not cam_volume(-lowres.clip(0), crops, lung_idx, hu.shape).any()

@@ -234,7 +234,8 @@ def test_detect_iter_on_phantom(phantom, tiny_result):
     r, progress = tiny_result
     z, y, x = phantom.volume.shape
     lung_idx = lung_slices(phantom.lung_mask, phantom.volume.spacing)
-    assert progress[-1] == (4, 4, "Done") and all(d <= t for d, t, _ in progress)
+    # the method ends at its last stage; the pipeline around it says "Done"
+    assert progress[-1][:2] == (3, 4) and all(d <= t for d, t, _ in progress)
     assert r.classes == ("NP", "COVID-19") and r.slice_probs.shape == (z, 2)
     assert np.isnan(r.slice_probs[np.setdiff1d(np.arange(z), lung_idx)]).all()
     np.testing.assert_allclose(r.slice_probs[lung_idx].sum(1), 1, atol=1e-5)
@@ -431,10 +432,6 @@ def test_training_cli_help(capsys):
 
 
 def test_through_the_pipeline(tmp_path, phantom):
-    import napari_wscovid.pipeline as pipeline
-
-    if "METHOD_MODULES" not in open(pipeline.__file__, encoding="utf-8").read():
-        pytest.skip("napari_wscovid.pipeline does not dispatch to napari_wscovid.methods yet")
     from napari_wscovid import detect
     from napari_wscovid.models.registry import save_model
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from napari_wscovid.pipeline import (
-    SALIENCY_LAYERS,
-    detect,
-    detect_iter,
-    lung_slices,
-    patient_probabilities,
-)
+from napari_wscovid.explain import SALIENCY_LAYERS
+from napari_wscovid.pipeline import detect, detect_iter
+from napari_wscovid.stages import lung_slices, patient_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +120,32 @@ def test_detect_iter_can_be_cancelled_at_a_yield(phantom):
         next(gen)
 
 
+def test_lung_step_reports_progress_and_stops_when_cancelled(phantom, monkeypatch):
+    import threading
+
+    import napari_wscovid.lung as lung
+
+    stopped_at = []
+
+    def slow_lungs(volume, method, progress):
+        for i in range(1, 51):
+            time.sleep(0.01)
+            progress(i, 50, f"part {i}")
+            stopped_at.append(i)
+        return phantom.lung_mask
+
+    monkeypatch.setattr(lung, "segment_lungs", slow_lungs)
+    gen = detect_iter(phantom.volume, model="tiny-test", saliency="none")
+    seen = [next(gen) for _ in range(4)]
+    assert seen[0] == (0, 4, "Segmenting lungs") and seen[3] == (0, 4, "Segmenting lungs: part 3 (3/50)")
+    gen.close()  # what napari's worker.quit() does
+    assert len(stopped_at) < 50, "the lung step ran to its end after the run was cancelled"
+    assert not [t for t in threading.enumerate() if t.name == "wscovid-lungs"]
+    # run to the end, the lung step's result is used
+    r = detect(phantom.volume, model="tiny-test", saliency="none")
+    assert np.array_equal(r.lung_mask, phantom.lung_mask) and r.model_info["lung_method"] == "hybrid"
+
+
 def test_detect_refuses_a_mismatched_lung_mask(phantom):
     with pytest.raises(ValueError, match="lung mask shape"):
         detect(phantom.volume, model="tiny-test", lung_mask=np.zeros((2, 2, 2), np.uint8))
@@ -143,7 +167,40 @@ def test_detect_accepts_an_injected_model(phantom):
         phantom.volume, model=net, saliency="slices", slices=[8], lung_mask=phantom.lung_mask, ig_steps=2
     )
     assert r.classes == ("NP", "COVID-19")
-    assert r.saliency_slices in ((8,), ())
+    assert 8 in lung_slices(phantom.lung_mask, phantom.volume.spacing)
+    assert r.saliency_slices == (8,) and r.saliency["conv5"][8].any()
+
+
+def test_an_option_the_method_does_not_take_is_refused_before_any_work(phantom):
+    with pytest.raises(ValueError, match=r"WSNet \(Hu et al. 2020\) does not take n_lesion_types"):
+        detect(phantom.volume, model="tiny-test", lung_mask=phantom.lung_mask, n_lesion_types=3)
+    # None means "the method's default" and is accepted by every method
+    r = detect(phantom.volume, model="tiny-test", lung_mask=phantom.lung_mask, saliency="none", ig_steps=None)
+    assert r.saliency_slices == () and r.model_info["architecture"] == "wsnet-hu2020"
+
+
+def test_on_demand_explanation_sees_the_input_the_run_classified(phantom):
+    """The "current slice" explanation after a run must explain the very input that was classified:
+    a display-intensity CT (not HU) with padding is normalised as the run normalised it."""
+    from napari_wscovid.io.volume import CTVolume
+    from napari_wscovid.methods.wsnet import explain_more
+    from napari_wscovid.stages import run_to_end
+
+    hu = phantom.volume.hu.astype(np.float32)
+    display = np.rint((np.clip(hu, -1350, 150) + 1350) / 1500 * 255).astype(np.float32)
+    padding = np.zeros(display.shape, bool)
+    padding[:, :, :6] = True
+    volume = CTVolume(
+        hu=display, spacing=phantom.volume.spacing, origin=phantom.volume.origin, is_hu=False,
+        padding_mask=padding,
+    )  # fmt: skip
+    kwargs = dict(model="tiny-test", lung_mask=phantom.lung_mask, ig_steps=2, device="cpu")
+    reference = detect(volume, saliency="slices", slices=[8], **kwargs)
+    plain = detect(volume, saliency="none", **kwargs)
+    later = run_to_end(explain_more(volume, plain, [8], model="tiny-test", device="cpu", ig_steps=2))
+    for name, maps in later["saliency"].items():
+        np.testing.assert_array_equal(maps[0], reference.saliency[name][8], err_msg=name)
+    assert [b.as_dict() for b in later["boxes"]] == [b.as_dict() for b in reference.boxes]
 
 
 def test_nan_output_is_a_clear_error(phantom):

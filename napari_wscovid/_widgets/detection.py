@@ -7,9 +7,7 @@ user presses "Run detection", so the plugin menu opens fast.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
-import threading
 import time
 from importlib import import_module
 from pathlib import Path
@@ -41,7 +39,6 @@ from napari_wscovid.results import Box, DetectionResult
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_MODULE = "napari_wscovid.pipeline"
 REGISTRY_MODULE = "napari_wscovid.models.registry"
 FALLBACK_MODELS = ("default", "tiny-test")
 CHOOSE_FILE = "Weights file…"
@@ -57,13 +54,6 @@ SALIENCY_SCOPES = (
 DEVICES = (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"))
 LUNG_CHOICES = tuple((label, method) for method, label in LUNG_METHOD_LABELS.items())
 _SLICE_DEBOUNCE_MS = 200
-
-
-class _CancelFlag(threading.Event):
-    """Set by Cancel; usable as an Event (``is_set``) or a callable returning True when cancelled."""
-
-    def __call__(self) -> bool:
-        return self.is_set()
 
 
 class _RefreshingCombo(QComboBox):
@@ -95,17 +85,6 @@ def _guarded(func, *args, **kwargs):
         raise WorkerError(str(exc)) from exc
 
 
-def _accepted_kwargs(func, kwargs: dict) -> dict:
-    """``kwargs`` restricted to what ``func`` accepts, so optional knobs never break a call."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 def _camera(viewer):
     # napari 0.9 moved the camera to viewer.scene; older versions only have viewer.camera.
     scene = getattr(viewer, "scene", None)
@@ -135,34 +114,19 @@ def volume_from_layer(layer) -> CTVolume:
     return volume
 
 
-def explain_iter(
-    volume, result, slices, *, model="default", device="auto", ig_steps=None, min_box_area_mm2=20.0
-):
-    """Saliency and boxes of ``slices`` after a run without them; a progress generator.
+def _default_detect_iter(volume, **kwargs):
+    """The core's ``detect_iter``, imported on first use: torch loads when a run starts, not
+    when the dock opens."""
+    from napari_wscovid.pipeline import detect_iter
 
-    Loads the run's model (the registry caches it) and returns
-    ``pipeline.explain_slices``'s dict ``{"saliency": {name: (n, y, x)}, "boxes": [...]}``.
-    """
-    from napari_wscovid.models.registry import load_model
+    return (yield from detect_iter(volume, **kwargs))
 
-    pipeline = import_module(PIPELINE_MODULE)
-    net, info = load_model(model, device=device)
-    prep = {"size": int(net.config.input_size), "spacing_yx": volume.spacing[1:]}
-    if info.get("normalisation"):
-        prep["normalisation"] = info["normalisation"]
-    return (
-        yield from pipeline.explain_slices(
-            volume,
-            slices,
-            net=net,
-            lung_mask=result.lung_mask,
-            slice_probs=result.slice_probs,
-            classes=result.classes,
-            ig_steps=ig_steps,
-            min_box_area_mm2=min_box_area_mm2,
-            prep_kwargs=prep,
-        )
-    )
+
+def _default_explain_more(volume, result, slices, **kwargs):
+    """The core's on-demand explanation of slices a run did not explain."""
+    from napari_wscovid.methods.wsnet import explain_more
+
+    return (yield from explain_more(volume, result, slices, **kwargs))
 
 
 def is_integrated_gradients_method(result: DetectionResult) -> bool:
@@ -177,14 +141,23 @@ class DetectionWidget(QWidget):
     ----------
     napari_viewer : napari.Viewer
         The viewer to read the CT from and add result layers to.
+    detect_iter, explain_more : callable, optional
+        The detection generator and the on-demand slice explanation (the core's
+        :func:`napari_wscovid.pipeline.detect_iter` and
+        :func:`napari_wscovid.methods.wsnet.explain_more` by default); tests pass fakes.
     """
 
-    def __init__(self, napari_viewer) -> None:
+    def __init__(self, napari_viewer, *, detect_iter=None, explain_more=None) -> None:
         super().__init__()
         self._viewer = napari_viewer
+        self._detect_iter = detect_iter or _default_detect_iter
+        self._explain_more = explain_more or _default_explain_more
         self._worker = None
-        self._cancel: _CancelFlag | None = None
         self._run_started = 0.0
+        self._run_ct = None  # the CT layer, volume and scope of the run in progress
+        self._run_volume: CTVolume | None = None
+        self._run_scope = ""
+        self._run_succeeded = False
         self._result: DetectionResult | None = None
         self._result_ct = None  # the CT layer the current result belongs to
         self._result_volume: CTVolume | None = None
@@ -230,7 +203,6 @@ class DetectionWidget(QWidget):
         self._progress.setValue(0)
         self._status = QLabel("")
         self._status.setWordWrap(True)
-        self._device_label = QLabel("Device: –")
         self._export_btn = QPushButton("Export boxes…")
         self._import_btn = QPushButton("Import boxes…")
         self._results = ResultsPanel()
@@ -257,7 +229,6 @@ class DetectionWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self._progress)
         layout.addWidget(self._status)
-        layout.addWidget(self._device_label)
         layout.addWidget(self._results)
         layout.addLayout(io_buttons)
 
@@ -387,13 +358,12 @@ class DetectionWidget(QWidget):
             return
         try:
             volume = volume_from_layer(layer)
-            pipeline = import_module(PIPELINE_MODULE)
-        except (ValueError, ImportError) as exc:
+        except ValueError as exc:
             show_error(f"Cannot run detection: {exc}")
             return
         self._stop_slice_worker()
-        self._cancel = _CancelFlag()
-        kwargs = _accepted_kwargs(pipeline.detect_iter, {**self._detect_kwargs(), "cancel": self._cancel})
+        kwargs = self._detect_kwargs()
+        self._run_succeeded = False
         self._run_ct, self._run_volume, self._run_scope = layer, volume, self._scope()
         self._run_params = {
             k: v
@@ -405,7 +375,7 @@ class DetectionWidget(QWidget):
         self._status.setText("Starting…")
         self._worker = create_worker(
             _guarded,
-            pipeline.detect_iter,
+            self._detect_iter,
             volume,
             **kwargs,
             _connect={
@@ -420,7 +390,6 @@ class DetectionWidget(QWidget):
     def _on_cancel_clicked(self) -> None:
         if self._worker is None:
             return
-        self._cancel.set()
         self._worker.quit()
         self._status.setText("Cancelling…")
 
@@ -453,7 +422,9 @@ class DetectionWidget(QWidget):
             return
         seconds = time.perf_counter() - self._run_started
         self._status.setText(f"Done in {seconds:.1f} s: {result.predicted_class}.")
-        self._device_label.setText(f"Device: {result.device}")
+        self._run_succeeded = True
+        self._progress.setRange(0, 1)
+        self._progress.setValue(1)
 
     def _on_detection_errored(self, exc: Exception) -> None:
         logger.debug("detection failed", exc_info=exc)
@@ -467,7 +438,8 @@ class DetectionWidget(QWidget):
         self._worker = None
         self._set_running(False)
         self._progress.setRange(0, 1)
-        self._progress.setValue(0)
+        # a finished run shows a full bar; a cancelled or failed one an empty bar
+        self._progress.setValue(1 if self._run_succeeded else 0)
         if self._result is not None and self._result_scope == "current":
             self._slice_timer.start()  # explain the slice in view now that the run is over
 
@@ -625,7 +597,7 @@ class DetectionWidget(QWidget):
         result = self._result
         self._slice_worker = create_worker(
             _guarded,
-            explain_iter,
+            self._explain_more,
             self._result_volume,
             result,
             [index],

@@ -1,54 +1,36 @@
-"""Class activation maps from a WSNet forward pass, scaled for display."""
+"""Class activation maps of a WSNet pass made into volumes for display."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from napari_wscovid.models.wsnet import WSNetOutput
+from napari_wscovid.stages import to_uint8
+
+#: Lung slices whose CAMs are upsampled together (bounds the float temporaries).
+CAM_BLOCK_SLICES = 32
 
 
-def class_cams(output: WSNetOutput, class_index: int) -> dict[str, np.ndarray]:
-    """Per-scale CAMs of one class, in [0, 1], for display.
+def cam_volume(
+    lowres: np.ndarray, crops: list, lung_idx: np.ndarray, shape: tuple[int, int, int]
+) -> np.ndarray:
+    """One class's CAMs of the lung slices, pasted back onto the CT grid as a uint8 volume.
 
-    Parameters
-    ----------
-    output
-        A forward pass of the network on ``N`` slices.
-    class_index
-        Index of the class whose maps are wanted.
-
-    Returns
-    -------
-    dict
-        Scale name -> ``(N, h, w)`` float32 array at the scale's own resolution.
-
-    Notes
-    -----
-    Negative evidence is dropped (ReLU), as in Zhou et al.'s CAM: the score is a global
-    max, so only positive responses can have made it. Each slice is then divided by its
-    own maximum rather than by the volume's, so a slice with a faint lesion is still
-    visible next to one with a strong lesion; the price is that brightness cannot be
-    compared across slices (the slice probabilities carry that). A slice with no positive
-    response stays all zeros instead of being divided by zero.
+    ``lowres`` is (n, h, w) at the scale's own resolution, one map per slice of ``lung_idx``
+    (whose ``crops`` came from ``prepare_slices``). Negative evidence is dropped (ReLU), as in
+    Zhou et al.'s CAM: the score is a global max, so only positive responses can have made it.
+    One factor for the whole volume (its peak) keeps slices comparable at a fixed 0-1 contrast;
+    the slice probabilities say how strong each slice is.
     """
-    cams = {}
-    for scale, cam in output.cams.items():
-        maps = torch.relu(cam[:, class_index].detach().float())
-        peak = maps.amax(dim=(1, 2), keepdim=True)
-        maps = torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny), 0.0)
-        cams[scale] = maps.cpu().numpy().astype(np.float32, copy=False)
-    return cams
+    from napari_wscovid.preprocess import maps_to_slice
 
-
-def upsample_maps(maps: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize ``(N, h, w)`` maps to ``(N, *size)`` input resolution.
-
-    ``align_corners=False`` treats each map cell as covering a square of input pixels,
-    which is how the convolutions and poolings tile the input.
-    """
-    tensor = torch.as_tensor(np.asarray(maps, dtype=np.float32) if not torch.is_tensor(maps) else maps)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    resized = F.interpolate(tensor.float()[:, None], size=size, mode="bilinear", align_corners=False)
-    return resized[:, 0].detach().cpu().numpy()
+    raw = np.maximum(lowres, 0)
+    out = np.zeros(shape, dtype=np.uint8)
+    peak = float(raw.max()) if raw.size else 0.0
+    if peak <= 0:
+        return out
+    # In blocks: the float maps of all 520 lung slices of a 600-slice CT would take 545 MB.
+    for first in range(0, len(lung_idx), CAM_BLOCK_SLICES):
+        block = slice(first, first + CAM_BLOCK_SLICES)
+        full = maps_to_slice(raw[block] / peak, crops[block], shape[1:])
+        out[lung_idx[block]] = to_uint8(full)
+    return out

@@ -394,7 +394,8 @@ def segment_lungs_hybrid(
     trachea, bowel gas or outside air on purpose), and only in 3-D components that touch
     the classical lungs; each added voxel takes the label of the nearest classical lung.
     """
-    total = 3
+    # classical, the U-Net's resampling and three views, then the merge
+    total = 6
 
     def report(done: int, message: str) -> None:
         if progress is not None:
@@ -411,8 +412,13 @@ def segment_lungs_hybrid(
         slice(max(0, sl.start - g), min(n, sl.stop + g))
         for sl, g, n in zip(_bounding_box(classical > 0, pad=0), grow, hu.shape, strict=True)
     )
-    learned = unet_lung_mask(hu, spacing, model, box=around)
-    report(2, "U-Net lungs")
+    learned = unet_lung_mask(
+        hu,
+        spacing,
+        model,
+        box=around,
+        progress=lambda done, _total, message: report(1 + done, f"U-Net {message}"),
+    )
     # In place: on a 600-slice CT every full-size temporary is 160 MB (bool) or more.
     added = learned
     added &= classical == 0
@@ -422,7 +428,7 @@ def segment_lungs_hybrid(
     # it does not connect to it.
     added[~classical.any(axis=(1, 2))] = False
     if not added.any():
-        report(3, "done")
+        report(total, "done")
         return classical
     # Distances, nearest lung and connectivity on a ~4 mm grid: labelling the full grid of a
     # 300 x 512 x 512 CT alone takes 1 s here, the coarse grid a few hundredths.
@@ -448,5 +454,5 @@ def segment_lungs_hybrid(
     keep = new_labels > 0
     labels = classical.copy()
     labels[zz[keep], yy[keep], xx[keep]] = new_labels[keep]
-    report(3, "done")
+    report(total, "done")
     return labels

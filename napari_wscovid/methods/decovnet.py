@@ -30,13 +30,13 @@ from skimage.measure import label, regionprops
 
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.results import Box, DetectionResult
+from napari_wscovid.stages import NEGATIVE_CLASS, Progress, lung_volume_ml, to_uint8
 
 logger = logging.getLogger(__name__)
 
-Progress = tuple[int, int, str]
 
-NEGATIVE_CLASS = "NP"
 CAM_NAME = "decovnet"
+SALIENCY_SCOPES = ("positive", "all", "none")
 BOX_SOURCE = "decovnet-cam"
 # Share of the lung voxels kept when thresholding the CAM (the authors keep the top 5 %).
 CAM_TOP_FRACTION = 0.05
@@ -288,7 +288,7 @@ def detect_iter(
     min_box_area_mm2: float = 20.0,
     timings: dict | None = None,
     explain_class: str | None = None,
-    **_ignored,
+    saliency: str = "positive",
 ) -> Generator[Progress, None, DetectionResult]:
     """Classify a volume with a loaded DeCoVNet and localise lesions from its CAM.
 
@@ -309,12 +309,20 @@ def detect_iter(
         Stage -> seconds already spent (lung segmentation, model loading); extended here.
     explain_class : str, optional
         Class whose CAM is shown and boxed; the predicted class by default.
+    saliency : {"positive", "all", "none"}
+        The CAM is one pass over the whole volume, so "positive" and "all" are the same; "none"
+        keeps the CAM and skips the lesion boxes. Per-slice scopes ("slices") do not exist here.
 
     Yields ``(done, total, message)`` and returns a :class:`DetectionResult`.
     """
     from napari_wscovid.boxes import involvement
-    from napari_wscovid.pipeline import lung_volume_ml, to_uint8
     from napari_wscovid.preprocess import model_intensity_range
+
+    if saliency not in SALIENCY_SCOPES:
+        raise ValueError(
+            f"DeCoVNet explains the whole volume at once: saliency must be one of {SALIENCY_SCOPES}, "
+            f"got {saliency!r}"
+        )
 
     timings = timings if timings is not None else {}
     lung_mask = np.asarray(lung_mask, dtype=np.uint8)
@@ -342,7 +350,8 @@ def detect_iter(
     start = time.perf_counter()
     with torch.inference_mode():
         logits, cam = net.forward_with_cam(x.to(torch_device))
-        patient_probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float32)
+        temperature = float(info.get("temperature") or 1.0)
+        patient_probs = torch.softmax(logits.float() / temperature, dim=1)[0].cpu().numpy().astype(np.float32)
         cam = cam[0].float().cpu().numpy()
     del x
     if not np.isfinite(patient_probs).all() or not np.isfinite(cam).all():
@@ -367,7 +376,7 @@ def detect_iter(
     start = time.perf_counter()
     lesions = np.zeros(volume.shape, dtype=bool)
     boxes: list[Box] = []
-    if shown_class != NEGATIVE_CLASS:
+    if shown_class != NEGATIVE_CLASS and saliency != "none":
         boxes, kept = lesion_boxes(
             region,
             lung_region,
@@ -389,12 +398,11 @@ def detect_iter(
         cams={CAM_NAME: cam_map},
         explained_class=shown_class,
         boxes=boxes,
-        involvement=involvement(lesions, lung_mask),
+        involvement=involvement(lesions, lung_mask) if saliency != "none" else {},
         model_info={k: info.get(k) for k in ("name", "version", "sha256")},
         timings=timings,
         device=str(torch_device.type),
         lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
         patient_rule=PATIENT_RULE,
     )
-    yield 4, 4, "Done"
     return result

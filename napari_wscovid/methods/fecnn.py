@@ -29,6 +29,18 @@ from collections.abc import Generator
 import numpy as np
 
 from napari_wscovid.results import Box, DetectionResult, Lesion
+from napari_wscovid.stages import (
+    NEGATIVE_CLASS,
+    Progress,
+    batches,
+    classify_slices,
+    lung_slices,
+    lung_volume_ml,
+    model_input_kwargs,
+    patient_probabilities,
+    slices_to_explain,
+    to_uint8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +51,6 @@ KMEANS_N_INIT = 10
 
 def positive_class(classes: tuple[str, ...]) -> str:
     """The class explained: COVID-19 when the network has it, else its first non-NP class."""
-    from napari_wscovid.pipeline import NEGATIVE_CLASS
-
     if "COVID-19" in classes:
         return "COVID-19"
     others = [c for c in classes if c != NEGATIVE_CLASS]
@@ -154,8 +164,7 @@ def detect_iter(
     batch_size: int = 16,
     saliency: str = "positive",
     slices=None,
-    **_ignored,
-) -> Generator[tuple[int, int, str], None, DetectionResult]:
+) -> Generator[Progress, None, DetectionResult]:
     """Classify the lung slices, then detect and type lesions on the positive ones.
 
     Parameters
@@ -188,60 +197,35 @@ def detect_iter(
     from napari_wscovid.boxes import involvement
     from napari_wscovid.explain.gradcampp import gradcam_plus_plus
     from napari_wscovid.models.fecnn import CAM_LAYER
-    from napari_wscovid.pipeline import (
-        NEGATIVE_CLASS,
-        SALIENCY_SCOPES,
-        _batches,
-        lung_slices,
-        lung_volume_ml,
-        model_input_kwargs,
-        patient_probabilities,
-        to_uint8,
-    )
     from napari_wscovid.preprocess import maps_to_slice, prepare_slices
 
-    if saliency not in SALIENCY_SCOPES:
-        raise ValueError(f"saliency must be one of {SALIENCY_SCOPES}, got {saliency!r}")
     timings = {} if timings is None else timings
     net = net.to(torch_device).eval()
     classes = tuple(net.config.classes)
     size = int(net.config.input_size)
     lung_mask = np.asarray(lung_mask, dtype=np.uint8)
-    n_z = volume.shape[0]
     spacing_yx = tuple(float(s) for s in volume.spacing[1:])
     lung_idx = lung_slices(lung_mask, volume.spacing)
     prep_kwargs = model_input_kwargs(volume, lung_mask, size, info.get("normalisation"))
 
-    total = len(lung_idx)
-    yield 1, 4, f"Classifying {total} lung slices on {torch_device.type.upper()}"
     start = time.perf_counter()
-    slice_probs = np.full((n_z, len(classes)), np.nan, dtype=np.float32)
-    done = 0
-    with torch.inference_mode():
-        for batch in _batches(lung_idx, batch_size):
-            x, _ = prepare_slices(volume.hu, lung_mask, batch, **prep_kwargs)
-            probs = torch.softmax(net(torch.from_numpy(x).to(torch_device)).logits.float(), 1).cpu().numpy()
-            if not np.isfinite(probs).all():
-                raise FloatingPointError(
-                    f"the model produced NaN/inf on slices {batch.tolist()}; weights or input are broken"
-                )
-            slice_probs[batch] = probs
-            done += len(batch)
-            yield 1, 4, f"Classified {done}/{total} slices"
+    slice_probs = yield from classify_slices(
+        net,
+        volume,
+        lung_mask,
+        lung_idx,
+        prep_kwargs,
+        n_classes=len(classes),
+        torch_device=torch_device,
+        batch_size=batch_size,
+        temperature=float(info.get("temperature") or 1.0),
+    )
     timings["classification"] = time.perf_counter() - start
     patient_probs, rule = patient_probabilities(slice_probs, classes)
 
     explained = positive_class(classes)
     target = classes.index(explained)
-    if saliency == "none":
-        explain_idx = np.zeros(0, dtype=int)
-    elif saliency == "slices":
-        requested = np.asarray(slices if slices is not None else [], dtype=int)
-        explain_idx = lung_idx[np.isin(lung_idx, requested)]
-    elif saliency == "all" or NEGATIVE_CLASS not in classes:
-        explain_idx = lung_idx
-    else:
-        explain_idx = lung_idx[np.argmax(slice_probs[lung_idx], axis=1) != classes.index(NEGATIVE_CLASS)]
+    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx)
 
     start = time.perf_counter()
     heat_volume = np.zeros(volume.shape, dtype=np.uint8)
@@ -250,7 +234,7 @@ def detect_iter(
     lesions: list[Lesion] = []
     density: list[float] = []
     done = 0
-    for batch in _batches(explain_idx, batch_size):
+    for batch in batches(explain_idx, batch_size):
         x, crops = prepare_slices(volume.hu, lung_mask, batch, **prep_kwargs)
         maps, _, activations = gradcam_plus_plus(
             net, torch.from_numpy(x).to(torch_device), target, CAM_LAYER, return_activations=True
@@ -312,7 +296,6 @@ def detect_iter(
         lesions=lesions,
         lesion_types=lesion_types,
     )
-    yield 4, 4, "Done"
     return result
 
 

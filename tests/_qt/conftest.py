@@ -8,9 +8,7 @@ dims and camera the widget uses, without a canvas.
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -94,11 +92,10 @@ def fake_result(small_volume) -> DetectionResult:
     return make_fake_result(small_volume)
 
 
-class FakePipeline(types.ModuleType):
-    """Stands in for ``napari_wscovid.pipeline``: a slow-enough generator with a fixed result."""
+class FakePipeline:
+    """Stands in for the core's ``detect_iter``: a slow-enough generator with a fixed result."""
 
     def __init__(self, result, steps: int = 4, delay: float = 0.02, error: Exception | None = None):
-        super().__init__("napari_wscovid.pipeline")
         self.result, self.steps, self.delay, self.error = result, steps, delay, error
         self.calls: list[dict] = []
 
@@ -134,10 +131,9 @@ class FakePipeline(types.ModuleType):
 
 
 @pytest.fixture
-def fake_pipeline(monkeypatch, fake_result):
-    fake = FakePipeline(fake_result)
-    monkeypatch.setitem(sys.modules, "napari_wscovid.pipeline", fake)
-    return fake
+def fake_pipeline(fake_result):
+    """Passed to the widget as its ``detect_iter`` (the ``widget`` fixture does)."""
+    return FakePipeline(fake_result)
 
 
 @pytest.fixture

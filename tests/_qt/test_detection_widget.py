@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -39,8 +38,8 @@ def errors(monkeypatch):
 
 
 @pytest.fixture
-def widget(viewer, ct_layer, qtbot, errors):
-    w = detection.DetectionWidget(viewer)
+def widget(viewer, ct_layer, qtbot, errors, fake_pipeline):
+    w = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(w)
     yield w
     # never leave a worker running into the next test
@@ -108,7 +107,8 @@ def test_run_builds_layers_and_panel(widget, viewer, ct_layer, fake_pipeline, fa
         np.testing.assert_allclose(viewer.layers[name].translate, ct_layer.translate)
     boxes = viewer.layers["lesion boxes"]
     assert boxes.nshapes == len(fake_result.boxes)
-    assert widget._device_label.text() == "Device: cpu"
+    assert widget._results._summary.text().count("Device: cpu") == 1
+    assert widget._progress.value() == widget._progress.maximum() > 0  # a finished run shows a full bar
     assert "COVID-19" in widget._results._summary.text() and "12.5 %" in widget._results._summary.text()
     assert widget._results._table.rowCount() == 3
     assert [b.score for b in widget._results.boxes] == sorted(
@@ -244,7 +244,7 @@ def test_current_slice_scope_explains_on_demand(
         maps = {k: np.full((n, ny, nx), 200, np.uint8) for k in ("conv3", "conv4", "conv5", "joint")}
         return {"saliency": maps, "boxes": [Box(slices[0], 2, 2, 6, 6, "COVID-19", 0.7)]}
 
-    monkeypatch.setattr(detection, "explain_iter", fake_explain)
+    widget._explain_more = fake_explain
     fake_pipeline.result = type(fake_result)(**{**fake_result.__dict__, "saliency": {}, "boxes": []})
     widget._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
     widget._go_to_slice(4)
@@ -261,13 +261,6 @@ def test_current_slice_scope_explains_on_demand(
     assert calls == [[4], [6]]
 
 
-_PIPELINE_READY = all(
-    importlib.util.find_spec(m) is not None
-    for m in ("napari_wscovid.boxes", "napari_wscovid.lung", "napari_wscovid.explain.integrated_gradients")
-)
-
-
-@pytest.mark.skipif(not _PIPELINE_READY, reason="the detection pipeline's modules have not all landed yet")
 def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     from napari_wscovid._reader import ct_layer_data
     from napari_wscovid.phantom import make_phantom
@@ -284,7 +277,7 @@ def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     assert errors == []
     assert {"lung mask", "joint saliency", "lesion boxes"} <= names(viewer)
     np.testing.assert_allclose(viewer.layers["joint saliency"].scale, ct.scale)
-    assert w._device_label.text() == "Device: cpu"
+    assert w._results._summary.text().count("Device: cpu") == 1
     assert not math.isnan(float(w._result.patient_probs.sum()))
     assert all(
         0 <= b.slice < 12 and b.origin == "detected" for b in L.layer_boxes(viewer.layers["lesion boxes"])
@@ -303,14 +296,13 @@ def test_real_pipeline_tiny_model(viewer, qtbot, errors):
 
 
 def test_fecnn_result_shows_its_map_and_lesion_types(
-    widget, viewer, ct_layer, small_volume, monkeypatch, errors, qtbot
+    widget, viewer, ct_layer, small_volume, fake_pipeline, errors, qtbot
 ):
     """A result of Wu et al.'s method: its Grad-CAM++ map and typed lesion points, no IG layers."""
     import dataclasses
-    import sys
 
     from napari_wscovid.results import Lesion
-    from tests._qt.conftest import FakePipeline, make_fake_result
+    from tests._qt.conftest import make_fake_result
 
     base = make_fake_result(small_volume)
     lesions = [
@@ -329,7 +321,7 @@ def test_fecnn_result_shows_its_map_and_lesion_types(
         lesion_types={"k": 2, "names": ["GGO-like", "consolidation-like"]},
         model_info={"name": "fecnn-tiny", "version": "t", "sha256": None, "architecture": "fecnn-wu2021"},
     )
-    monkeypatch.setitem(sys.modules, "napari_wscovid.pipeline", FakePipeline(result))
+    fake_pipeline.result = result
     run_and_wait(widget, qtbot)
     assert errors == []
     shown = names(viewer)

@@ -131,6 +131,43 @@ def test_writer_json_csv_and_refusal(tmp_path, viewer, small_volume, fake_result
     assert json.loads((tmp_path / "w.json").read_text())["format"] == "napari-wscovid-boxes"
 
 
+@pytest.mark.parametrize("name", ["boxes.json", "reviewed by AB.json", "boxes.csv", "export.CSV"])
+def test_boxes_saved_under_any_json_or_csv_name_open_again(
+    tmp_path, viewer, small_volume, fake_result, monkeypatch, name
+):
+    data, kwargs, _ = L.boxes_layer_data(
+        fake_result.boxes,
+        {"scale": small_volume.spacing, "translate": small_volume.origin},
+        geometry=small_volume.geometry(),
+        series_key="ct-w",
+        classes=fake_result.classes,
+    )
+    ldata, attrs, _ = viewer.add_shapes(data, **kwargs).as_layer_data_tuple()
+    (out,) = write_boxes(str(tmp_path / name), ldata, attrs)
+    # a CSV has no grid: it is placed on the open CT its millimetre corners fit
+    monkeypatch.setattr(_reader, "_open_ct_geometries", lambda: [small_volume.geometry()])
+    reader = get_reader(out)
+    assert reader is not None, f"{name} written by the plugin is not opened by it"
+    ((data2, kwargs2, layer_type),) = reader(out)
+    layer = viewer.add_shapes(data2, **kwargs2)
+    assert layer_type == "shapes"
+    assert [b.as_dict() for b in L.layer_boxes(layer)] == [b.as_dict() for b in fake_result.boxes]
+    np.testing.assert_allclose(layer.scale, small_volume.spacing)
+
+
+def test_other_json_and_csv_are_left_to_other_readers(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text('{"format": "something-else", "boxes": []}')
+    (tmp_path / "table.csv").write_text("a,b,c\n1,2,3\n")
+    assert get_reader(str(tmp_path / "config.json")) is None
+    assert get_reader(str(tmp_path / "table.csv")) is None
+    monkeypatch.setattr(_reader, "_open_ct_geometries", lambda: [])
+    csv_path = tmp_path / "b.csv"
+    save_boxes(csv_path, [Box(1, 1, 1, 2, 2, "CAP", 0.5)], {"shape": [3, 4, 4], "spacing": [1, 1, 1],
+               "origin": [0, 0, 0], "direction": np.eye(3).ravel().tolist()})  # fmt: skip
+    with pytest.raises(ValueError, match="open its CT first"):
+        get_reader(str(csv_path))(str(csv_path))
+
+
 def test_sample_falls_back_to_generated_phantom(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(_sample_data, "SAMPLE_DIR", tmp_path / "missing")
     monkeypatch.setattr(

@@ -1,0 +1,200 @@
+"""Hu et al. 2020 (weakly supervised multi-scale learning) as a detection method.
+
+Per lung slice the WSNet gives class probabilities (the three scales' globally max-pooled
+class scores summed, softmax) and its per-scale class activation maps. The patient is judged on
+its most abnormal slices (:func:`~napari_wscovid.stages.patient_probabilities`). The CAMs of the
+explained class become volumes; the slices to explain get per-scale integrated-gradients
+saliency, their pixel-wise product (joint saliency) and boxes from it (Gaussian blur, Isodata,
+closing, components above an area).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterable
+
+import numpy as np
+
+from napari_wscovid.explain.cam import cam_volume
+from napari_wscovid.explain.saliency import SALIENCY_LAYERS, explain_slices
+from napari_wscovid.io.volume import CTVolume
+from napari_wscovid.results import Box, DetectionResult
+from napari_wscovid.stages import (
+    Progress,
+    classify_slices,
+    lung_slices,
+    lung_volume_ml,
+    model_input_kwargs,
+    patient_probabilities,
+    relay,
+    slices_to_explain,
+)
+
+ARCHITECTURE = "wsnet-hu2020"
+
+
+def detect_iter(
+    volume: CTVolume,
+    net,
+    info: dict,
+    *,
+    lung_mask: np.ndarray,
+    torch_device,
+    timings: dict | None = None,
+    saliency: str = "positive",
+    slices: Iterable[int] | None = None,
+    explain_class: str | None = None,
+    ig_steps: int | None = None,
+    ig_method: str | None = None,
+    min_box_area_mm2: float = 20.0,
+    batch_size: int = 16,
+    saliency_batch_size: int = 2,
+) -> Generator[Progress, None, DetectionResult]:
+    """Classify the lung slices, build the CAM volumes, explain the chosen slices.
+
+    ``saliency`` is one of :data:`~napari_wscovid.stages.SALIENCY_SCOPES`; ``explain_class``
+    the class whose CAMs, saliency and boxes are made (the predicted one by default).
+    """
+    from napari_wscovid.models.wsnet import inference_copy
+
+    timings = {} if timings is None else timings
+    classes = tuple(net.config.classes)
+    if explain_class is not None and explain_class not in classes:
+        raise ValueError(f"explain_class {explain_class!r} is not one of the model's classes {classes}")
+    lung_idx = lung_slices(lung_mask, volume.spacing)
+    prep_kwargs = model_input_kwargs(volume, lung_mask, int(net.config.input_size), info.get("normalisation"))
+
+    start = time.perf_counter()
+    cam_lowres: dict[str, list[np.ndarray]] = {}
+    crops_all: list = []
+
+    def keep_cams(out, batch, crops):
+        # Raw CAMs of every class at their native resolution; the class to show is chosen once
+        # the patient-level prediction is known.
+        for scale, cam in out.cams.items():
+            cam_lowres.setdefault(scale, []).append(cam.float().cpu().numpy())
+        crops_all.extend(crops)
+
+    slice_probs = yield from classify_slices(
+        inference_copy(net),
+        volume,
+        lung_mask,
+        lung_idx,
+        prep_kwargs,
+        n_classes=len(classes),
+        torch_device=torch_device,
+        batch_size=batch_size,
+        temperature=float(info.get("temperature") or 1.0),
+        channels_last=True,
+        on_batch=keep_cams,
+    )
+    timings["classification"] = time.perf_counter() - start
+
+    patient_probs, rule = patient_probabilities(slice_probs, classes)
+    shown_class = explain_class or (
+        classes[int(np.nanargmax(patient_probs))] if np.isfinite(patient_probs).all() else classes[0]
+    )
+    shown = classes.index(shown_class)
+
+    start = time.perf_counter()
+    cams = {
+        scale: cam_volume(np.concatenate(parts)[:, shown], crops_all, lung_idx, volume.shape)
+        for scale, parts in cam_lowres.items()
+    }
+    cam_lowres.clear()  # the low-resolution maps of every class are no longer needed
+    timings["cams"] = time.perf_counter() - start
+
+    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx)
+    saliency_maps: dict[str, np.ndarray] = {}
+    boxes: list[Box] = []
+    involvement: dict = {}
+    if len(explain_idx):
+        start = time.perf_counter()
+        explained = yield from relay(
+            explain_slices(
+                volume,
+                explain_idx,
+                net=net,
+                lung_mask=lung_mask,
+                slice_probs=slice_probs,
+                classes=classes,
+                explain_class=explain_class,
+                ig_steps=ig_steps,
+                ig_method=ig_method,
+                min_box_area_mm2=min_box_area_mm2,
+                batch_size=saliency_batch_size,
+                prep_kwargs=prep_kwargs,
+            ),
+            stage=2,
+            stages=4,
+        )
+        timings["saliency_and_boxes"] = time.perf_counter() - start
+        saliency_maps = {name: np.zeros(volume.shape, dtype=np.uint8) for name in SALIENCY_LAYERS}
+        for name in SALIENCY_LAYERS:
+            saliency_maps[name][explain_idx] = explained["saliency"][name]
+        boxes = explained["boxes"]
+        involvement = _involvement(explained["masks"], explain_idx, lung_mask)
+
+    yield 3, 4, "Finishing"
+    return DetectionResult(
+        classes=classes,
+        slice_probs=slice_probs,
+        patient_probs=patient_probs,
+        lung_mask=lung_mask,
+        cams=cams,
+        saliency=saliency_maps,
+        boxes=boxes,
+        involvement=involvement,
+        timings=timings,
+        device=str(torch_device.type),
+        lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
+        saliency_slices=tuple(int(i) for i in explain_idx),
+        patient_rule=rule,
+        explained_class=shown_class,
+    )
+
+
+def explain_more(
+    volume: CTVolume,
+    result: DetectionResult,
+    slices: Iterable[int],
+    *,
+    model="default",
+    device: str = "auto",
+    ig_steps: int | None = None,
+    min_box_area_mm2: float = 20.0,
+) -> Generator[Progress, None, dict]:
+    """Saliency and boxes of ``slices`` after a run that did not explain them ("current slice").
+
+    Loads the run's model (the registry caches it) and explains exactly the input the run
+    classified (:func:`~napari_wscovid.stages.model_input_kwargs`: HU or not, padding, the
+    model's own normalisation). Returns :func:`~napari_wscovid.explain.saliency.explain_slices`'s
+    dict.
+    """
+    from napari_wscovid.models.registry import load_model
+
+    net, info = load_model(model, device=device)
+    prep_kwargs = model_input_kwargs(
+        volume, result.lung_mask, int(net.config.input_size), info.get("normalisation")
+    )
+    return (
+        yield from explain_slices(
+            volume,
+            slices,
+            net=net,
+            lung_mask=result.lung_mask,
+            slice_probs=result.slice_probs,
+            classes=result.classes,
+            ig_steps=ig_steps,
+            min_box_area_mm2=min_box_area_mm2,
+            prep_kwargs=prep_kwargs,
+        )
+    )
+
+
+def _involvement(masks: np.ndarray, explain_idx: np.ndarray, lung_mask: np.ndarray) -> dict:
+    from napari_wscovid.boxes import involvement
+
+    full = np.zeros(lung_mask.shape, dtype=bool)
+    full[explain_idx] = masks
+    return involvement(full, lung_mask)

@@ -1,0 +1,198 @@
+"""The stages every detection method shares; imports no method and no pipeline.
+
+Layering, lowest first: ``io``, ``preprocess``, ``models``, ``lung``, ``boxes`` -> ``stages``
+(this module) -> ``explain`` -> ``methods`` (one module per paper) -> ``pipeline`` (lungs, model,
+dispatch). A stage here is what more than one method does the same way: classify lung slices in
+batches, choose the slices to explain, turn slice probabilities into a patient's, quantise maps.
+Nothing here imports napari or Qt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Iterable
+
+import numpy as np
+
+from napari_wscovid.io.volume import CTVolume
+
+#: What every detection generator yields: ``(done, total, message)``.
+Progress = tuple[int, int, str]
+
+#: The class meaning "no pneumonia" in every bundled task.
+NEGATIVE_CLASS = "NP"
+#: Which slices get explained (saliency, boxes): predicted positive, all lung slices, the
+#: requested ones, or none.
+SALIENCY_SCOPES = ("positive", "all", "slices", "none")
+
+# CAMs and saliency maps are kept as uint8 (value / MAP_LEVELS in [0, 1]): seven full-volume
+# maps of a 600-slice 512x512 CT take 1.1 GB this way and 2.2 GB as float16, which broke the
+# 3 GB budget for a run with all results kept (benchmarks/bench_detect.py).
+MAP_LEVELS = 255
+
+# A slice enters classification when it holds at least this much lung (mm^2): below it the
+# lung crop is a few apical or basal voxels, which the network never saw in training.
+MIN_LUNG_AREA_MM2 = 200.0
+
+# Patient rule: the patient is judged on its most abnormal slices (those with the lowest NP
+# probability), because a few diseased slices decide a diagnosis while most slices of a sick
+# lung look normal. The fraction is of the lung slices, with a floor for short series.
+TOP_K_FRACTION = 0.1
+TOP_K_MIN = 3
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Quantise maps in [0, 1] to uint8."""
+    return np.rint(np.clip(values, 0.0, 1.0) * MAP_LEVELS).astype(np.uint8)
+
+
+def per_slice_unit(maps: np.ndarray) -> np.ndarray:
+    """Divide each (y, x) map of a (n, y, x) stack by its maximum (all-zero maps stay zero)."""
+    peak = maps.reshape(len(maps), -1).max(1).reshape(-1, 1, 1)
+    return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
+
+
+def lung_volume_ml(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Volume of the lung mask in millilitres."""
+    return float(np.count_nonzero(lung_mask)) * float(np.prod(spacing)) / 1000.0
+
+
+def lung_slices(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Indices of the slices holding at least ``MIN_LUNG_AREA_MM2`` of lung."""
+    area_mm2 = lung_mask.reshape(lung_mask.shape[0], -1).astype(bool).sum(1) * spacing[1] * spacing[2]
+    return np.flatnonzero(area_mm2 >= MIN_LUNG_AREA_MM2)
+
+
+def patient_probabilities(slice_probs: np.ndarray, classes: tuple[str, ...]) -> tuple[np.ndarray, str]:
+    """Aggregate (z, K) slice probabilities (NaN rows = no lung) into (K,) patient probabilities."""
+    valid = slice_probs[~np.isnan(slice_probs).any(1)]
+    if len(valid) == 0:
+        return np.full(len(classes), np.nan, dtype=np.float32), "no lung slice"
+    if NEGATIVE_CLASS not in classes:
+        return valid.mean(0).astype(np.float32), "mean over all lung slices"
+    k = min(len(valid), max(TOP_K_MIN, math.ceil(TOP_K_FRACTION * len(valid))))
+    negative = classes.index(NEGATIVE_CLASS)
+    most_abnormal = np.argsort(valid[:, negative])[:k]
+    rule = f"mean of the {k} lung slices with the lowest {NEGATIVE_CLASS} probability"
+    return valid[most_abnormal].mean(0).astype(np.float32), rule
+
+
+def model_input_kwargs(volume: CTVolume, lung_mask: np.ndarray, size: int, normalisation=None) -> dict:
+    """Keyword arguments of ``prepare_slices`` for this volume; the intensity range is computed
+    once here rather than for every batch. Every caller that feeds slices to a network (detection,
+    on-demand explanation, training) takes them from here, so all see the same input."""
+    from napari_wscovid.preprocess import DEFAULT_NORMALISATION, model_intensity_range
+
+    intensity = model_intensity_range(
+        volume.hu,
+        lung_mask,
+        normalisation or DEFAULT_NORMALISATION,
+        padding_mask=volume.padding_mask,
+        is_hu=volume.is_hu,
+    )
+    return {
+        "size": size,
+        "spacing_yx": volume.spacing[1:],
+        "padding_mask": volume.padding_mask,
+        "is_hu": volume.is_hu,
+        "intensity": intensity,
+    }
+
+
+def batches(indices: Iterable[int], size: int) -> Generator[np.ndarray, None, None]:
+    """Consecutive chunks of at most ``size`` of ``indices``, as integer arrays."""
+    indices = np.asarray(list(indices), dtype=int)
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def slices_to_explain(
+    scope: str, slices, slice_probs: np.ndarray, classes: tuple[str, ...], lung_idx: np.ndarray
+) -> np.ndarray:
+    """The lung slices that get saliency and boxes under ``scope`` (one of :data:`SALIENCY_SCOPES`).
+
+    "positive" = the slices whose most probable class is not :data:`NEGATIVE_CLASS` (every lung
+    slice for a task without it); "slices" = the lung slices among ``slices``.
+    """
+    if scope not in SALIENCY_SCOPES:
+        raise ValueError(f"saliency must be one of {SALIENCY_SCOPES}, got {scope!r}")
+    if scope == "none":
+        return np.array([], dtype=int)
+    if scope == "all":
+        return lung_idx
+    if scope == "slices":
+        requested = np.asarray(list(slices) if slices is not None else [], dtype=int)
+        return lung_idx[np.isin(lung_idx, requested)]
+    if NEGATIVE_CLASS not in classes:
+        return lung_idx
+    negative = classes.index(NEGATIVE_CLASS)
+    return lung_idx[np.argmax(slice_probs[lung_idx], axis=1) != negative]
+
+
+def classify_slices(
+    forward: Callable,
+    volume: CTVolume,
+    lung_mask: np.ndarray,
+    lung_idx: np.ndarray,
+    prep_kwargs: dict,
+    *,
+    n_classes: int,
+    torch_device,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    channels_last: bool = False,
+    on_batch: Callable | None = None,
+) -> Generator[Progress, None, np.ndarray]:
+    """Slice probabilities (z, K) of the lung slices, in batches; NaN rows for the others.
+
+    ``forward(x)`` returns an output with ``.logits``; ``on_batch(output, indices, crops)``
+    sees each batch (a method keeps its CAMs there). Logits are divided by ``temperature``
+    (the calibration fitted on validation data; 1 = none). Raises ``FloatingPointError`` on
+    NaN/inf, naming the slices.
+    """
+    import torch
+
+    from napari_wscovid.preprocess import prepare_slices
+
+    slice_probs = np.full((volume.shape[0], n_classes), np.nan, dtype=np.float32)
+    total, done = len(lung_idx), 0
+    yield 1, 4, f"Classifying {total} lung slices on {torch_device.type.upper()}"
+    with torch.inference_mode():
+        for batch in batches(lung_idx, batch_size):
+            x, crops = prepare_slices(volume.hu, lung_mask, batch, **prep_kwargs)
+            x = torch.from_numpy(x).to(torch_device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = forward(x)
+            probs = torch.softmax(out.logits.float() / temperature, dim=1).cpu().numpy()
+            if not np.isfinite(probs).all():
+                raise FloatingPointError(
+                    f"the model produced NaN/inf on slices {batch.tolist()}; weights or input are broken"
+                )
+            slice_probs[batch] = probs
+            if on_batch is not None:
+                on_batch(out, batch, crops)
+            done += len(batch)
+            yield 1, 4, f"Classified {done}/{total} slices"
+    return slice_probs
+
+
+def relay(gen, stage: int, stages: int):
+    """Re-yield a sub-generator's progress as one stage of the outer progress; return its result."""
+    while True:
+        try:
+            done, total, message = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield stage, stages, message if not total else f"{message} ({done}/{total})"
+
+
+def run_to_end(gen: Generator[Progress, None, object], on_progress=None):
+    """Drive a progress generator to its end, passing each ``(done, total, message)`` on."""
+    while True:
+        try:
+            progress = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(*progress)
