@@ -168,3 +168,27 @@ def test_cli_on_a_real_series(covid_ct_md, tmp_path):
     assert 2500 < summary["lung_volume_ml"] < 8000
     text = (out / "summary.json").read_text() + (out / "boxes.json").read_text()
     assert "normal001" not in text  # the folder name could identify the patient
+
+
+def test_headless_core_detects_without_napari_qt_or_captum(tmp_path):
+    """``pip install napari-wscovid`` (no extras) is the headless core: the CLI's detect runs
+    with napari, Qt, magicgui, pandas and captum unimportable."""
+    import subprocess
+    import sys
+
+    from napari_wscovid.io.write import write_image
+    from napari_wscovid.phantom import make_phantom
+
+    ct = write_image(make_phantom("COVID-19", n_slices=8, size=64, seed=2).volume, tmp_path / "ct.nii.gz")
+    code = (
+        "import sys\n"
+        "for m in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'magicgui', 'superqt', 'pandas',\n"
+        "          'captum'):\n"
+        "    sys.modules[m] = None\n"
+        "from napari_wscovid.cli import main\n"
+        f"sys.exit(main(['detect', {str(ct)!r}, '--out', {str(tmp_path / 'out')!r}, '--model', 'tiny-test',\n"
+        "                '--device', 'cpu', '--ig-steps', '2', '--lung-method', 'classical']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "boxes.json").is_file()
