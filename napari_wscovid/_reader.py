@@ -24,6 +24,7 @@ from napari_wscovid.io.boxes_io import (
     load_boxes,
 )
 from napari_wscovid.io.volume import CTLoadError, CTVolume
+from napari_wscovid.review import split_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +160,14 @@ def read_boxes(path) -> list[tuple]:
     elif open_geometries and all(geometry_mismatch(geometry, g) for g in open_geometries):
         # Re-load against the newest CT so the error names both grids.
         load_boxes(path, expected_geometry=open_geometries[-1])
+    boxes, rejected = split_rejected(boxes)
     classes = meta["classes"] or sorted({b.class_name for b in boxes})
     default_class = default_box_class(classes)
     return [
         boxes_layer_data(
             boxes,
             geometry_layer_kwargs(geometry),
+            rejected=rejected,
             geometry=geometry,
             series_key=meta["series_key"],
             classes=classes,

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from napari_wscovid.io.boxes_io import rectangles_to_boxes, save_boxes
+from napari_wscovid.results import Box
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def write_boxes(path: str, data, attributes: dict) -> list[str]:
     if any(t != "rectangle" for t in shape_types):
         raise ValueError("only rectangles can be exported as lesion boxes; remove the other shapes first")
     boxes = rectangles_to_boxes(list(data), attributes.get("features"), geometry)
+    # the detections the annotator rejected travel with the file, so a re-run later respects them
+    boxes += [Box(**row) for row in metadata.get("wscovid_rejected", [])]
     target = Path(path)
     existed = target.exists()
     # napari's save dialog has already asked before replacing; the previous file is kept as .bak.

@@ -154,6 +154,8 @@ def summary_dict(result, volume) -> dict:
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "n_boxes": len(result.boxes),
         "saliency_slices": list(result.saliency_slices),
+        # steps per explained slice: chosen by the completeness check unless --ig-steps was given
+        "ig_steps": list(result.ig_steps),
         "n_lesions": len(result.lesions),
         "lesion_types": _jsonable(result.lesion_types),
         "is_hu": volume.is_hu,

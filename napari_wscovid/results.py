@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-BOX_ORIGINS = ("detected", "edited", "added")
+# "rejected": a detection the annotator deleted or moved away from (see napari_wscovid.review);
+# kept in box files so that a re-run does not bring it back, never drawn.
+BOX_ORIGINS = ("detected", "edited", "added", "rejected")
 
 
 @dataclass
@@ -78,6 +80,7 @@ class DetectionResult:
     device: str = "cpu"
     lung_volume_ml: float = 0.0
     saliency_slices: tuple[int, ...] = ()  # slices whose saliency was computed
+    ig_steps: tuple[int, ...] = ()  # integrated-gradients steps used on each of saliency_slices
     patient_rule: str = ""  # how slice probabilities became patient probabilities
     # Methods other than Hu et al.'s fill these: lesion peaks with their types (Wu et al.), and
     # what the lesion types are ({"k": int, "names": [...], "centres": array, ...}).

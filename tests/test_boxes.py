@@ -129,3 +129,21 @@ def test_box_to_mm_follows_direction():
     box = Box(slice=0, y0=2, x0=2, y1=12, x1=22, class_name="CAP", score=0.5)
     first, last = box_to_mm(box, volume)
     np.testing.assert_allclose(np.abs(last - first), [0.0, 5.0, 16.0])
+
+
+def test_rerun_merge_respects_rejected_edited_and_added_boxes():
+    from napari_wscovid.review import REJECTED, merge_rerun, split_rejected
+
+    def box(z, x0, origin="detected"):
+        return Box(z, 10, x0, 20, x0 + 10, "COVID-19", 0.8, 1.0, origin)
+
+    previous = [box(1, 0, "edited"), box(2, 0), box(5, 30, "added")]
+    rejected = [box(3, 0, REJECTED), box(1, 40, REJECTED)]  # deleted on 3; slice 1's box moved from x=40
+    detected = [box(1, 42), box(2, 0), box(3, 5), box(4, 0), box(5, 35)]
+    merged, change = merge_rerun(previous, detected, rejected)
+    assert [(b.slice, b.x0, b.origin) for b in merged] == [
+        (1, 0, "edited"), (5, 30, "added"), (2, 0, "detected"), (4, 0, "detected")
+    ]  # fmt: skip
+    assert change == {"kept": 2, "new": 1, "suppressed": 3, "detected": 5}
+    shown, rej = split_rejected(merged + rejected)
+    assert shown == merged and rej == rejected

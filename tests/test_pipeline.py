@@ -257,3 +257,12 @@ def test_inference_copy_folds_batch_norm_without_changing_outputs():
         torch.testing.assert_close(folded.cams[scale], cam, rtol=1e-5, atol=1e-5)
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_ig_steps_are_reported_per_explained_slice(phantom, tiny_result):
+    assert tiny_result.ig_steps == (4,) * len(tiny_result.saliency_slices)  # fixed when given
+    r = detect(
+        phantom.volume, model="tiny-test", lung_mask=phantom.lung_mask, saliency="slices", slices=[6, 8]
+    )
+    assert r.saliency_slices == (6, 8) and len(r.ig_steps) == 2
+    assert all(s in (8, 16, 32, 64) for s in r.ig_steps)  # chosen by the completeness check

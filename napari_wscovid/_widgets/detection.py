@@ -36,6 +36,7 @@ from napari_wscovid.io.boxes_io import load_boxes, save_boxes
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
 from napari_wscovid.results import Box, DetectionResult
+from napari_wscovid.review import merge_rerun, overlap, split_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class DetectionWidget(QWidget):
         self._run_volume: CTVolume | None = None
         self._run_scope = ""
         self._run_succeeded = False
+        self._rerun_note = ""  # what a re-run did to the boxes, for the status line
         self._result: DetectionResult | None = None
         self._result_ct = None  # the CT layer the current result belongs to
         self._result_volume: CTVolume | None = None
@@ -188,8 +190,11 @@ class DetectionWidget(QWidget):
             self._scope_combo.addItem(label, value)
         self._ig_steps = QSpinBox()
         self._ig_steps.setRange(0, 512)
-        self._ig_steps.setSpecialValueText("pipeline default")  # 0 = let the pipeline decide
-        self._ig_steps.setToolTip("Integrated-gradients steps; more is smoother and slower")
+        self._ig_steps.setSpecialValueText("auto")  # 0 = chosen per slice by the completeness check
+        self._ig_steps.setToolTip(
+            "Integrated-gradients steps. Auto: 8, doubled (up to 64) on a slice until the attributions "
+            "add up to the score change within 5%; a number fixes the steps for every slice."
+        )
         self._min_area = QDoubleSpinBox()
         self._min_area.setRange(0.0, 1e5)
         self._min_area.setDecimals(1)
@@ -423,6 +428,8 @@ class DetectionWidget(QWidget):
         seconds = time.perf_counter() - self._run_started
         self._status.setText(f"Done in {seconds:.1f} s: {result.predicted_class}.")
         self._run_succeeded = True
+        if self._rerun_note:
+            self._status.setText(f"{self._status.text()} {self._rerun_note}")
         self._progress.setRange(0, 1)
         self._progress.setValue(1)
 
@@ -483,15 +490,31 @@ class DetectionWidget(QWidget):
         self._results.set_current_slice(self._current_slice())
 
     def _install_boxes(
-        self, boxes, *, ct_layer, geometry, series_key, classes, default_class, model_info, merge
+        self,
+        boxes,
+        *,
+        ct_layer,
+        geometry,
+        series_key,
+        classes,
+        default_class,
+        model_info,
+        merge,
+        rejected=(),
     ):
-        """Put boxes in the "lesion boxes" layer, keeping the user's boxes (case 37)."""
+        """Put boxes in the "lesion boxes" layer, respecting every correction of the user's.
+
+        On a re-run (``merge``) the user's edited and added boxes stay and no detection comes
+        back where they deleted one or moved it away (:func:`napari_wscovid.review.merge_rerun`).
+        """
         layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
         previous: list[Box] = []
+        rejected = list(rejected)
         if layer is not None and layer.metadata.get("wscovid_boxes"):
             old_boxes = L.layer_boxes(layer)
             if merge and L.geometries_equal(layer.metadata.get("wscovid_geometry"), geometry):
                 previous = old_boxes
+                rejected = L.layer_rejected(layer) + rejected
             elif any(b.origin != "detected" for b in old_boxes):
                 # Edits made on another CT (or before an import) are kept in their own layer.
                 old_key = layer.metadata.get("series_key") or "previous"
@@ -501,7 +524,14 @@ class DetectionWidget(QWidget):
         elif layer is not None:
             layer.name = f"{L.BOXES_LAYER} (not ours)"
             layer = None
-        merged = L.merge_boxes(previous, boxes)
+        merged, change = merge_rerun(previous, boxes, rejected)
+        if previous or rejected:
+            self._rerun_note = (
+                f"{change['new']} new box(es); {change['kept']} of yours kept; "
+                f"{change['suppressed']} detection(s) not shown again where you corrected or deleted one."
+            )
+        else:
+            self._rerun_note = ""
         data, kwargs, _ = L.boxes_layer_data(
             merged,
             L.ct_layer_kwargs(ct_layer),
@@ -510,6 +540,7 @@ class DetectionWidget(QWidget):
             classes=classes,
             default_class=default_class,
             model_info=model_info,
+            rejected=rejected,
         )
         if layer is None:
             from napari.layers import Layer
@@ -644,8 +675,9 @@ class DetectionWidget(QWidget):
         layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
         if new_boxes and layer is not None:
             existing = L.layer_boxes(layer)
-            users = [b for b in existing if b.origin != "detected"]
-            keep_new = [b for b in new_boxes if not any(L._overlap(b, u) for u in users)]
+            rejected = L.layer_rejected(layer)
+            blockers = [b for b in existing if b.origin != "detected"] + rejected
+            keep_new = [b for b in new_boxes if not any(overlap(b, u) for u in blockers)]
             _, kwargs, _ = L.boxes_layer_data(
                 existing + keep_new,
                 {"scale": tuple(layer.scale), "translate": tuple(layer.translate)},
@@ -654,6 +686,7 @@ class DetectionWidget(QWidget):
                 classes=layer.metadata.get("classes", []),
                 default_class=layer.metadata.get("default_class", ""),
                 model_info=layer.metadata.get("model"),
+                rejected=rejected,
             )
             self._replace_boxes(layer, existing + keep_new, kwargs)
             self._refresh_box_list()
@@ -681,7 +714,7 @@ class DetectionWidget(QWidget):
             meta = layer.metadata
             written = save_boxes(
                 path,
-                boxes,
+                boxes + L.layer_rejected(layer),  # rejected rows keep deletions across sessions
                 meta["wscovid_geometry"],
                 series_key=meta.get("series_key", ""),
                 model=meta.get("model"),
@@ -711,9 +744,11 @@ class DetectionWidget(QWidget):
         except ValueError as exc:
             show_error(f"Boxes not imported: {exc}")
             return False
+        boxes, rejected = split_rejected(boxes)
         classes = meta.get("classes") or sorted({b.class_name for b in boxes})
         self._install_boxes(
             boxes,
+            rejected=rejected,
             ct_layer=layer,
             geometry=volume.geometry(),
             series_key=meta.get("series_key") or volume.series_key,

@@ -23,11 +23,13 @@ from napari_wscovid.io.boxes_io import (
     rectangles_to_boxes,
 )
 from napari_wscovid.results import Box, DetectionResult
+from napari_wscovid.review import add_rejected, as_rejected
 
 logger = logging.getLogger(__name__)
 
 LUNG_LAYER = "lung mask"
 BOXES_LAYER = "lesion boxes"
+REJECTED_KEY = "wscovid_rejected"  # metadata: detections the annotator deleted or moved away from
 JOINT_LAYER = "joint saliency"
 SALIENCY_LEVELS = ("conv3", "conv4", "conv5")
 SALIENCY_COLORMAP = "inferno"
@@ -210,8 +212,13 @@ def boxes_layer_data(
     default_class: str = "",
     model_info: dict | None = None,
     name: str = BOXES_LAYER,
+    rejected: Sequence[Box] = (),
 ) -> tuple:
-    """The Shapes layer tuple for boxes: editable rectangles on their slices."""
+    """The Shapes layer tuple for boxes: editable rectangles on their slices.
+
+    ``rejected`` (detections the annotator deleted or moved away from) go into the metadata,
+    not onto the canvas: re-runs and exports need them (:mod:`napari_wscovid.review`).
+    """
     boxes = list(boxes)
     default_class = default_class or (classes[0] if classes else "")
     kwargs = {
@@ -223,7 +230,7 @@ def boxes_layer_data(
         "edge_width": 1.5,
         "features": box_features(boxes),
         "feature_defaults": box_feature_defaults(default_class),
-        "text": {"string": "{class} {score:.2f}", "color": "white", "size": 9, "anchor": "upper_left"},
+        "text": {"string": "{class} {score:.2f}", "size": 9, "anchor": "upper_left"},
         "metadata": _result_metadata(
             geometry,
             series_key,
@@ -231,10 +238,17 @@ def boxes_layer_data(
             classes=list(classes),
             default_class=default_class,
             model=dict(model_info or {}),
+            **{REJECTED_KEY: [as_rejected(b).as_dict() for b in rejected]},
         ),
     }
+    colors = [class_color(b.class_name, classes) for b in boxes]
+    # labels in the class colour (white text vanished on bright lung); the user's boxes thicker
+    kwargs["text"]["color"] = {"array": colors, "default": class_color(default_class, classes)}
     if boxes:
-        kwargs["edge_color"] = [class_color(b.class_name, classes) for b in boxes]
+        kwargs["edge_color"] = colors
+        kwargs["edge_width"] = [
+            DETECTED_EDGE_WIDTH if b.origin == "detected" else USER_EDGE_WIDTH for b in boxes
+        ]
     return (boxes_to_rectangles(boxes), kwargs, "shapes")
 
 
@@ -292,22 +306,13 @@ def layer_boxes(layer) -> list[Box]:
     return rectangles_to_boxes(layer.data, layer.features, geometry)
 
 
-def merge_boxes(previous: Sequence[Box], detected: Sequence[Box]) -> list[Box]:
-    """Boxes after a re-run: the user's boxes kept, the old detections replaced.
-
-    A new detection that overlaps a kept user box on the same slice is dropped,
-    because the user's box is a correction of that detection (BAD_INPUTS case 37).
-    """
-    kept = [b for b in previous if b.origin != "detected"]
-    merged = list(kept)
-    for box in detected:
-        if not any(_overlap(box, k) for k in kept):
-            merged.append(box)
-    return merged
+def layer_rejected(layer) -> list[Box]:
+    """The detections the annotator rejected on this layer (deleted, or moved away from)."""
+    return [Box(**row) for row in layer.metadata.get(REJECTED_KEY, [])]
 
 
-def _overlap(a: Box, b: Box) -> bool:
-    return a.slice == b.slice and a.y0 < b.y1 and b.y0 < a.y1 and a.x0 < b.x1 and b.x0 < a.x1
+def set_layer_rejected(layer, rejected: Sequence[Box]) -> None:
+    layer.metadata = {**layer.metadata, REJECTED_KEY: [b.as_dict() for b in rejected]}
 
 
 def geometries_equal(a: dict | None, b: dict | None) -> bool:
@@ -355,6 +360,9 @@ class BoxEditTracker:
         if self._paused:
             return
         action = _action(event)
+        if action == "removing":
+            self._reject([int(i) for i in event.data_indices if int(i) >= 0], self.layer.data)
+            return
         if action == "removed":
             for i in sorted((int(i) for i in event.data_indices if int(i) >= 0), reverse=True):
                 if i < len(self._cache):
@@ -370,9 +378,27 @@ class BoxEditTracker:
                 added.append(i)
             elif verts.shape != self._cache[i].shape or not np.allclose(verts, self._cache[i]):
                 changed.append(i)
+        moved = [i for i in changed if self.layer.features.at[i, "origin"] == "detected"]
+        # the place a detection was moved away from is rejected, or a re-run would put it back
+        self._reject(moved, self._cache)
         self._cache = data
         if changed or added:
             self._update_rows(changed, added)
+
+    def _reject(self, rows: list[int], vertices) -> None:
+        """Remember the detections at ``rows`` (geometry from ``vertices``) as rejected."""
+        layer = self.layer
+        geometry = layer.metadata.get("wscovid_geometry")
+        if not rows or geometry is None or "origin" not in layer.features:
+            return
+        boxes = rectangles_to_boxes(
+            [vertices[i] for i in rows], layer.features.iloc[rows].reset_index(drop=True), geometry
+        )
+        # the annotator's own drawn boxes leave nothing behind that a re-run could bring back
+        boxes = [b for b in boxes if b.origin in ("detected", "edited")]
+        if boxes:
+            set_layer_rejected(layer, add_rejected(layer_rejected(layer), boxes))
+            logger.debug("rejected detections: %s", [b.as_dict() for b in boxes])
 
     def _update_rows(self, changed: list[int], added: list[int]) -> None:
         layer = self.layer
@@ -398,11 +424,37 @@ class BoxEditTracker:
         logger.debug("boxes edited: %s, added: %s", changed, added)
 
 
+#: Edge widths (screen pixels): the annotator's boxes (edited, added) are drawn thicker than the
+#: model's, so the two can be told apart at a glance in any colour.
+DETECTED_EDGE_WIDTH, USER_EDGE_WIDTH = 1.0, 3.0
+
+
+#: Edge widths (screen pixels): the annotator's boxes (edited, added) are drawn thicker than the
+#: model's, so the two can be told apart at a glance in any colour.
+DETECTED_EDGE_WIDTH, USER_EDGE_WIDTH = 1.0, 3.0
+
+
+def _text_colors(classes: Sequence[str]) -> dict:
+    """Label colours by class, as napari's text encoding of a feature."""
+    return {
+        "feature": "class",
+        "colormap": {c: class_color(c, classes) for c in [*classes, *CLASS_COLORS]},
+    }
+
+
 def refresh_box_colors(layer) -> None:
-    """Edge colour of every box from its class (also the colour of the next drawn box)."""
+    """Edge colour of every box from its class (also the colour of the next drawn box), edge width
+    from its origin, label text in the class colour (white text vanished on bright lung)."""
     classes = layer.metadata.get("classes", [])
     default = layer.metadata.get("default_class", "")
     if default:
         layer.current_edge_color = class_color(default, classes)
+    layer.current_edge_width = USER_EDGE_WIDTH
     if layer.nshapes:
-        layer.edge_color = [class_color(str(c), classes) for c in layer.features["class"]]
+        colors = [class_color(str(c), classes) for c in layer.features["class"]]
+        layer.edge_color = colors
+        layer.edge_width = [
+            DETECTED_EDGE_WIDTH if str(o) == "detected" else USER_EDGE_WIDTH for o in layer.features["origin"]
+        ]
+        # one colour per label; a box drawn later gets the default class's colour
+        layer.text.color = {"array": colors, "default": class_color(default or str(colors[0]), classes)}

@@ -19,7 +19,8 @@ from qtpy.QtWidgets import (
 from napari_wscovid._widgets.slice_plot import SliceProbabilityPlot
 from napari_wscovid.results import Box, DetectionResult
 
-_BOX_COLUMNS = ("slice", "class", "score", "area mm²", "origin")
+# A box's number is the probability of its class on its slice (the boxes of one slice share it).
+_BOX_COLUMNS = ("slice", "class", "slice P(class)", "area mm²", "origin")
 
 
 def summary_text(result: DetectionResult) -> str:
@@ -56,6 +57,10 @@ class ResultsPanel(QWidget):
         self._plot.slice_clicked.connect(self.slice_requested)
         self._table = QTableWidget(0, len(_BOX_COLUMNS))
         self._table.setHorizontalHeaderLabels(_BOX_COLUMNS)
+        self._table.horizontalHeaderItem(2).setToolTip(
+            "The network's probability of the box's class for the whole slice, not a score of the box "
+            "itself; boxes you drew have none (–)."
+        )
         self._table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self._table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self._table.setSelectionMode(QAbstractItemView.SingleSelection)

@@ -21,13 +21,6 @@ from napari_wscovid.stages import (
 SALIENCY_LAYERS = ("conv3", "conv4", "conv5", "joint")
 
 
-def default_ig() -> tuple[int, str]:
-    """The default number of integration steps and quadrature."""
-    from napari_wscovid.explain.integrated_gradients import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
-
-    return DEFAULT_IG_STEPS, DEFAULT_IG_METHOD
-
-
 def explain_slices(
     volume: CTVolume,
     slice_indices: Iterable[int],
@@ -45,7 +38,10 @@ def explain_slices(
 ) -> Generator[Progress, None, dict]:
     """Integrated-gradients saliency and boxes for some slices, as a progress generator.
 
-    Returns ``{"saliency": {name: (n, y, x) uint8}, "masks": (n, y, x) bool, "boxes": [Box]}``.
+    Returns ``{"saliency": {name: (n, y, x) uint8}, "masks": (n, y, x) bool, "boxes": [Box],
+    "ig_steps": (n,) int}``. Without ``ig_steps`` the steps are chosen per slice by the
+    completeness check (:func:`~napari_wscovid.explain.integrated_gradients.adaptive_multiscale_saliency`);
+    with it, every slice gets that many.
     The maps shown are magnitudes: each scale's |IG| divided by its largest value on the slice,
     and the joint map = the product of the three, divided by its own maximum on the slice. The
     boxes come from the unquantised product, which equals the paper's |joint| up to a per-slice
@@ -56,12 +52,14 @@ def explain_slices(
     import torch
 
     from napari_wscovid.boxes import boxes_from_saliency, saliency_mask
-    from napari_wscovid.explain.integrated_gradients import multiscale_saliency
+    from napari_wscovid.explain.integrated_gradients import (
+        DEFAULT_IG_METHOD,
+        adaptive_multiscale_saliency,
+        multiscale_saliency,
+    )
     from napari_wscovid.preprocess import maps_to_slice, prepare_slices
 
-    steps_default, method_default = default_ig()
-    ig_steps = ig_steps or steps_default
-    ig_method = ig_method or method_default
+    ig_method = ig_method or DEFAULT_IG_METHOD
     prep_kwargs = prep_kwargs or model_input_kwargs(volume, lung_mask, int(net.config.input_size))
     indices = np.asarray(list(slice_indices), dtype=int)
     device = next(net.parameters()).device
@@ -69,6 +67,7 @@ def explain_slices(
     out = {name: np.zeros((n, ny, nx), dtype=np.uint8) for name in SALIENCY_LAYERS}
     masks = np.zeros((n, ny, nx), dtype=bool)
     boxes: list[Box] = []
+    steps_used = np.zeros(n, dtype=int)
     done = 0
     for batch in batches(range(n), batch_size):
         z = indices[batch]
@@ -78,13 +77,12 @@ def explain_slices(
             targets = np.full(len(z), classes.index(explain_class))
         else:
             targets = np.argmax(probs, axis=1)
-        maps = multiscale_saliency(
-            net,
-            torch.from_numpy(x).to(device),
-            torch.as_tensor(targets, device=device),
-            steps=ig_steps,
-            method=ig_method,
-        )
+        inputs, target_t = torch.from_numpy(x).to(device), torch.as_tensor(targets, device=device)
+        if ig_steps:
+            maps = multiscale_saliency(net, inputs, target_t, steps=ig_steps, method=ig_method)
+            steps_used[batch] = ig_steps
+        else:
+            maps, steps_used[batch] = adaptive_multiscale_saliency(net, inputs, target_t, method=ig_method)
         lung = lung_mask[z] > 0
         scaled = {}
         for scale in SALIENCY_LAYERS[:3]:
@@ -109,4 +107,4 @@ def explain_slices(
             )
         done += len(batch)
         yield done, n, "Explaining slices"
-    return {"saliency": out, "masks": masks, "boxes": boxes}
+    return {"saliency": out, "masks": masks, "boxes": boxes, "ig_steps": steps_used}

@@ -108,6 +108,7 @@ def detect_iter(
     saliency_maps: dict[str, np.ndarray] = {}
     boxes: list[Box] = []
     involvement: dict = {}
+    steps_used: tuple[int, ...] = ()
     if len(explain_idx):
         start = time.perf_counter()
         explained = yield from relay(
@@ -133,6 +134,7 @@ def detect_iter(
         for name in SALIENCY_LAYERS:
             saliency_maps[name][explain_idx] = explained["saliency"][name]
         boxes = explained["boxes"]
+        steps_used = tuple(int(v) for v in explained["ig_steps"])
         involvement = _involvement(explained["masks"], explain_idx, lung_mask)
 
     yield 3, 4, "Finishing"
@@ -149,6 +151,7 @@ def detect_iter(
         device=str(torch_device.type),
         lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
         saliency_slices=tuple(int(i) for i in explain_idx),
+        ig_steps=steps_used,
         patient_rule=rule,
         explained_class=shown_class,
     )

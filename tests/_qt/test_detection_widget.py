@@ -13,7 +13,7 @@ import pytest
 
 from napari_wscovid._widgets import detection
 from napari_wscovid._widgets import layers as L
-from napari_wscovid.io.boxes_io import load_boxes
+from napari_wscovid.io.boxes_io import boxes_to_rectangles, load_boxes
 from napari_wscovid.results import Box
 
 RESULT_LAYERS = {
@@ -169,7 +169,8 @@ def test_edit_export_reimport_and_rerun_keeps_edit(
 
     saved, meta = load_boxes(path, expected_geometry=small_volume.geometry())
     assert meta["series_key"] == small_volume.series_key
-    assert [b.origin for b in saved] == ["edited", "detected", "detected", "added"]
+    # the moved detection's original place travels as a rejected row (a re-run must not restore it)
+    assert [b.origin for b in saved] == ["edited", "detected", "detected", "added", "rejected"]
     # re-import through the reader: identical voxels, mm and features
     from napari_wscovid._reader import get_reader
 
@@ -332,3 +333,64 @@ def test_fecnn_result_shows_its_map_and_lesion_types(
     world = points[0].data_to_world(points[0].data[1])
     np.testing.assert_allclose(world, ct_layer.data_to_world((4, 20, 30)), atol=1e-6)
     assert list(points[0].features["type"]) == ["GGO-like", "consolidation-like"]
+
+
+# ---------------------------------------------------------------- a reading session (issue 18)
+
+
+def _correct(viewer):
+    """Delete the detection on slice 2, move the one on slice 3 away, draw one on slice 6."""
+    layer = viewer.layers[L.BOXES_LAYER]
+    assert sorted(b.slice for b in L.layer_boxes(layer)) == [2, 3, 4]
+    layer.selected_data = {0}
+    layer.remove_selected()
+    data = [v.copy() for v in layer.data]
+    data[0][:, 2] += 20  # now index 0 is slice 3's box: 20 columns to the right
+    layer.data = data
+    drawn = boxes_to_rectangles([Box(6, 20, 20, 26, 30, "COVID-19", 0.5)])[0]
+    layer.add_rectangles([drawn])
+
+
+def _session(viewer):
+    return sorted((b.slice, b.origin, b.x0) for b in L.layer_boxes(viewer.layers[L.BOXES_LAYER]))
+
+
+EXPECTED = [(3, "edited", 25), (4, "detected", 5), (6, "added", 20)]
+
+
+def test_rerun_respects_deleted_moved_and_added_boxes(widget, viewer, ct_layer, qtbot, errors):
+    run_and_wait(widget, qtbot)
+    _correct(viewer)
+    rejected = L.layer_rejected(viewer.layers[L.BOXES_LAYER])
+    assert sorted((b.slice, b.x0, b.origin) for b in rejected) == [(2, 5, "rejected"), (3, 5, "rejected")]
+    # the annotator's boxes look different from the model's: thicker edges
+    layer = viewer.layers[L.BOXES_LAYER]
+    widths = dict(zip(layer.features["origin"], layer.edge_width, strict=True))
+    assert widths == {
+        "edited": L.USER_EDGE_WIDTH,
+        "detected": L.DETECTED_EDGE_WIDTH,
+        "added": L.USER_EDGE_WIDTH,
+    }
+    assert L.USER_EDGE_WIDTH > L.DETECTED_EDGE_WIDTH
+    assert widget._results._table.horizontalHeaderItem(2).text() == "slice P(class)"
+    run_and_wait(widget, qtbot)  # the same three detections come again
+    assert errors == []
+    # the deleted one stays deleted, the moved one is there once (the annotator's copy)
+    assert _session(viewer) == EXPECTED
+    assert "0 new box(es); 2 of yours kept; 2 detection(s) not shown again" in widget._status.text()
+    run_and_wait(widget, qtbot)  # and again: nothing piles up
+    assert _session(viewer) == EXPECTED
+    assert len(L.layer_rejected(viewer.layers[L.BOXES_LAYER])) == 2
+
+
+def test_corrections_survive_export_and_reimport(widget, viewer, ct_layer, qtbot, errors, tmp_path):
+    run_and_wait(widget, qtbot)
+    _correct(viewer)
+    path = widget._export_boxes(tmp_path / "session.boxes.json")
+    rows = json.loads(path.read_text())["boxes"]
+    assert sorted(r["origin"] for r in rows) == ["added", "detected", "edited", "rejected", "rejected"]
+    viewer.layers.remove(L.BOXES_LAYER)  # a new session: the CT is open, the boxes are not
+    assert widget._import_boxes(path)
+    assert _session(viewer) == EXPECTED
+    run_and_wait(widget, qtbot)
+    assert errors == [] and _session(viewer) == EXPECTED

@@ -9,6 +9,7 @@ from napari.layers import Image, Labels, Shapes
 
 from napari_wscovid._widgets import layers as L
 from napari_wscovid.io.boxes_io import boxes_to_rectangles
+from napari_wscovid.review import merge_rerun
 
 
 def _kwargs(volume):
@@ -126,7 +127,7 @@ def test_merge_keeps_user_boxes(fake_result):
     old = [b for b in fake_result.boxes]
     old[0] = type(old[0])(**{**old[0].as_dict(), "origin": "edited", "y0": 7})
     added = type(old[0])(**{**old[0].as_dict(), "origin": "added", "slice": 7, "score": math.nan})
-    merged = L.merge_boxes([*old, added], fake_result.boxes)
+    merged, _ = merge_rerun([*old, added], fake_result.boxes)
     origins = [b.origin for b in merged]
     assert origins.count("edited") == 1 and origins.count("added") == 1
     # the new detection under the edited box is dropped; the others replace the old detections

@@ -1,0 +1,80 @@
+"""An annotator's corrections to detected boxes, and re-runs that respect them; no napari, no Qt.
+
+A reading session is: detection proposes boxes ("detected"), the annotator moves or resizes some
+("edited"), draws others ("added") and deletes the wrong ones. Every decision must survive a
+re-run of detection (with another model, scope or lung method):
+
+* a deleted detection is remembered as **rejected**, with its geometry, and a new detection that
+  overlaps it is not shown again;
+* the original place of a moved or resized detection is rejected too, so the re-run does not put
+  the detection back beside the annotator's corrected copy;
+* edited and added boxes stay, and a new detection overlapping one of them is dropped (the
+  annotator's box is the correction of it);
+* untouched detections of the previous run are replaced by the new run's.
+
+Rejected boxes travel with the box file (rows with origin ``"rejected"``), so a re-opened session
+keeps them; they are never drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from napari_wscovid.results import Box
+
+REJECTED = "rejected"
+
+
+def overlap(a: Box, b: Box) -> bool:
+    """Whether two boxes share at least one voxel of the same slice."""
+    return a.slice == b.slice and a.y0 < b.y1 and b.y0 < a.y1 and a.x0 < b.x1 and b.x0 < a.x1
+
+
+def same_place(a: Box, b: Box) -> bool:
+    return (a.slice, a.y0, a.x0, a.y1, a.x1) == (b.slice, b.y0, b.x0, b.y1, b.x1)
+
+
+def as_rejected(box: Box) -> Box:
+    """``box`` marked as rejected by the annotator (its geometry, class and score kept)."""
+    return dataclasses.replace(box, origin=REJECTED)
+
+
+def split_rejected(boxes: Iterable[Box]) -> tuple[list[Box], list[Box]]:
+    """(boxes to show, rejected boxes) of a box file's rows."""
+    shown, rejected = [], []
+    for box in boxes:
+        (rejected if box.origin == REJECTED else shown).append(box)
+    return shown, rejected
+
+
+def add_rejected(rejected: Sequence[Box], new: Iterable[Box]) -> list[Box]:
+    """``rejected`` plus ``new`` (marked rejected), without repeating a place already there."""
+    out = list(rejected)
+    for box in new:
+        if not any(same_place(box, r) for r in out):
+            out.append(as_rejected(box))
+    return out
+
+
+def merge_rerun(
+    previous: Sequence[Box], detected: Sequence[Box], rejected: Sequence[Box] = ()
+) -> tuple[list[Box], dict]:
+    """The boxes after a re-run, and what the re-run changed.
+
+    Returns the merged boxes (the annotator's edited and added boxes first, then the new
+    detections that overlap none of them and no rejected box) and a summary:
+    ``{"kept": annotator's boxes kept, "new": detections not in the previous run,
+    "suppressed": detections hidden by a correction, "detected": all new detections}``.
+    """
+    kept = [b for b in previous if b.origin not in ("detected", REJECTED)]
+    blockers = kept + list(rejected)
+    before = [b for b in previous if b.origin == "detected"]
+    merged, new, suppressed = list(kept), 0, 0
+    for box in detected:
+        if any(overlap(box, k) for k in blockers):
+            suppressed += 1
+            continue
+        merged.append(box)
+        new += not any(same_place(box, b) for b in before)
+    return merged, {"kept": len(kept), "new": new, "suppressed": suppressed, "detected": len(detected)}
