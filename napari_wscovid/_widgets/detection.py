@@ -207,6 +207,8 @@ class DetectionWidget(QWidget):
         self._progress.setRange(0, 1)
         self._progress.setValue(0)
         self._status = QLabel("")
+        self._position = QLabel("")  # the slice in view: index and millimetres
+        self._position.setToolTip("Slice index in the CT array and its position along the patient's z axis")
         self._status.setWordWrap(True)
         self._export_btn = QPushButton("Export boxes…")
         self._import_btn = QPushButton("Import boxes…")
@@ -234,6 +236,7 @@ class DetectionWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self._progress)
         layout.addWidget(self._status)
+        layout.addWidget(self._position)
         layout.addWidget(self._results)
         layout.addLayout(io_buttons)
 
@@ -607,9 +610,18 @@ class DetectionWidget(QWidget):
         _camera(self._viewer).center = tuple(world[-displayed:])
 
     def _on_current_step(self, event=None) -> None:
-        self._results.set_current_slice(self._current_slice())
+        index = self._current_slice()
+        self._results.set_current_slice(index)
+        self._position.setText(self._position_text(index))
         if self._result is not None and self._result_scope == "current":
             self._slice_timer.start()
+
+    def _position_text(self, index: int) -> str:
+        layer = self._result_ct or self._ct_layer()
+        if layer is None or index < 0:
+            return ""
+        z_mm = float(np.asarray(layer.data_to_world((index, 0, 0)), dtype=float)[0])
+        return f"Slice {index} of {layer.data.shape[0] - 1} · z = {z_mm:.1f} mm"
 
     # ------------------------------------------------------------------ current-slice saliency
     def _explain_current_slice(self) -> None:

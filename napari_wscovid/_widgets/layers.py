@@ -61,6 +61,12 @@ def ct_layer_kwargs(ct_layer) -> dict:
     kwargs = {
         "scale": tuple(float(s) for s in ct_layer.scale),
         "translate": tuple(float(t) for t in ct_layer.translate),
+        # result layers name their axes as the CT does (z/y/x, mm)
+        **{
+            k: tuple(str(v) for v in getattr(ct_layer, k))
+            for k in ("axis_labels", "units")
+            if hasattr(ct_layer, k)
+        },
     }
     rotate = np.asarray(ct_layer.rotate, dtype=float)
     if not np.allclose(rotate, np.eye(rotate.shape[0])):

@@ -394,3 +394,13 @@ def test_corrections_survive_export_and_reimport(widget, viewer, ct_layer, qtbot
     assert _session(viewer) == EXPECTED
     run_and_wait(widget, qtbot)
     assert errors == [] and _session(viewer) == EXPECTED
+
+
+def test_where_am_i_axes_and_slice_position_in_mm(widget, viewer, ct_layer, small_volume, qtbot):
+    assert tuple(viewer.dims.axis_labels) == ("z", "y", "x")
+    run_and_wait(widget, qtbot)
+    assert all(tuple(la.axis_labels) == ("z", "y", "x") for la in viewer.layers)  # result layers too
+    widget._go_to_slice(4)
+    z_mm = small_volume.origin[0] + 4 * small_volume.spacing[0]
+    qtbot.waitUntil(lambda: widget._position.text().startswith("Slice 4 of 7"), timeout=3000)
+    assert f"z = {z_mm:.1f} mm" in widget._position.text()
