@@ -212,6 +212,10 @@ class DetectionWidget(QWidget):
         self._status.setWordWrap(True)
         self._export_btn = QPushButton("Export boxes…")
         self._import_btn = QPushButton("Import boxes…")
+        # the class an annotator gives the selected boxes ("not a lesion" keeps a rejected finding)
+        self._class_combo = QComboBox()
+        self._class_combo.setToolTip("Class for the boxes selected in the lesion-boxes layer")
+        self._class_btn = QPushButton("Set class of selected boxes")
         self._results = ResultsPanel()
         self._slice_timer = QTimer(self)
         self._slice_timer.setSingleShot(True)
@@ -228,6 +232,9 @@ class DetectionWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self._run_btn)
         buttons.addWidget(self._cancel_btn)
+        class_row = QHBoxLayout()
+        class_row.addWidget(self._class_combo)
+        class_row.addWidget(self._class_btn)
         io_buttons = QHBoxLayout()
         io_buttons.addWidget(self._export_btn)
         io_buttons.addWidget(self._import_btn)
@@ -238,12 +245,14 @@ class DetectionWidget(QWidget):
         layout.addWidget(self._status)
         layout.addWidget(self._position)
         layout.addWidget(self._results)
+        layout.addLayout(class_row)
         layout.addLayout(io_buttons)
 
         self._run_btn.clicked.connect(self._on_run_clicked)
         self._cancel_btn.clicked.connect(self._on_cancel_clicked)
         self._export_btn.clicked.connect(self._on_export_clicked)
         self._import_btn.clicked.connect(self._on_import_clicked)
+        self._class_btn.clicked.connect(self._on_set_class_clicked)
         self._results.slice_requested.connect(self._go_to_slice)
         self._results.box_requested.connect(self._go_to_box)
         self._slice_timer.timeout.connect(self._explain_current_slice)
@@ -554,6 +563,7 @@ class DetectionWidget(QWidget):
         else:
             self._replace_boxes(layer, merged, kwargs)
         self._refresh_box_list()
+        self._refresh_class_choices(classes)
         return layer
 
     def _replace_boxes(self, layer, boxes: list[Box], kwargs: dict) -> None:
@@ -703,6 +713,23 @@ class DetectionWidget(QWidget):
             self._replace_boxes(layer, existing + keep_new, kwargs)
             self._refresh_box_list()
         self._status.setText(f"Slice {', '.join(map(str, slices))} explained.")
+
+    # ------------------------------------------------------------------ review
+    def _refresh_class_choices(self, classes) -> None:
+        current = self._class_combo.currentText()
+        self._class_combo.clear()
+        self._class_combo.addItems([*classes, L.NOT_A_LESION])
+        if current:
+            self._class_combo.setCurrentText(current)
+
+    def _on_set_class_clicked(self) -> None:
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        if layer is None or not layer.selected_data:
+            show_info("Select boxes in the 'lesion boxes' layer first (its select tool, or click them).")
+            return
+        changed = L.set_box_class(layer, sorted(layer.selected_data), self._class_combo.currentText())
+        self._refresh_box_list()
+        self._status.setText(f"{changed} box(es) set to {self._class_combo.currentText()}.")
 
     # ------------------------------------------------------------------ export / import
     def _on_export_clicked(self) -> None:

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 LUNG_LAYER = "lung mask"
 BOXES_LAYER = "lesion boxes"
+NOT_A_LESION = "not a lesion"  # the class an annotator gives a box that marks no finding
 REJECTED_KEY = "wscovid_rejected"  # metadata: detections the annotator deleted or moved away from
 JOINT_LAYER = "joint saliency"
 SALIENCY_LEVELS = ("conv3", "conv4", "conv5")
@@ -267,6 +268,20 @@ def find_layer(viewer, name: str, layer_type: str | None = None):
     return None
 
 
+#: Outline width of the lung mask (pixels): a filled mask hides the density a reader judges.
+LUNG_CONTOUR = 2
+
+
+def _first_look(layer) -> None:
+    """How a new result layer is first drawn (the user's later choices are kept on re-runs)."""
+    if layer.name == LUNG_LAYER:
+        layer.contour = LUNG_CONTOUR
+        layer.opacity = 0.7
+    elif type(layer).__name__ == "Image" and hasattr(layer, "colorbar"):
+        # what the colours of a map mean: its 0..1 scale (napari >= 0.6 draws the bar)
+        layer.colorbar.visible = layer.visible
+
+
 def upsert_layer(viewer, data, kwargs: dict, layer_type: str):
     """Add the layer, or update the layer of the same name and type in place.
 
@@ -277,7 +292,9 @@ def upsert_layer(viewer, data, kwargs: dict, layer_type: str):
 
     layer = find_layer(viewer, kwargs["name"], layer_type)
     if layer is None:
-        return viewer.add_layer(Layer.create(data, dict(kwargs), layer_type))
+        layer = viewer.add_layer(Layer.create(data, dict(kwargs), layer_type))
+        _first_look(layer)
+        return layer
     layer.scale = kwargs.get("scale", layer.scale)
     layer.translate = kwargs.get("translate", layer.translate)
     if "rotate" in kwargs:
@@ -446,6 +463,22 @@ def _text_colors(classes: Sequence[str]) -> dict:
         "feature": "class",
         "colormap": {c: class_color(c, classes) for c in [*classes, *CLASS_COLORS]},
     }
+
+
+def set_box_class(layer, rows: Sequence[int], class_name: str) -> int:
+    """Give the boxes at ``rows`` the class ``class_name``; a detection becomes "edited" (the
+    annotator's decision, which a re-run respects). Returns how many boxes changed."""
+    features = layer.features.copy()
+    changed = 0
+    for i in rows:
+        if features.at[i, "class"] != class_name:
+            features.at[i, "class"] = class_name
+            if features.at[i, "origin"] == "detected":
+                features.at[i, "origin"] = "edited"
+            changed += 1
+    layer.features = features
+    refresh_box_colors(layer)
+    return changed
 
 
 def refresh_box_colors(layer) -> None:

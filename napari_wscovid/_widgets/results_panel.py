@@ -33,7 +33,20 @@ def summary_text(result: DetectionResult) -> str:
     if total is not None and math.isfinite(float(total)):
         lines.append(f"Involvement: {float(total):.1f} % of lung")
     lines.append(f"Device: {result.device}")
+    info = result.model_info or {}
+    lines.append(f"Model: {info.get('name') or 'unnamed'} {info.get('version') or ''}".rstrip())
     return "\n".join(lines)
+
+
+#: Shown under every result: what this is, and where its measured performance is.
+RESEARCH_NOTICE = (
+    "Research software, not a diagnosis: on held-out real CT the default model calls normal lungs "
+    "CAP. See the model card in the README for its measured performance."
+)
+INVOLVEMENT_TIP = (
+    "Involvement: the share of the lung volume inside the thresholded saliency of the explained "
+    "slices (the regions the boxes come from), in percent of the whole lung mask."
+)
 
 
 def sorted_boxes(boxes: list[Box]) -> list[Box]:
@@ -53,6 +66,9 @@ class ResultsPanel(QWidget):
         super().__init__(parent)
         self._summary = QLabel("No detection yet.")
         self._summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self._summary.setToolTip(INVOLVEMENT_TIP)
+        self._notice = QLabel(RESEARCH_NOTICE)
+        self._notice.setWordWrap(True)
         self._plot = SliceProbabilityPlot()
         self._plot.slice_clicked.connect(self.slice_requested)
         self._table = QTableWidget(0, len(_BOX_COLUMNS))
@@ -72,6 +88,7 @@ class ResultsPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self._summary)
+        layout.addWidget(self._notice)
         layout.addWidget(QLabel("Probability per slice:"))
         layout.addWidget(self._plot)
         layout.addWidget(QLabel("Lesion boxes (click to go there):"))

@@ -109,6 +109,10 @@ def test_run_builds_layers_and_panel(widget, viewer, ct_layer, fake_pipeline, fa
     assert boxes.nshapes == len(fake_result.boxes)
     assert widget._results._summary.text().count("Device: cpu") == 1
     assert widget._progress.value() == widget._progress.maximum() > 0  # a finished run shows a full bar
+    assert "Model: fake 0" in widget._results._summary.text()  # the real name and version
+    assert "Research software" in widget._results._notice.text()
+    assert "Involvement" in widget._results._summary.toolTip()
+    assert viewer.layers["lung mask"].contour == L.LUNG_CONTOUR  # an outline: the fill hid density
     assert "COVID-19" in widget._results._summary.text() and "12.5 %" in widget._results._summary.text()
     assert widget._results._table.rowCount() == 3
     assert [b.score for b in widget._results.boxes] == sorted(
@@ -404,3 +408,28 @@ def test_where_am_i_axes_and_slice_position_in_mm(widget, viewer, ct_layer, smal
     z_mm = small_volume.origin[0] + 4 * small_volume.spacing[0]
     qtbot.waitUntil(lambda: widget._position.text().startswith("Slice 4 of 7"), timeout=3000)
     assert f"z = {z_mm:.1f} mm" in widget._position.text()
+
+
+def test_class_picker_sets_selected_boxes_and_survives_rerun_and_export(
+    widget, viewer, ct_layer, small_volume, qtbot, errors, tmp_path
+):
+    run_and_wait(widget, qtbot)
+    layer = viewer.layers[L.BOXES_LAYER]
+    options = [widget._class_combo.itemText(i) for i in range(widget._class_combo.count())]
+    assert options == ["NP", "CAP", "COVID-19", L.NOT_A_LESION]
+    layer.selected_data = {1}
+    widget._class_combo.setCurrentText(L.NOT_A_LESION)
+    widget._class_btn.click()
+    assert list(layer.features["class"]) == ["COVID-19", L.NOT_A_LESION, "COVID-19"]
+    assert list(layer.features["origin"]) == ["detected", "edited", "detected"]
+    run_and_wait(widget, qtbot)  # a re-run keeps the decision and does not re-add the detection
+    after = L.layer_boxes(viewer.layers[L.BOXES_LAYER])
+    assert sorted((b.slice, b.class_name) for b in after) == [
+        (2, "COVID-19"),
+        (3, L.NOT_A_LESION),
+        (4, "COVID-19"),
+    ]
+    path = widget._export_boxes(tmp_path / "c.boxes.json")
+    saved, _ = load_boxes(path, expected_geometry=small_volume.geometry())
+    assert [b.class_name for b in saved if b.slice == 3] == [L.NOT_A_LESION]
+    assert errors == []

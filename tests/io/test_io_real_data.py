@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pydicom
 import pytest
@@ -22,10 +20,7 @@ LOSSY_SYNTAXES = (".4.50", ".4.51", ".4.53", ".4.55", ".4.81", ".4.91")
 
 @pytest.mark.parametrize(("folder", "n_slices", "pixel_mm"), COVID_SERIES)
 def test_covid_ct_md_series_load_in_anatomical_order(covid_ct_md, folder, n_slices, pixel_mm):
-    started = time.perf_counter()
-    volume = load_ct(covid_ct_md / folder)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 60, f"loading took {elapsed:.1f} s"
+    volume = load_ct(covid_ct_md / folder)  # how long it takes: benchmarks/, not a test
     assert volume.shape == (n_slices, 512, 512)
     assert volume.spacing == pytest.approx((2.0, pixel_mm, pixel_mm), abs=1e-3)
     assert volume.is_hu and volume.source == "DICOM" and not volume.warnings
