@@ -34,7 +34,6 @@ _SNIFF_BYTES = 4096
 HU_WINDOW = (-1350.0, 150.0)  # lung window: level -600, width 1500
 # The viewer's axes named for the patient (napari would say -3, -2, -1) and in millimetres.
 AXES = {"axis_labels": ("z", "y", "x"), "units": ("mm", "mm", "mm")}
-_DICOM_PROBE_FILES = 64
 
 
 def get_reader(path):
@@ -56,7 +55,10 @@ def get_reader(path):
     if lower.endswith(BOXES_SUFFIX) or (lower.endswith((".json", ".csv")) and _is_boxes_file(path)):
         return read_boxes
     if os.path.isdir(path):
-        return read_ct if _folder_has_dicom(path) else None
+        # A folder is claimed even without DICOM (napari reads no plain folders itself): the user
+        # then gets the loader's reason ("no CT image series found ...") instead of napari's
+        # generic refusal. Zarr stores are left to the readers that know them.
+        return None if lower.rstrip("/\\").endswith(".zarr") else read_ct
     if lower.endswith(CT_SUFFIXES) or _is_dicom_file(path):
         return read_ct
     return None
@@ -86,21 +88,6 @@ def _is_dicom_file(path: str) -> bool:
             return fh.read(4) == b"DICM"
     except OSError:
         return False
-
-
-def _folder_has_dicom(folder: str) -> bool:
-    """True when the folder (or a sub-folder one level down) holds a DICOM file."""
-    checked = 0
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            if _is_dicom_file(os.path.join(root, name)):
-                return True
-            checked += 1
-            if checked >= _DICOM_PROBE_FILES:
-                return False
-        if Path(root) != Path(folder):
-            dirs[:] = []
-    return False
 
 
 # ------------------------------------------------------------------------------- CT

@@ -261,6 +261,8 @@ class DetectionWidget(QWidget):
         layers_events.inserted.connect(self._on_layers_changed)
         layers_events.removed.connect(self._on_layers_changed)
         self._viewer.dims.events.current_step.connect(self._on_current_step)
+        self._viewer.dims.events.order.connect(self._orient_head_up)
+        self._viewer.dims.events.ndisplay.connect(self._orient_head_up)
         self._refresh_ct_layers()
         for layer in self._viewer.layers:
             self._watch_boxes_layer(layer)
@@ -626,6 +628,22 @@ class DetectionWidget(QWidget):
         if self._result is not None and self._result_scope == "current":
             self._slice_timer.start()
 
+    def _orient_head_up(self, event=None) -> None:
+        """Coronal and sagittal views with the head at the top, as radiologists read them.
+
+        Array axis 0 runs feet to head (the loader's LPS order), and napari draws the vertical
+        axis downwards; so when z is the vertical axis of the view it is flipped up. Axial views
+        keep anterior at the top (y down).
+        """
+        dims, camera = self._viewer.dims, _camera(self._viewer)
+        if dims.ndim < 3 or not hasattr(camera, "orientation2d"):
+            return
+        z_axis = dims.ndim - 3
+        vertical = dims.displayed[-2]
+        orientation = list(camera.orientation)
+        orientation[1] = "up" if vertical == z_axis else "down"
+        camera.orientation = tuple(orientation)
+
     def _position_text(self, index: int) -> str:
         layer = self._result_ct or self._ct_layer()
         if layer is None or index < 0:
@@ -734,6 +752,10 @@ class DetectionWidget(QWidget):
     # ------------------------------------------------------------------ export / import
     def _on_export_clicked(self) -> None:
         layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        if layer is None or (layer.nshapes == 0 and not L.layer_rejected(layer)):
+            # said before a save dialog asks for a file name that would hold nothing
+            show_info("There are no lesion boxes to export: run detection or draw boxes first.")
+            return
         key = layer.metadata.get("series_key", "boxes") if layer is not None else "boxes"
         path, _ = QFileDialog.getSaveFileName(
             self, "Export lesion boxes", f"{key}.boxes.json", "Boxes JSON (*.json);;CSV (*.csv)"

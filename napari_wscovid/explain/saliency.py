@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Iterable
 
 import numpy as np
@@ -68,7 +69,7 @@ def explain_slices(
     masks = np.zeros((n, ny, nx), dtype=bool)
     boxes: list[Box] = []
     steps_used = np.zeros(n, dtype=int)
-    done = 0
+    done, started = 0, time.perf_counter()
     for batch in batches(range(n), batch_size):
         z = indices[batch]
         x, crops = prepare_slices(volume.hu, lung_mask, z, **prep_kwargs)
@@ -106,5 +107,13 @@ def explain_slices(
                 min_area_mm2=min_box_area_mm2,
             )
         done += len(batch)
-        yield done, n, "Explaining slices"
+        yield done, n, f"Explaining slices{_time_left(started, done, n)}"
     return {"saliency": out, "masks": masks, "boxes": boxes, "ig_steps": steps_used}
+
+
+def _time_left(started: float, done: int, total: int) -> str:
+    """ ", about N s/min left" from the mean time per slice so far; empty when done."""
+    if done >= total or done == 0:
+        return ""
+    left = (time.perf_counter() - started) / done * (total - done)
+    return f", about {left:.0f} s left" if left < 90 else f", about {left / 60:.0f} min left"

@@ -433,3 +433,27 @@ def test_class_picker_sets_selected_boxes_and_survives_rerun_and_export(
     saved, _ = load_boxes(path, expected_geometry=small_volume.geometry())
     assert [b.class_name for b in saved if b.slice == 3] == [L.NOT_A_LESION]
     assert errors == []
+
+
+def test_coronal_and_sagittal_views_are_head_up(widget, viewer, ct_layer):
+    camera = detection._camera(viewer)
+    assert (
+        str(getattr(camera.orientation2d[0], "value", camera.orientation2d[0])) == "down"
+    )  # axial: anterior up
+    viewer.dims.order = (1, 0, 2)  # coronal: z is the vertical axis
+    assert str(getattr(camera.orientation2d[0], "value", camera.orientation2d[0])) == "up"
+    viewer.dims.order = (2, 0, 1)  # sagittal
+    assert str(getattr(camera.orientation2d[0], "value", camera.orientation2d[0])) == "up"
+    viewer.dims.order = (0, 1, 2)
+    assert str(getattr(camera.orientation2d[0], "value", camera.orientation2d[0])) == "down"
+
+
+def test_export_without_boxes_says_so_before_any_dialog(widget, monkeypatch):
+    infos = []
+    monkeypatch.setattr(detection, "show_info", infos.append)
+    opened = []
+    monkeypatch.setattr(
+        detection.QFileDialog, "getSaveFileName", lambda *a, **k: opened.append(a) or ("", "")
+    )
+    widget._export_btn.click()
+    assert opened == [] and "no lesion boxes to export" in infos[-1]

@@ -59,7 +59,12 @@ def test_reader_opens_in_viewer(viewer, tmp_path):
 def test_reader_declines_and_fails_clearly(tmp_path):
     assert get_reader(str(tmp_path / "notes.txt")) is None
     (tmp_path / "empty").mkdir()
-    assert get_reader(str(tmp_path / "empty")) is None
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    # a folder without DICOM: the plugin's own reason, not napari's "refused the file"
+    with pytest.raises(ValueError, match="no CT image series found"):
+        get_reader(str(tmp_path / "empty"))(str(tmp_path / "empty"))
+    (tmp_path / "data.zarr").mkdir()
+    assert get_reader(str(tmp_path / "data.zarr")) is None
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti at all")
     with pytest.raises(ValueError, match="broken.nii.gz"):
