@@ -9,7 +9,8 @@ from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from napari_wscovid._widgets.layers import class_color
 
-_MARGIN = 6
+# Room for the axis labels on the left and bottom and the legend on top.
+_LEFT, _RIGHT, _TOP, _BOTTOM = 26, 6, 16, 16
 
 
 class SliceProbabilityPlot(QWidget):
@@ -26,9 +27,13 @@ class SliceProbabilityPlot(QWidget):
         self._probs = np.zeros((0, 0), dtype=float)
         self._classes: tuple[str, ...] = ()
         self._current = -1
-        self.setMinimumHeight(90)
+        self.setMinimumHeight(120)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
-        self.setToolTip("Per-slice class probabilities; click to go to a slice")
+        self.setToolTip(
+            "Probability of each class (vertical, 0 to 1) on each slice (horizontal, slice index); "
+            "gaps are slices without lung. The white line marks the slice in view; the dashed line "
+            "is P = 0.5. Click to go to a slice."
+        )
 
     def set_data(self, slice_probs, classes) -> None:
         probs = np.asarray(slice_probs, dtype=float)
@@ -41,6 +46,10 @@ class SliceProbabilityPlot(QWidget):
             self._current = int(index)
             self.update()
 
+    def legend_entries(self) -> list[tuple[str, str]]:
+        """(class name, colour) of each curve, as the legend draws them."""
+        return [(name, class_color(name, self._classes)) for name in self._classes]
+
     @property
     def n_slices(self) -> int:
         return int(self._probs.shape[0])
@@ -50,15 +59,15 @@ class SliceProbabilityPlot(QWidget):
         n = self.n_slices
         if n <= 1:
             return 0
-        width = max(self.width() - 2 * _MARGIN, 1)
-        frac = (x - _MARGIN) / width
+        width = max(self.width() - _LEFT - _RIGHT, 1)
+        frac = (x - _LEFT) / width
         return int(np.clip(round(frac * (n - 1)), 0, n - 1))
 
     def _point(self, i: int, p: float) -> QPointF:
         n = max(self.n_slices - 1, 1)
-        w = self.width() - 2 * _MARGIN
-        h = self.height() - 2 * _MARGIN
-        return QPointF(_MARGIN + w * i / n, _MARGIN + h * (1.0 - p))
+        w = self.width() - _LEFT - _RIGHT
+        h = self.height() - _TOP - _BOTTOM
+        return QPointF(_LEFT + w * i / n, _TOP + h * (1.0 - p))
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt override)
         painter = QPainter(self)
@@ -81,7 +90,32 @@ class SliceProbabilityPlot(QWidget):
         if 0 <= self._current < self.n_slices:
             painter.setPen(QPen(QColor("#ffffff"), 1))
             painter.drawLine(self._point(self._current, 0.0), self._point(self._current, 1.0))
+        self._draw_axes_and_legend(painter)
         painter.end()
+
+    def _draw_axes_and_legend(self, painter: QPainter) -> None:
+        font = painter.font()
+        font.setPointSize(7)
+        painter.setFont(font)
+        painter.setPen(QColor("#bbbbbb"))
+        for p in (0.0, 0.5, 1.0):  # y axis: probability
+            point = self._point(0, p)
+            painter.drawText(QPointF(2, point.y() + 3), f"{p:g}")
+        bottom = self.height() - 3
+        painter.drawText(QPointF(_LEFT, bottom), "slice 0")
+        end_label = f"{self.n_slices - 1}" if self.n_slices else ""
+        painter.drawText(QPointF(self.width() - _RIGHT - 6 * len(end_label), bottom), end_label)
+        if 0 <= self._current < self.n_slices:
+            painter.setPen(QColor("#ffffff"))
+            x = self._point(self._current, 0.0).x()
+            painter.drawText(QPointF(min(x + 3, self.width() - 60), bottom), f"in view: {self._current}")
+        x = float(_LEFT)
+        for name, color in self.legend_entries():  # legend along the top
+            painter.setPen(QPen(QColor(color), 2))
+            painter.drawLine(QPointF(x, 8), QPointF(x + 10, 8))
+            painter.setPen(QColor("#dddddd"))
+            painter.drawText(QPointF(x + 13, 11), name)
+            x += 13 + 6 * len(name) + 10
 
     def mousePressEvent(self, event) -> None:  # noqa: N802 (Qt override)
         if self.n_slices:

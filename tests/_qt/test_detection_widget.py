@@ -457,3 +457,14 @@ def test_export_without_boxes_says_so_before_any_dialog(widget, monkeypatch):
     )
     widget._export_btn.click()
     assert opened == [] and "no lesion boxes to export" in infos[-1]
+
+
+def test_slice_plot_has_a_legend_axes_and_an_explained_marker(widget, viewer, ct_layer, qtbot):
+    run_and_wait(widget, qtbot)
+    plot = widget._results._plot
+    assert [name for name, _ in plot.legend_entries()] == ["NP", "CAP", "COVID-19"]
+    assert len({color for _, color in plot.legend_entries()}) == 3
+    assert "white line marks the slice in view" in plot.toolTip() and "0 to 1" in plot.toolTip()
+    plot.resize(320, 120)
+    image = plot.grab().toImage()  # paints the axes, legend and marker without error
+    assert not image.isNull() and image.width() == plot.width()
