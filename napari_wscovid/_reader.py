@@ -158,6 +158,7 @@ def read_boxes(path) -> list[tuple]:
             boxes,
             geometry_layer_kwargs(geometry),
             rejected=rejected,
+            reviewed=meta.get("reviewed_slices", []),
             geometry=geometry,
             series_key=meta["series_key"],
             classes=classes,

@@ -53,6 +53,7 @@ def write_boxes(path: str, data, attributes: dict) -> list[str]:
         series_key=metadata.get("series_key", ""),
         model=metadata.get("model"),
         classes=metadata.get("classes", ()),
+        reviewed_slices=metadata.get("wscovid_reviewed", []),
         overwrite=True,
     )
     if existed:

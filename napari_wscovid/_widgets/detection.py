@@ -17,6 +17,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -216,6 +217,9 @@ class DetectionWidget(QWidget):
         self._class_combo = QComboBox()
         self._class_combo.setToolTip("Class for the boxes selected in the lesion-boxes layer")
         self._class_btn = QPushButton("Set class of selected boxes")
+        self._reviewed_box = QCheckBox("Slice reviewed")
+        self._reviewed_box.setToolTip("Mark the slice in view as read; saved with the boxes (JSON)")
+        self._reviewed_box.setEnabled(False)
         self._results = ResultsPanel()
         self._slice_timer = QTimer(self)
         self._slice_timer.setSingleShot(True)
@@ -235,6 +239,7 @@ class DetectionWidget(QWidget):
         class_row = QHBoxLayout()
         class_row.addWidget(self._class_combo)
         class_row.addWidget(self._class_btn)
+        class_row.addWidget(self._reviewed_box)
         io_buttons = QHBoxLayout()
         io_buttons.addWidget(self._export_btn)
         io_buttons.addWidget(self._import_btn)
@@ -253,6 +258,7 @@ class DetectionWidget(QWidget):
         self._export_btn.clicked.connect(self._on_export_clicked)
         self._import_btn.clicked.connect(self._on_import_clicked)
         self._class_btn.clicked.connect(self._on_set_class_clicked)
+        self._reviewed_box.toggled.connect(self._on_reviewed_toggled)
         self._results.slice_requested.connect(self._go_to_slice)
         self._results.box_requested.connect(self._go_to_box)
         self._slice_timer.timeout.connect(self._explain_current_slice)
@@ -501,7 +507,7 @@ class DetectionWidget(QWidget):
             merge=True,
         )
         self._results.set_result(result)
-        self._results.set_current_slice(self._current_slice())
+        self._on_current_step()  # plot marker, position and reviewed mark of the slice in view
 
     def _install_boxes(
         self,
@@ -515,6 +521,7 @@ class DetectionWidget(QWidget):
         model_info,
         merge,
         rejected=(),
+        reviewed=(),
     ):
         """Put boxes in the "lesion boxes" layer, respecting every correction of the user's.
 
@@ -523,12 +530,13 @@ class DetectionWidget(QWidget):
         """
         layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
         previous: list[Box] = []
-        rejected = list(rejected)
+        rejected, reviewed = list(rejected), set(reviewed)
         if layer is not None and layer.metadata.get("wscovid_boxes"):
             old_boxes = L.layer_boxes(layer)
             if merge and L.geometries_equal(layer.metadata.get("wscovid_geometry"), geometry):
                 previous = old_boxes
                 rejected = L.layer_rejected(layer) + rejected
+                reviewed |= set(L.layer_reviewed(layer))
             elif any(b.origin != "detected" for b in old_boxes):
                 # Edits made on another CT (or before an import) are kept in their own layer.
                 old_key = layer.metadata.get("series_key") or "previous"
@@ -555,6 +563,7 @@ class DetectionWidget(QWidget):
             default_class=default_class,
             model_info=model_info,
             rejected=rejected,
+            reviewed=reviewed,
         )
         if layer is None:
             from napari.layers import Layer
@@ -566,6 +575,7 @@ class DetectionWidget(QWidget):
             self._replace_boxes(layer, merged, kwargs)
         self._refresh_box_list()
         self._refresh_class_choices(classes)
+        self._show_reviewed(self._current_slice())
         return layer
 
     def _replace_boxes(self, layer, boxes: list[Box], kwargs: dict) -> None:
@@ -625,6 +635,7 @@ class DetectionWidget(QWidget):
         index = self._current_slice()
         self._results.set_current_slice(index)
         self._position.setText(self._position_text(index))
+        self._show_reviewed(index)
         if self._result is not None and self._result_scope == "current":
             self._slice_timer.start()
 
@@ -727,6 +738,7 @@ class DetectionWidget(QWidget):
                 default_class=layer.metadata.get("default_class", ""),
                 model_info=layer.metadata.get("model"),
                 rejected=rejected,
+                reviewed=L.layer_reviewed(layer),
             )
             self._replace_boxes(layer, existing + keep_new, kwargs)
             self._refresh_box_list()
@@ -739,6 +751,19 @@ class DetectionWidget(QWidget):
         self._class_combo.addItems([*classes, L.NOT_A_LESION])
         if current:
             self._class_combo.setCurrentText(current)
+
+    def _show_reviewed(self, index: int) -> None:
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        self._reviewed_box.setEnabled(layer is not None and index >= 0)
+        self._reviewed_box.blockSignals(True)
+        self._reviewed_box.setChecked(layer is not None and index in L.layer_reviewed(layer))
+        self._reviewed_box.blockSignals(False)
+
+    def _on_reviewed_toggled(self, checked: bool) -> None:
+        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        index = self._current_slice()
+        if layer is not None and index >= 0:
+            L.set_slice_reviewed(layer, index, checked)
 
     def _on_set_class_clicked(self) -> None:
         layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
@@ -780,6 +805,7 @@ class DetectionWidget(QWidget):
                 series_key=meta.get("series_key", ""),
                 model=meta.get("model"),
                 classes=meta.get("classes", ()),
+                reviewed_slices=L.layer_reviewed(layer),
                 overwrite=overwrite,
             )
         except (OSError, ValueError) as exc:
@@ -810,6 +836,7 @@ class DetectionWidget(QWidget):
         self._install_boxes(
             boxes,
             rejected=rejected,
+            reviewed=meta.get("reviewed_slices", []),
             ct_layer=layer,
             geometry=volume.geometry(),
             series_key=meta.get("series_key") or volume.series_key,

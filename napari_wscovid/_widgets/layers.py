@@ -31,6 +31,7 @@ LUNG_LAYER = "lung mask"
 BOXES_LAYER = "lesion boxes"
 NOT_A_LESION = "not a lesion"  # the class an annotator gives a box that marks no finding
 REJECTED_KEY = "wscovid_rejected"  # metadata: detections the annotator deleted or moved away from
+REVIEWED_KEY = "wscovid_reviewed"  # metadata: slices the annotator marked as reviewed
 JOINT_LAYER = "joint saliency"
 SALIENCY_LEVELS = ("conv3", "conv4", "conv5")
 SALIENCY_COLORMAP = "inferno"
@@ -220,6 +221,7 @@ def boxes_layer_data(
     model_info: dict | None = None,
     name: str = BOXES_LAYER,
     rejected: Sequence[Box] = (),
+    reviewed: Iterable[int] = (),
 ) -> tuple:
     """The Shapes layer tuple for boxes: editable rectangles on their slices.
 
@@ -246,6 +248,7 @@ def boxes_layer_data(
             default_class=default_class,
             model=dict(model_info or {}),
             **{REJECTED_KEY: [as_rejected(b).as_dict() for b in rejected]},
+            **{REVIEWED_KEY: sorted({int(z) for z in reviewed})},
         ),
     }
     colors = [class_color(b.class_name, classes) for b in boxes]
@@ -332,6 +335,17 @@ def layer_boxes(layer) -> list[Box]:
 def layer_rejected(layer) -> list[Box]:
     """The detections the annotator rejected on this layer (deleted, or moved away from)."""
     return [Box(**row) for row in layer.metadata.get(REJECTED_KEY, [])]
+
+
+def layer_reviewed(layer) -> list[int]:
+    """The slices the annotator marked as reviewed on this boxes layer."""
+    return sorted(int(z) for z in layer.metadata.get(REVIEWED_KEY, []))
+
+
+def set_slice_reviewed(layer, index: int, reviewed: bool) -> None:
+    marks = set(layer_reviewed(layer))
+    (marks.add if reviewed else marks.discard)(int(index))
+    layer.metadata = {**layer.metadata, REVIEWED_KEY: sorted(marks)}
 
 
 def set_layer_rejected(layer, rejected: Sequence[Box]) -> None:

@@ -216,6 +216,7 @@ def boxes_to_json_text(
     series_key: str = "",
     model: dict | None = None,
     classes: Sequence[str] = (),
+    reviewed_slices: Iterable[int] = (),
 ) -> str:
     """The JSON document for these boxes (floats at full ``repr`` precision)."""
     rows = []
@@ -232,6 +233,8 @@ def boxes_to_json_text(
         "geometry": _plain_geometry(geometry),
         "model": {k: model.get(k, "") for k in ("name", "version", "sha256")},
         "classes": [str(c) for c in classes],
+        # slices the annotator marked as reviewed (an optional key: older readers ignore it)
+        "reviewed_slices": sorted({int(z) for z in reviewed_slices}),
         "boxes": rows,
     }
     # json writes floats with repr(), the shortest text that reads back to the same double.
@@ -274,6 +277,7 @@ def save_boxes(
     series_key: str = "",
     model: dict | None = None,
     classes: Sequence[str] = (),
+    reviewed_slices: Iterable[int] = (),
     overwrite: bool = False,
 ) -> Path:
     """Write boxes to ``path`` (``.csv`` -> CSV, anything else -> JSON), atomically.
@@ -286,8 +290,9 @@ def save_boxes(
         The boxes, in voxel indices of the CT described by ``volume_geometry``.
     volume_geometry : dict
         ``CTVolume.geometry()`` of the CT the boxes were made on.
-    series_key, model, classes
-        Pseudonymous CT key, ``{"name", "version", "sha256"}`` and class names (JSON only).
+    series_key, model, classes, reviewed_slices
+        Pseudonymous CT key, ``{"name", "version", "sha256"}``, class names and the slices the
+        annotator marked reviewed (JSON only: a CSV holds the boxes alone).
     overwrite : bool
         If False and ``path`` exists, raise FileExistsError. If True, the previous
         file is first copied to ``<name>.<timestamp>.bak<ext>`` beside it.
@@ -302,7 +307,14 @@ def save_boxes(
     if path.suffix.lower() == ".csv":
         text = boxes_to_csv_text(boxes, volume_geometry)
     else:
-        text = boxes_to_json_text(boxes, volume_geometry, series_key=series_key, model=model, classes=classes)
+        text = boxes_to_json_text(
+            boxes,
+            volume_geometry,
+            series_key=series_key,
+            model=model,
+            classes=classes,
+            reviewed_slices=reviewed_slices,
+        )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
     if path.exists():
@@ -386,8 +398,17 @@ def _load_json(text: str, name: str, expected_geometry: dict | None) -> tuple[li
         "geometry": geometry,
         "model": dict(doc.get("model") or {}),
         "classes": list(doc.get("classes") or []),
+        "reviewed_slices": _reviewed(doc.get("reviewed_slices", []), geometry, name),
     }
     return boxes, meta
+
+
+def _reviewed(value, geometry: dict, name: str) -> list[int]:
+    """The reviewed-slice list of a JSON document, checked against the CT grid."""
+    n_slices = _geometry_arrays(geometry)[3][0]
+    if not isinstance(value, list) or not all(isinstance(z, int) and 0 <= z < n_slices for z in value):
+        raise ValueError(f"{name}: 'reviewed_slices' must be a list of slice indices 0..{n_slices - 1}")
+    return sorted(set(value))
 
 
 def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[list[Box], dict]:
@@ -419,6 +440,7 @@ def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[lis
         "geometry": None,
         "model": {},
         "classes": sorted({b.class_name for b in boxes}),
+        "reviewed_slices": [],
     }
     return boxes, meta
 

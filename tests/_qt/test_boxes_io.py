@@ -158,7 +158,9 @@ def test_no_patient_identifiers_in_export(tmp_path, small_volume):
     doc = json.loads(
         save_boxes(tmp_path / "b.json", _boxes(), small_volume.geometry(), series_key="ct-1").read_text()
     )
-    assert set(doc) == {"format", "version", "series_key", "geometry", "model", "classes", "boxes"}
+    assert set(doc) == {
+        "format", "version", "series_key", "geometry", "model", "classes", "reviewed_slices", "boxes"
+    }  # fmt: skip
     assert set(doc["boxes"][0]) == set(COLUMNS)
 
 

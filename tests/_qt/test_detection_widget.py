@@ -468,3 +468,25 @@ def test_slice_plot_has_a_legend_axes_and_an_explained_marker(widget, viewer, ct
     plot.resize(320, 120)
     image = plot.grab().toImage()  # paints the axes, legend and marker without error
     assert not image.isNull() and image.width() == plot.width()
+
+
+def test_reviewed_slice_marks_survive_rerun_export_and_reimport(
+    widget, viewer, ct_layer, qtbot, errors, tmp_path
+):
+    run_and_wait(widget, qtbot)
+    for z in (3, 5):
+        widget._go_to_slice(z)
+        qtbot.waitUntil(lambda z=z: widget._position.text().startswith(f"Slice {z} "), timeout=3000)
+        assert widget._reviewed_box.isEnabled() and not widget._reviewed_box.isChecked()
+        widget._reviewed_box.setChecked(True)
+    assert L.layer_reviewed(viewer.layers[L.BOXES_LAYER]) == [3, 5]
+    run_and_wait(widget, qtbot)
+    assert L.layer_reviewed(viewer.layers[L.BOXES_LAYER]) == [3, 5]
+    path = widget._export_boxes(tmp_path / "r.boxes.json")
+    assert json.loads(path.read_text())["reviewed_slices"] == [3, 5]
+    viewer.layers.remove(L.BOXES_LAYER)
+    assert widget._import_boxes(path)
+    assert L.layer_reviewed(viewer.layers[L.BOXES_LAYER]) == [3, 5]
+    widget._go_to_slice(5)
+    qtbot.waitUntil(lambda: widget._reviewed_box.isChecked(), timeout=3000)
+    assert errors == []
