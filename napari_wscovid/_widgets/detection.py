@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -37,7 +38,7 @@ from napari_wscovid.io.boxes_io import load_boxes, save_boxes
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
 from napari_wscovid.results import Box, DetectionResult
-from napari_wscovid.review import merge_rerun, overlap, split_rejected
+from napari_wscovid.review import merge_rerun, overlap, same_place, split_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -832,17 +833,52 @@ class DetectionWidget(QWidget):
             show_error(f"Boxes not imported: {exc}")
             return False
         boxes, rejected = split_rejected(boxes)
+        reviewed = list(meta.get("reviewed_slices", []))
+        existing = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        merge = False
+        if (
+            existing is not None
+            and existing.nshapes
+            and L.geometries_equal(existing.metadata.get("wscovid_geometry"), volume.geometry())
+        ):
+            choice = self._ask_merge_or_replace(existing.nshapes, len(boxes))
+            if choice == "cancel":
+                return False
+            if choice == "merge":
+                # the imported boxes stay beside the layer's own
+                current = L.layer_boxes(existing)
+                boxes = current + [b for b in boxes if not any(same_place(b, c) for c in current)]
+                merge = True  # the layer's rejected boxes and reviewed marks are kept by the merge
+            else:
+                existing.selected_data = set(range(existing.nshapes))
+                existing.remove_selected()
+                L.set_layer_rejected(existing, [])
         classes = meta.get("classes") or sorted({b.class_name for b in boxes})
         self._install_boxes(
             boxes,
             rejected=rejected,
-            reviewed=meta.get("reviewed_slices", []),
+            reviewed=reviewed,
             ct_layer=layer,
             geometry=volume.geometry(),
             series_key=meta.get("series_key") or volume.series_key,
             classes=classes,
             default_class=L.default_box_class(classes),
             model_info=meta.get("model"),
-            merge=False,
+            merge=merge,
         )
         return True
+
+    def _ask_merge_or_replace(self, n_current: int, n_imported: int) -> str:
+        """ "merge", "replace" or "cancel": what to do with a CT's boxes when a file is imported."""
+        box = QMessageBox(self)
+        box.setWindowTitle("Import lesion boxes")
+        box.setText(
+            f"This CT already has {n_current} box(es). Merge the {n_imported} imported box(es) with "
+            "them, or replace them?"
+        )
+        merge = box.addButton("Merge", QMessageBox.AcceptRole)
+        replace = box.addButton("Replace", QMessageBox.DestructiveRole)
+        box.addButton(QMessageBox.Cancel)
+        box.exec_()
+        clicked = box.clickedButton()
+        return "merge" if clicked is merge else "replace" if clicked is replace else "cancel"

@@ -490,3 +490,23 @@ def test_reviewed_slice_marks_survive_rerun_export_and_reimport(
     widget._go_to_slice(5)
     qtbot.waitUntil(lambda: widget._reviewed_box.isChecked(), timeout=3000)
     assert errors == []
+
+
+@pytest.mark.parametrize("choice", ["merge", "replace", "cancel"])
+def test_import_onto_a_ct_with_boxes_asks_merge_or_replace(
+    widget, viewer, ct_layer, small_volume, qtbot, errors, tmp_path, monkeypatch, choice
+):
+    from napari_wscovid.io.boxes_io import save_boxes
+
+    run_and_wait(widget, qtbot)
+    other = Box(6, 20, 20, 26, 30, "CAP", 0.4, 1.0, "added", "user")
+    path = save_boxes(tmp_path / "other.json", [other], small_volume.geometry())
+    asked = []
+    monkeypatch.setattr(widget, "_ask_merge_or_replace", lambda n, m: asked.append((n, m)) or choice)
+    assert widget._import_boxes(path) == (choice != "cancel")
+    assert asked == [(3, 1)]
+    layers = [la for la in viewer.layers if la.name.startswith(L.BOXES_LAYER)]
+    assert len(layers) == 1  # never a pile of box layers
+    slices = sorted(b.slice for b in L.layer_boxes(layers[0]))
+    assert slices == {"merge": [2, 3, 4, 6], "replace": [6], "cancel": [2, 3, 4]}[choice]
+    assert errors == []
