@@ -32,8 +32,6 @@ CT_SUFFIXES = (".dcm", ".ima", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhd
 BOXES_SUFFIX = ".boxes.json"
 _SNIFF_BYTES = 4096
 HU_WINDOW = (-1350.0, 150.0)  # lung window: level -600, width 1500
-# The viewer's axes named for the patient (napari would say -3, -2, -1) and in millimetres.
-AXES = {"axis_labels": ("z", "y", "x"), "units": ("mm", "mm", "mm")}
 
 
 def get_reader(path):
@@ -103,7 +101,6 @@ def ct_layer_data(volume: CTVolume, name: str | None = None) -> tuple:
         "name": name or f"CT {volume.series_key}",
         "contrast_limits": limits,
         "colormap": "gray",
-        **AXES,
         "metadata": {
             "wscovid_geometry": volume.geometry(),
             "series_key": volume.series_key,

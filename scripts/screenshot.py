@@ -23,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="registry name; default: the bundled default")
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshot.png"))
+    parser.add_argument("--scope", default="positive", help="saliency scope, as in the widget")
+    parser.add_argument("--ig-steps", type=int, default=0, help="0: chosen per slice (the default)")
     args = parser.parse_args()
 
     viewer = napari.Viewer(title="napari-wscovid")
@@ -30,7 +32,8 @@ def main() -> None:
     viewer.open_sample("napari-wscovid", "covid_phantom")
     _, widget = viewer.window.add_plugin_dock_widget("napari-wscovid", "Run detection")
     widget._model_combo.setCurrentText(args.model)
-    widget._scope_combo.setCurrentIndex(widget._scope_combo.findData("all"))
+    widget._scope_combo.setCurrentIndex(widget._scope_combo.findData(args.scope))
+    widget._ig_steps.setValue(args.ig_steps)
     widget._on_run_clicked()
     deadline = time.time() + 600
     while widget._worker is not None and time.time() < deadline:
@@ -39,7 +42,13 @@ def main() -> None:
     boxes = [layer for layer in viewer.layers if layer.name == "lesion boxes"]
     if boxes and len(boxes[0].data):
         slices = [int(np.round(r[0, 0])) for r in boxes[0].data]
-        viewer.dims.set_current_step(0, max(set(slices), key=slices.count))
+        shown = max(set(slices), key=slices.count)
+        viewer.dims.set_current_step(0, shown)
+        # an annotator's box beside the model's, to show the two styles
+        layer = boxes[0]
+        first = np.asarray(layer.data[slices.index(shown)], dtype=float).copy()
+        first[:, 1:] += 12.0
+        layer.add_rectangles([first])
     for _ in range(20):
         QApplication.processEvents()
         time.sleep(0.05)

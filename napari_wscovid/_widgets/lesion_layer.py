@@ -71,7 +71,7 @@ def lesion_points_layer(result: DetectionResult, volume) -> tuple[np.ndarray, di
     lesions = result.lesions
     data = np.array([[les.slice, les.y, les.x] for les in lesions], dtype=float).reshape(-1, 3)
     placement = {
-        k: (tuple(float(v) for v in val) if k != "rotate" else val)
+        k: (tuple(float(v) for v in val) if k in ("scale", "translate") else val)
         for k, val in volume.layer_kwargs().items()
     }
     in_plane = min(float(s) for s in volume.spacing[1:])

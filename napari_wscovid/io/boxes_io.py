@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_wscovid.io.atomic import atomic_write_text
+from napari_wscovid.io.volume import LAYER_AXES
 from napari_wscovid.results import BOX_ORIGINS, Box
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,11 @@ def geometry_index_to_world(geometry: dict, index_zyx) -> np.ndarray:
 def geometry_layer_kwargs(geometry: dict) -> dict:
     """``scale``/``translate`` (and ``rotate`` when oblique) for a layer on this grid."""
     spacing, origin, direction, _ = _geometry_arrays(geometry)
-    kwargs = {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(o) for o in origin)}
+    kwargs = {
+        "scale": tuple(float(s) for s in spacing),
+        "translate": tuple(float(o) for o in origin),
+        **LAYER_AXES,
+    }
     if not np.allclose(np.abs(direction), np.eye(3), atol=1e-6):
         kwargs["rotate"] = direction.tolist()
     return kwargs

@@ -96,11 +96,17 @@ class CTVolume:
         }
 
     def layer_kwargs(self) -> dict:
-        """``scale``/``translate`` (and ``rotate`` when oblique) for a napari layer."""
-        kwargs = {"scale": self.spacing, "translate": self.origin}
+        """``scale``/``translate`` (and ``rotate`` when oblique) for a napari layer, its axes
+        named for the patient in mm (:data:`LAYER_AXES`)."""
+        kwargs = {"scale": self.spacing, "translate": self.origin, **LAYER_AXES}
         if not self.is_axis_aligned:
             kwargs["rotate"] = self.direction.tolist()
         return kwargs
+
+
+#: Every layer on a CT names its axes z / y / x in millimetres (napari would say -3, -2, -1 in
+#: pixels); all layers must agree or napari ignores the units.
+LAYER_AXES = {"axis_labels": ("z", "y", "x"), "units": ("mm", "mm", "mm")}
 
 
 def geometry_key(shape, spacing, origin, direction) -> str:
