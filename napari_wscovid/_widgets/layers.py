@@ -239,7 +239,8 @@ def boxes_layer_data(
         "edge_width": 1.5,
         "features": box_features(boxes),
         "feature_defaults": box_feature_defaults(default_class),
-        "text": {"string": "{class} {score:.2f}", "size": 9, "anchor": "upper_left"},
+        # the class only: the number (the slice's P(class)) is in the table, and drawn boxes have none
+        "text": {"string": "{class}", "size": 9, "anchor": "upper_left"},
         "metadata": _result_metadata(
             geometry,
             series_key,

@@ -67,7 +67,7 @@ def test_boxes_layer_rectangles_on_slices(viewer, small_volume, fake_result):
     for box, verts in zip(fake_result.boxes, layer.data, strict=True):
         assert verts.shape == (4, 3) and np.all(verts[:, 0] == box.slice)
     assert list(layer.features["origin"]) == ["detected"] * 3
-    assert layer.text.values[0] == "COVID-19 0.90"
+    assert layer.text.values[0] == "COVID-19"  # the number is in the table (slice P(class))
     assert [b.as_dict() for b in L.layer_boxes(layer)] == [b.as_dict() for b in fake_result.boxes]
     np.testing.assert_allclose(layer.edge_color[0], [1.0, 69 / 255, 58 / 255, 1.0], atol=1e-6)
 
