@@ -357,6 +357,21 @@ class DetectionWidget(QWidget):
         name = self._ct_combo.currentText()
         return self._viewer.layers[name] if name in self._viewer.layers else None
 
+    def _boxes_layer(self):
+        """The boxes layer of the CT in the dock, whatever the user renamed it to: a layer of ours
+        on that CT's grid, the one called "lesion boxes" first."""
+        ct = self._result_ct or self._ct_layer()
+        geometry = ct.metadata.get("wscovid_geometry") if ct is not None else None
+        ours = [
+            la
+            for la in self._viewer.layers
+            if type(la).__name__ == "Shapes" and la.metadata.get("wscovid_boxes")
+        ]
+        for layer in sorted(ours, key=lambda la: la.name != L.BOXES_LAYER):
+            if geometry is None or L.geometries_equal(layer.metadata.get("wscovid_geometry"), geometry):
+                return layer
+        return None
+
     def _scope(self) -> str:
         return self._scope_combo.currentData()
 
@@ -529,7 +544,7 @@ class DetectionWidget(QWidget):
         On a re-run (``merge``) the user's edited and added boxes stay and no detection comes
         back where they deleted one or moved it away (:func:`napari_wscovid.review.merge_rerun`).
         """
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         previous: list[Box] = []
         rejected, reviewed = list(rejected), set(reviewed)
         if layer is not None and layer.metadata.get("wscovid_boxes"):
@@ -597,7 +612,7 @@ class DetectionWidget(QWidget):
             L.refresh_box_colors(layer)
 
     def _refresh_box_list(self, event=None) -> None:
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         try:
             boxes = L.layer_boxes(layer) if layer is not None else []
         except ValueError:
@@ -623,7 +638,7 @@ class DetectionWidget(QWidget):
         self._viewer.dims.set_point(axis, self._slice_world_z(layer, index))
 
     def _go_to_box(self, box: Box) -> None:
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes") or self._result_ct
+        layer = self._boxes_layer() or self._result_ct
         if layer is None:
             return
         centre = (box.slice, (box.y0 + box.y1 - 1) / 2, (box.x0 + box.x1 - 1) / 2)
@@ -724,7 +739,7 @@ class DetectionWidget(QWidget):
             layer.refresh()
         self._explained.update(slices)
         new_boxes = [b for b in out.get("boxes", []) if b.slice in slices]
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         if new_boxes and layer is not None:
             existing = L.layer_boxes(layer)
             rejected = L.layer_rejected(layer)
@@ -754,20 +769,20 @@ class DetectionWidget(QWidget):
             self._class_combo.setCurrentText(current)
 
     def _show_reviewed(self, index: int) -> None:
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         self._reviewed_box.setEnabled(layer is not None and index >= 0)
         self._reviewed_box.blockSignals(True)
         self._reviewed_box.setChecked(layer is not None and index in L.layer_reviewed(layer))
         self._reviewed_box.blockSignals(False)
 
     def _on_reviewed_toggled(self, checked: bool) -> None:
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         index = self._current_slice()
         if layer is not None and index >= 0:
             L.set_slice_reviewed(layer, index, checked)
 
     def _on_set_class_clicked(self) -> None:
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         if layer is None or not layer.selected_data:
             show_info("Select boxes in the 'lesion boxes' layer first (its select tool, or click them).")
             return
@@ -777,7 +792,7 @@ class DetectionWidget(QWidget):
 
     # ------------------------------------------------------------------ export / import
     def _on_export_clicked(self) -> None:
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         if layer is None or (layer.nshapes == 0 and not L.layer_rejected(layer)):
             # said before a save dialog asks for a file name that would hold nothing
             show_info("There are no lesion boxes to export: run detection or draw boxes first.")
@@ -792,7 +807,7 @@ class DetectionWidget(QWidget):
 
     def _export_boxes(self, path, overwrite: bool = False) -> Path | None:
         """Write the "lesion boxes" layer to ``path`` (.json or .csv); returns the path or None."""
-        layer = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        layer = self._boxes_layer()
         if layer is None:
             show_error("There is no 'lesion boxes' layer to export; run detection first.")
             return None
@@ -834,7 +849,7 @@ class DetectionWidget(QWidget):
             return False
         boxes, rejected = split_rejected(boxes)
         reviewed = list(meta.get("reviewed_slices", []))
-        existing = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        existing = self._boxes_layer()
         merge = False
         if (
             existing is not None

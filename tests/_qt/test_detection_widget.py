@@ -510,3 +510,16 @@ def test_import_onto_a_ct_with_boxes_asks_merge_or_replace(
     slices = sorted(b.slice for b in L.layer_boxes(layers[0]))
     assert slices == {"merge": [2, 3, 4, 6], "replace": [6], "cancel": [2, 3, 4]}[choice]
     assert errors == []
+
+
+def test_dock_follows_the_boxes_layer_whatever_its_name(widget, viewer, ct_layer, qtbot, errors):
+    run_and_wait(widget, qtbot)
+    layer = viewer.layers[L.BOXES_LAYER]
+    layer.name = "my reading"
+    layer.selected_data = {0}
+    layer.remove_selected()  # a decision on the renamed layer
+    run_and_wait(widget, qtbot)
+    ours = [la for la in viewer.layers if la.metadata.get("wscovid_boxes")]
+    assert [la.name for la in ours] == ["my reading"]  # no second layer, the name kept
+    assert sorted(b.slice for b in L.layer_boxes(ours[0])) == [3, 4]  # the deletion respected
+    assert widget._results._table.rowCount() == 2 and errors == []
