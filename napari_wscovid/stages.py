@@ -14,13 +14,12 @@ from collections.abc import Callable, Generator, Iterable
 
 import numpy as np
 
+from napari_wscovid.architectures import NEGATIVE_CLASS
 from napari_wscovid.io.volume import CTVolume
 
 #: What every detection generator yields: ``(done, total, message)``.
 Progress = tuple[int, int, str]
 
-#: The class meaning "no pneumonia" in every bundled task.
-NEGATIVE_CLASS = "NP"
 #: Which slices get explained (saliency, boxes): predicted positive, all lung slices, the
 #: requested ones, or none.
 SALIENCY_SCOPES = ("positive", "all", "slices", "none")

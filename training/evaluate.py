@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from napari_wscovid.architectures import NEGATIVE_CLASS, WSNET
 from training.datasets import (
     MEDSEG_CLASS_MAP,
     PhantomSliceDataset,
@@ -71,8 +72,7 @@ OUTPUT_FILES = ("evaluation.json", "evaluation.md")
 SOURCES = ("phantom", "phantom-extra", "covid-ct-md", "ucsd", "medseg", "medseg-seen")
 DEFAULT_SOURCES = ("phantom", "phantom-extra", "covid-ct-md", "ucsd", "medseg")
 CAM_SCALES = ("conv3", "conv4", "conv5")
-WSNET_ARCHITECTURE = "wsnet-hu2020"
-NEGATIVE_CLASS = "NP"
+WSNET_ARCHITECTURE = WSNET
 COVID_CLASS = "COVID-19"
 
 # The bundled 3-class model's training command (``runs/wsnet3``); used when no --train-config is

@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 
 from napari_wscovid._widgets import layers as L
 from napari_wscovid._widgets.results_panel import ResultsPanel
+from napari_wscovid.architectures import WSNET
 from napari_wscovid.io.boxes_io import load_boxes, save_boxes
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
@@ -134,7 +135,7 @@ def _default_explain_more(volume, result, slices, **kwargs):
 
 def is_integrated_gradients_method(result: DetectionResult) -> bool:
     """Whether ``result`` came from Hu et al.'s network, the one with per-slice IG saliency."""
-    return (result.model_info or {}).get("architecture", "wsnet-hu2020") == "wsnet-hu2020"
+    return (result.model_info or {}).get("architecture", WSNET) == WSNET
 
 
 class DetectionWidget(QWidget):

@@ -8,15 +8,17 @@ instead of dropping it. Shared stages live in :mod:`napari_wscovid.stages`, expl
 :mod:`napari_wscovid.explain`.
 """
 
+from napari_wscovid.architectures import DECOVNET, FECNN, WSNET
+
 METHOD_MODULES = {
-    "wsnet-hu2020": "napari_wscovid.methods.wsnet",
-    "decovnet-zheng2020": "napari_wscovid.methods.decovnet",
-    "fecnn-wu2021": "napari_wscovid.methods.fecnn",
+    WSNET: "napari_wscovid.methods.wsnet",
+    DECOVNET: "napari_wscovid.methods.decovnet",
+    FECNN: "napari_wscovid.methods.fecnn",
 }
 #: The paper each architecture implements, for messages.
 METHOD_NAMES = {
-    "wsnet-hu2020": "WSNet (Hu et al. 2020)",
-    "decovnet-zheng2020": "DeCoVNet (Zheng et al. 2020)",
-    "fecnn-wu2021": "FeCNN (Wu et al. 2021)",
+    WSNET: "WSNet (Hu et al. 2020)",
+    DECOVNET: "DeCoVNet (Zheng et al. 2020)",
+    FECNN: "FeCNN (Wu et al. 2021)",
 }
-DEFAULT_ARCHITECTURE = "wsnet-hu2020"
+DEFAULT_ARCHITECTURE = WSNET

@@ -15,6 +15,7 @@ from collections.abc import Generator, Iterable
 
 import numpy as np
 
+from napari_wscovid.architectures import WSNET
 from napari_wscovid.explain.cam import cam_volume
 from napari_wscovid.explain.saliency import SALIENCY_LAYERS, explain_slices
 from napari_wscovid.io.volume import CTVolume
@@ -30,7 +31,7 @@ from napari_wscovid.stages import (
     slices_to_explain,
 )
 
-ARCHITECTURE = "wsnet-hu2020"
+ARCHITECTURE = WSNET
 
 
 def detect_iter(

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from napari_wscovid.architectures import DECOVNET
+
 DECOVNET_CLASSES = ("NP", "COVID-19")  # COVID-negative, COVID-positive
 
 
@@ -50,7 +52,7 @@ class DeCoVNetConfig:
     pool_depths: tuple[int, int] = (16, 4)
     in_channels: int = 2
     dropout: float = 0.5
-    architecture: str = "decovnet-zheng2020"
+    architecture: str = DECOVNET
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_wscovid.architectures import FECNN
+
 BACKBONE_LEVELS = ("c3", "c4", "c5")
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 # Grad-CAM++ and the lesion features use the output of the backbone's last block (paper 3.2.1).
@@ -62,7 +64,7 @@ class FeCNNConfig:
     dropout: float = 0.5
     input_size: int = 224
     in_channels: int = 1
-    architecture: str = "fecnn-wu2021"
+    architecture: str = FECNN
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

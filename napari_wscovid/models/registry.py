@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from napari_wscovid.architectures import DECOVNET, FECNN, WSNET
 from napari_wscovid.models.wsnet import WSNetConfig
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")
 # Each config class has ``classes``, ``architecture``, ``to_dict`` and ``from_dict``; imports are
 # lazy so that loading one network never imports the others.
 ARCHITECTURES = {
-    "wsnet-hu2020": ("napari_wscovid.models.wsnet", "WSNetConfig", "WSNet"),
-    "decovnet-zheng2020": ("napari_wscovid.models.decovnet", "DeCoVNetConfig", "DeCoVNet"),
-    "fecnn-wu2021": ("napari_wscovid.models.fecnn", "FeCNNConfig", "FeCNN"),
+    WSNET: ("napari_wscovid.models.wsnet", "WSNetConfig", "WSNet"),
+    DECOVNET: ("napari_wscovid.models.decovnet", "DeCoVNetConfig", "DeCoVNet"),
+    FECNN: ("napari_wscovid.models.fecnn", "FeCNNConfig", "FeCNN"),
 }
 
 _cache: dict[tuple[str, str, str], tuple[torch.nn.Module, dict]] = {}

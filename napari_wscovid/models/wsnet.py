@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from napari_wscovid.architectures import WSNET
+
 SCALES = ("conv3", "conv4", "conv5")
 
 # The three-way task and the paper's three binary tasks.
@@ -37,7 +39,7 @@ class WSNetConfig:
     depths: tuple[int, ...] = (2, 2, 3, 3, 3)
     input_size: int = 224
     in_channels: int = 1
-    architecture: str = "wsnet-hu2020"
+    architecture: str = WSNET
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
