@@ -271,6 +271,8 @@ class DetectionWidget(QWidget):
         self._viewer.dims.events.current_step.connect(self._on_current_step)
         self._viewer.dims.events.order.connect(self._orient_head_up)
         self._viewer.dims.events.ndisplay.connect(self._orient_head_up)
+        self._viewer.dims.events.ndisplay.connect(self._show_3d)
+        self._hidden_in_3d: list = []  # layers hidden on entering 3-D, shown again in 2-D
         self._refresh_ct_layers()
         for layer in self._viewer.layers:
             self._watch_boxes_layer(layer)
@@ -671,6 +673,29 @@ class DetectionWidget(QWidget):
         orientation = list(camera.orientation)
         orientation[1] = "up" if vertical == z_axis else "down"
         camera.orientation = tuple(orientation)
+
+    def _show_3d(self, event=None) -> None:
+        """A 3-D view that shows something: the lung surfaces and the boxes at their slices.
+
+        Rendered as a volume, the CT is a slab of body wall that hides both; it is hidden in 3-D
+        (and shown again in 2-D), and the lung mask is drawn filled, as surfaces, instead of as
+        the outline that suits a slice.
+        """
+        lung = L.find_layer(self._viewer, L.LUNG_LAYER, "labels")
+        if self._viewer.dims.ndisplay == 3:
+            ct_layers = [la for la in self._viewer.layers if "wscovid_volume" in la.metadata and la.visible]
+            for layer in ct_layers:
+                layer.visible = False
+            self._hidden_in_3d = ct_layers
+            if lung is not None:
+                lung.contour = 0
+        else:
+            for layer in self._hidden_in_3d:
+                if layer in self._viewer.layers:
+                    layer.visible = True
+            self._hidden_in_3d = []
+            if lung is not None:
+                lung.contour = L.LUNG_CONTOUR
 
     def _position_text(self, index: int) -> str:
         layer = self._result_ct or self._ct_layer()

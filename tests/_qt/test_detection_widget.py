@@ -523,3 +523,12 @@ def test_dock_follows_the_boxes_layer_whatever_its_name(widget, viewer, ct_layer
     assert [la.name for la in ours] == ["my reading"]  # no second layer, the name kept
     assert sorted(b.slice for b in L.layer_boxes(ours[0])) == [3, 4]  # the deletion respected
     assert widget._results._table.rowCount() == 2 and errors == []
+
+
+def test_3d_view_shows_lung_surfaces_not_a_ct_slab(widget, viewer, ct_layer, qtbot):
+    run_and_wait(widget, qtbot)
+    lung = viewer.layers["lung mask"]
+    viewer.dims.ndisplay = 3
+    assert not ct_layer.visible and lung.visible and lung.contour == 0
+    viewer.dims.ndisplay = 2
+    assert ct_layer.visible and lung.contour == L.LUNG_CONTOUR
