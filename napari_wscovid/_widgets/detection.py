@@ -118,6 +118,10 @@ def volume_from_layer(layer) -> CTVolume:
     return volume
 
 
+def _place(box: Box) -> tuple:
+    return (box.slice, box.y0, box.x0, box.y1, box.x1)
+
+
 def _default_detect_iter(volume, **kwargs):
     """The core's ``detect_iter``, imported on first use: torch loads when a run starts, not
     when the dock opens."""
@@ -163,6 +167,7 @@ class DetectionWidget(QWidget):
         self._run_scope = ""
         self._run_succeeded = False
         self._rerun_note = ""  # what a re-run did to the boxes, for the status line
+        self._new_boxes: set[tuple] = set()  # places of the boxes the latest re-run added
         self._result: DetectionResult | None = None
         self._result_ct = None  # the CT layer the current result belongs to
         self._result_volume: CTVolume | None = None
@@ -566,6 +571,16 @@ class DetectionWidget(QWidget):
             layer.name = f"{L.BOXES_LAYER} (not ours)"
             layer = None
         merged, change = merge_rerun(previous, boxes, rejected)
+        before = [b for b in previous if b.origin == "detected"]
+        self._new_boxes = (
+            {
+                _place(b)
+                for b in merged
+                if b.origin == "detected" and not any(same_place(b, p) for p in before)
+            }
+            if previous or rejected
+            else set()
+        )  # what a re-run added, marked in the table
         if previous or rejected:
             self._rerun_note = (
                 f"{change['new']} new box(es); {change['kept']} of yours kept; "
@@ -620,7 +635,7 @@ class DetectionWidget(QWidget):
             boxes = L.layer_boxes(layer) if layer is not None else []
         except ValueError:
             boxes = []
-        self._results.set_boxes(boxes)
+        self._results.set_boxes(boxes, new={k for k in self._new_boxes if k in {_place(b) for b in boxes}})
 
     # ------------------------------------------------------------------ navigation
     def _current_slice(self) -> int:

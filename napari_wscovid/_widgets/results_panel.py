@@ -73,6 +73,9 @@ class ResultsPanel(QWidget):
         self._plot.slice_clicked.connect(self.slice_requested)
         self._table = QTableWidget(0, len(_BOX_COLUMNS))
         self._table.setHorizontalHeaderLabels(_BOX_COLUMNS)
+        self._table.horizontalHeaderItem(4).setToolTip(
+            "detected: the model's; edited / added: yours; (new): added by the latest re-run"
+        )
         self._table.horizontalHeaderItem(2).setToolTip(
             "The network's probability of the box's class for the whole slice, not a score of the box "
             "itself; boxes you drew have none (–)."
@@ -102,12 +105,17 @@ class ResultsPanel(QWidget):
         self._summary.setText(summary_text(result))
         self._plot.set_data(result.slice_probs, result.classes)
 
-    def set_boxes(self, boxes: list[Box]) -> None:
+    def set_boxes(self, boxes: list[Box], new=frozenset()) -> None:
+        """Show ``boxes``; those whose ``(slice, y0, x0, y1, x1)`` is in ``new`` were added by the
+        latest re-run and say so in the origin column."""
         self._boxes = sorted_boxes(list(boxes))
         self._table.setRowCount(len(self._boxes))
         for row, box in enumerate(self._boxes):
             score = f"{box.score:.2f}" if math.isfinite(box.score) else "–"
-            values = (str(box.slice), box.class_name, score, f"{box.area_mm2:.0f}", box.origin)
+            origin = box.origin
+            if (box.slice, box.y0, box.x0, box.y1, box.x1) in new:
+                origin += " (new)"
+            values = (str(box.slice), box.class_name, score, f"{box.area_mm2:.0f}", origin)
             for col, text in enumerate(values):
                 self._table.setItem(row, col, QTableWidgetItem(text))
 

@@ -532,3 +532,16 @@ def test_3d_view_shows_lung_surfaces_not_a_ct_slab(widget, viewer, ct_layer, qtb
     assert not ct_layer.visible and lung.visible and lung.contour == 0
     viewer.dims.ndisplay = 2
     assert ct_layer.visible and lung.contour == L.LUNG_CONTOUR
+
+
+def test_table_marks_what_a_rerun_added(widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot, errors):
+    import dataclasses
+
+    run_and_wait(widget, qtbot)
+    extra = Box(5, 10, 30, 16, 40, "COVID-19", 0.55, 48.0)
+    fake_pipeline.result = dataclasses.replace(fake_result, boxes=[*fake_result.boxes, extra])
+    run_and_wait(widget, qtbot)
+    table = widget._results._table
+    origins = {int(table.item(r, 0).text()): table.item(r, 4).text() for r in range(table.rowCount())}
+    assert origins == {2: "detected", 3: "detected", 4: "detected", 5: "detected (new)"}
+    assert "1 new box(es)" in widget._status.text() and errors == []
