@@ -146,6 +146,9 @@ def summary_dict(result, volume) -> dict:
         "classes": list(result.classes),
         "patient_probs": {c: float(p) for c, p in zip(result.classes, result.patient_probs, strict=True)},
         "predicted_class": result.predicted_class,
+        # how far to trust it: "ok", "needs_review" or "out_of_scope", and the quality flags
+        "status": result.status,
+        "qc": list(result.qc),
         "patient_rule": result.patient_rule,
         "lung_volume_ml": round(result.lung_volume_ml, 1),
         "involvement_percent": float(result.involvement.get("total_percent", 0.0)),

@@ -135,6 +135,17 @@ def detect_iter(
     result = yield from method_module(architecture).detect_iter(
         volume, net, info, lung_mask=lung_mask, torch_device=torch_device, timings=timings, **options
     )
+    from napari_wscovid.quality import quality_checks, scan_status
+
+    flags = quality_checks(volume, lung_mask)
+    result.qc = [f.as_dict() for f in flags]
+    result.status = scan_status(flags, lung_mask)
+    if result.status != "ok":
+        logger.warning(
+            "scan status %s: %s",
+            result.status,
+            "; ".join(f.message for f in flags if f.severity == "severe") or "see the quality flags",
+        )
     result.model_info = {
         **{k: info.get(k) for k in ("name", "version", "sha256", "temperature")},
         **(result.model_info or {}),

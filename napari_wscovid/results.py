@@ -86,6 +86,10 @@ class DetectionResult:
     # what the lesion types are ({"k": int, "names": [...], "centres": array, ...}).
     lesions: list[Lesion] = field(default_factory=list)
     lesion_types: dict = field(default_factory=dict)
+    # Quality of the scan (napari_wscovid.quality): "ok", "needs_review" or "out_of_scope", and the
+    # flags behind it, each {"name", "severity", "value", "message"}.
+    status: str = ""
+    qc: list[dict] = field(default_factory=list)
 
     @property
     def predicted_class(self) -> str:

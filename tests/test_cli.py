@@ -192,3 +192,8 @@ def test_headless_core_detects_without_napari_qt_or_captum(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "boxes.json").is_file()
+    import json
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    # 8 slices of 5 mm are a slab: the summary says how far to trust the answer, and why
+    assert summary["status"] == "needs_review" and "slab" in {f["name"] for f in summary["qc"]}

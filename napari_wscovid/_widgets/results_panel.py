@@ -43,6 +43,12 @@ RESEARCH_NOTICE = (
     "Research software, not a diagnosis: on held-out real CT the default model calls normal lungs "
     "CAP. See the model card in the README for its measured performance."
 )
+STATUS_TITLES = {
+    "needs_review": "Needs review: the scan may be why the answer is wrong",
+    "out_of_scope": "Out of scope: this does not look like a chest CT the networks can read",
+    "ok": "Scan checks",
+}
+STATUS_COLORS = {"needs_review": "#ffd60a", "out_of_scope": "#ff6961", "ok": "#d0d0d0"}
 INVOLVEMENT_TIP = (
     "Involvement: the share of the lung volume inside the thresholded saliency of the explained "
     "slices (the regions the boxes come from), in percent of the whole lung mask."
@@ -69,6 +75,10 @@ class ResultsPanel(QWidget):
         self._summary.setToolTip(INVOLVEMENT_TIP)
         self._notice = QLabel(RESEARCH_NOTICE)
         self._notice.setWordWrap(True)
+        # said first when the scan's quality makes the answer doubtful (napari_wscovid.quality)
+        self._banner = QLabel("")
+        self._banner.setWordWrap(True)
+        self._banner.setVisible(False)
         self._plot = SliceProbabilityPlot()
         self._plot.slice_clicked.connect(self.slice_requested)
         self._table = QTableWidget(0, len(_BOX_COLUMNS))
@@ -90,6 +100,7 @@ class ResultsPanel(QWidget):
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self._banner)
         layout.addWidget(self._summary)
         layout.addWidget(self._notice)
         layout.addWidget(QLabel("Probability per slice:"))
@@ -98,12 +109,28 @@ class ResultsPanel(QWidget):
         layout.addWidget(self._table)
 
     def set_result(self, result: DetectionResult | None) -> None:
+        self._show_status(result)
         if result is None:
             self._summary.setText("No detection yet.")
             self._plot.set_data(np.zeros((0, 0)), ())
             return
         self._summary.setText(summary_text(result))
         self._plot.set_data(result.slice_probs, result.classes)
+
+    def _show_status(self, result: DetectionResult | None) -> None:
+        status = result.status if result is not None else ""
+        flags = [f for f in (result.qc if result is not None else []) if f.get("severity") != "info"]
+        if status in ("", "ok") and not flags:
+            self._banner.setVisible(False)
+            return
+        title = STATUS_TITLES.get(status, "Check the scan")
+        lines = [f"<b>{title}</b>"] + [
+            f"{f['severity']}: {f['name']} = {f['value']}: {f['message']}" for f in flags
+        ]
+        self._banner.setText("<br>".join(lines))
+        color = STATUS_COLORS.get(status, STATUS_COLORS["ok"])
+        self._banner.setStyleSheet(f"background-color: {color}; color: black; padding: 4px;")
+        self._banner.setVisible(True)
 
     def set_boxes(self, boxes: list[Box], new=frozenset()) -> None:
         """Show ``boxes``; those whose ``(slice, y0, x0, y1, x1)`` is in ``new`` were added by the

@@ -545,3 +545,18 @@ def test_table_marks_what_a_rerun_added(widget, viewer, ct_layer, fake_pipeline,
     origins = {int(table.item(r, 0).text()): table.item(r, 4).text() for r in range(table.rowCount())}
     assert origins == {2: "detected", 3: "detected", 4: "detected", 5: "detected (new)"}
     assert "1 new box(es)" in widget._status.text() and errors == []
+
+
+def test_a_doubtful_scan_gets_a_banner_before_the_answer(
+    widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot, errors
+):
+    import dataclasses
+
+    run_and_wait(widget, qtbot)
+    assert widget._results._banner.isHidden()  # a clean scan: no banner
+    flag = {"name": "slab", "severity": "severe", "value": 25.0, "message": "the scan covers only 25 mm"}
+    fake_pipeline.result = dataclasses.replace(fake_result, status="needs_review", qc=[flag])
+    run_and_wait(widget, qtbot)
+    banner = widget._results._banner
+    assert not banner.isHidden() and "Needs review" in banner.text() and "slab = 25.0" in banner.text()
+    assert errors == []

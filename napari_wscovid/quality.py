@@ -1,0 +1,234 @@
+"""Quality checks of a scan before anyone trusts an answer on it; no napari, no Qt.
+
+Each check is a named flag with its measured value and a severity (``info``, ``warn``,
+``severe``); :func:`scan_status` turns them into ``ok``, ``needs_review`` (a ``severe`` flag:
+the answer may be wrong for reasons the network cannot see) or ``out_of_scope`` (no lungs, or
+not a CT in Hounsfield units that look like a CT). The maps and boxes are still shown; the
+status says first how far to trust them.
+
+The thresholds are physical (air is -1000 HU, water 0) or the plugin's own limits (what the
+networks were trained on: slices up to 5 mm); none is fitted to a test case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from napari_wscovid.io.volume import CTVolume
+
+SEVERITIES = ("info", "warn", "severe")
+STATUSES = ("ok", "needs_review", "out_of_scope")
+
+# Air (outside the body, in the airways) is -1000 HU on every calibrated scanner; stored values
+# without rescale put it near 0 or 1024, padding at -3024 or -2048 lies far below it.
+AIR_HU, AIR_TOLERANCE_HU = -1000.0, 150.0
+# The muscle/blood peak of a calibrated CT lies about here. It is looked for above fat (about
+# -100 HU, the largest peak in some patients), in SOFT_TISSUE_SEARCH_HU.
+SOFT_TISSUE_HU = (-20.0, 100.0)
+SOFT_TISSUE_SEARCH_HU = (-50.0, 250.0)
+THICK_SLICE_MM = 5.0  # the networks were trained on slices up to 5 mm
+SLAB_MM = 100.0  # a chest CT covers about 250-350 mm; under this it is a slab
+MIN_LUNG_ML, ADULT_LUNG_ML = 300.0, 1500.0  # below: a slab or a child; far below: no chest
+CUT_LUNG_FRACTION = 0.25  # lung area on an end slice, relative to the largest slice: lung cut off
+NOISY_AIR_HU = 60.0  # noise of air outside the body (std after removing the mean)
+
+
+@dataclass(frozen=True)
+class QCFlag:
+    """One quality check's result."""
+
+    name: str
+    severity: str  # one of SEVERITIES
+    value: float | str
+    message: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def quality_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]:
+    """Every check that finds something (info, warn or severe) on this scan and its lung mask."""
+    flags: list[QCFlag] = []
+    flags += _intensity_checks(volume)
+    flags += _coverage_checks(volume, lung_mask)
+    flags += _acquisition_checks(volume, lung_mask)
+    return flags
+
+
+def scan_status(flags: list[QCFlag], lung_mask: np.ndarray) -> str:
+    """``out_of_scope`` without lungs or without CT intensities, ``needs_review`` with any
+    ``severe`` flag, else ``ok``."""
+    names = {f.name for f in flags if f.severity == "severe"}
+    if not np.any(lung_mask) or names & {"no_lungs", "no_air"}:
+        return "out_of_scope"
+    return "needs_review" if names else "ok"
+
+
+# ------------------------------------------------------------------------------ intensities
+def _sample(volume: CTVolume) -> np.ndarray:
+    """At most ~2 M voxels of the scan (every k-th slice and pixel), padding excluded."""
+    z = max(1, volume.shape[0] // 32)
+    step = max(1, volume.shape[1] // 256)
+    hu = np.asarray(volume.hu[::z, ::step, ::step], dtype=np.float32)
+    if volume.padding_mask is not None:
+        hu = hu[~np.asarray(volume.padding_mask[::z, ::step, ::step], dtype=bool)]
+    return hu.ravel()
+
+
+def _intensity_checks(volume: CTVolume) -> list[QCFlag]:
+    if not volume.is_hu:
+        return [
+            QCFlag(
+                "display_image",
+                "warn",
+                "not HU",
+                "a display image (PNG/JPG or a non-HU series): intensities were rescaled, so density "
+                "is only relative and the networks see an input unlike their training",
+            )
+        ]
+    hu = _sample(volume)
+    flags = []
+    air = float(np.percentile(hu, 2))
+    if abs(air - AIR_HU) > AIR_TOLERANCE_HU:
+        if air < AIR_HU - AIR_TOLERANCE_HU:
+            flags.append(
+                QCFlag(
+                    "air_below_-1000",
+                    "warn",
+                    round(air, 1),
+                    f"the darkest 2% of voxels sit at {air:.0f} HU, below air (-1000): unmasked padding "
+                    "(e.g. -3024) or an offset scanner",
+                )
+            )
+        else:
+            flags.append(
+                QCFlag(
+                    "no_air",
+                    "severe",
+                    round(air, 1),
+                    f"no air near -1000 HU (the darkest 2% are at {air:.0f} HU): stored values without "
+                    "the rescale slope/intercept, or not a CT",
+                )
+            )
+    lo, hi = SOFT_TISSUE_SEARCH_HU
+    tissue = hu[(hu > lo) & (hu < hi)]
+    if tissue.size > 1000:
+        counts, edges = np.histogram(tissue, bins=30, range=(lo, hi))
+        peak = float(edges[np.argmax(counts)] + 5)
+        if not SOFT_TISSUE_HU[0] <= peak <= SOFT_TISSUE_HU[1]:
+            flags.append(
+                QCFlag(
+                    "soft_tissue_peak",
+                    "warn",
+                    round(peak, 1),
+                    f"the soft-tissue peak is at {peak:.0f} HU, outside {SOFT_TISSUE_HU[0]:.0f} to "
+                    f"{SOFT_TISSUE_HU[1]:.0f}: calibration or contrast differ from the training data",
+                )
+            )
+    return flags
+
+
+# --------------------------------------------------------------------------------- coverage
+def _coverage_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]:
+    lung = np.asarray(lung_mask) > 0
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    lung_ml = float(lung.sum()) * voxel_ml
+    extent_mm = volume.shape[0] * float(volume.spacing[0])
+    flags = []
+    if lung_ml == 0:
+        return [
+            QCFlag(
+                "no_lungs", "severe", 0.0, "no lungs were found: not a chest CT, or out of the lung window"
+            )
+        ]
+    if volume.shape[0] > 1 and extent_mm < SLAB_MM:
+        flags.append(
+            QCFlag(
+                "slab",
+                "severe",
+                round(extent_mm, 1),
+                f"the scan covers only {extent_mm:.0f} mm head to feet (a chest CT covers about 300): "
+                "a slab, the patient-level answer sees part of the lungs",
+            )
+        )
+    if volume.shape[0] > 1:
+        area = lung.reshape(lung.shape[0], -1).sum(1).astype(float)
+        top = area.max()
+        for end, index in (("first", 0), ("last", -1)):
+            if top > 0 and area[index] / top > CUT_LUNG_FRACTION:
+                flags.append(
+                    QCFlag(
+                        f"lung_cut_{end}_slice",
+                        "warn",
+                        round(float(area[index] / top), 2),
+                        f"the lungs fill {100 * area[index] / top:.0f}% of their largest cross-section on "
+                        f"the {end} slice: the apex or the base lies outside the scan",
+                    )
+                )
+    if lung_ml < MIN_LUNG_ML:
+        flags.append(
+            QCFlag(
+                "lung_volume",
+                "severe",
+                round(lung_ml, 1),
+                f"{lung_ml:.0f} mL of lung: too little for a whole chest (a slab, a child or a failed mask)",
+            )
+        )
+    elif lung_ml < ADULT_LUNG_ML:
+        flags.append(
+            QCFlag("lung_volume", "warn", round(lung_ml, 1), f"{lung_ml:.0f} mL of lung: small for an adult")
+        )
+    return flags
+
+
+# ----------------------------------------------------------------------------- acquisition
+def _acquisition_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]:
+    flags = []
+    thickness = float(volume.spacing[0])
+    if volume.shape[0] > 1 and thickness > THICK_SLICE_MM:
+        flags.append(
+            QCFlag(
+                "thick_slices",
+                "warn",
+                round(thickness, 2),
+                f"{thickness:.1f} mm between slices (the networks saw up to {THICK_SLICE_MM:g} mm): small "
+                "lesions blur into their neighbours",
+            )
+        )
+    if volume.is_hu:
+        noise = _air_noise(volume)
+        if noise is not None and noise > NOISY_AIR_HU:
+            flags.append(
+                QCFlag(
+                    "noise",
+                    "warn",
+                    round(noise, 1),
+                    f"noise of {noise:.0f} HU in the air outside the body: a low-dose or very noisy scan",
+                )
+            )
+    for text in volume.warnings:
+        lowered = text.lower()
+        if "gantry tilt" in lowered or "non-uniform slice spacing" in lowered:
+            flags.append(QCFlag("loader", "warn", text[:80], text))
+    return flags
+
+
+def _air_noise(volume: CTVolume) -> float | None:
+    """Std of the air outside the body (after its mean): the scan's noise where nothing varies."""
+    z = max(1, volume.shape[0] // 16)
+    hu = np.asarray(volume.hu[::z], dtype=np.float32)
+    ny, nx = hu.shape[1:]
+    corners = np.concatenate(
+        [hu[:, : ny // 10, : nx // 10].ravel(), hu[:, : ny // 10, -(nx // 10) :].ravel()]
+    )
+    if volume.padding_mask is not None:
+        pad = np.asarray(volume.padding_mask[::z], dtype=bool)
+        corners = corners[
+            ~np.concatenate(
+                [pad[:, : ny // 10, : nx // 10].ravel(), pad[:, : ny // 10, -(nx // 10) :].ravel()]
+            )
+        ]
+    air = corners[(corners > AIR_HU - 300) & (corners < AIR_HU + 300)]
+    return float(air.std()) if air.size > 500 else None
