@@ -1,8 +1,8 @@
 """npe2 reader: chest CT (DICOM folder/file, NIfTI, MHA/MHD, NRRD) and exported boxes.
 
-``get_reader`` only looks at names and headers (for folders, a few files'; for ``.json`` and
-``.csv`` the first bytes, so a boxes file saved under any name opens and other JSON/CSV is left
-to other readers); the
+``get_reader`` only looks at names and, for ``.json`` and ``.csv``, the first bytes (so a boxes
+file saved under any name opens and other JSON/CSV is left to other readers); folders are
+claimed without looking inside, so one without DICOM gets the loader's reason. The
 returned function does the loading and raises an error with a clear message when
 it fails, which napari shows without closing the viewer. Layer names never carry
 patient data: the CT is called ``CT <series_key>`` with the pseudonymous key.

@@ -31,8 +31,13 @@ def overlap(a: Box, b: Box) -> bool:
     return a.slice == b.slice and a.y0 < b.y1 and b.y0 < a.y1 and a.x0 < b.x1 and b.x0 < a.x1
 
 
+def place(box: Box) -> tuple[int, int, int, int, int]:
+    """Where a box is: its slice and voxel corners."""
+    return (box.slice, box.y0, box.x0, box.y1, box.x1)
+
+
 def same_place(a: Box, b: Box) -> bool:
-    return (a.slice, a.y0, a.x0, a.y1, a.x1) == (b.slice, b.y0, b.x0, b.y1, b.x1)
+    return place(a) == place(b)
 
 
 def as_rejected(box: Box) -> Box:
@@ -65,16 +70,19 @@ def merge_rerun(
     Returns the merged boxes (the annotator's edited and added boxes first, then the new
     detections that overlap none of them and no rejected box) and a summary:
     ``{"kept": annotator's boxes kept, "new": detections not in the previous run,
-    "suppressed": detections hidden by a correction, "detected": all new detections}``.
+    "suppressed": detections hidden by a correction, "detected": all new detections,
+    "added": the new detections themselves}``.
     """
     kept = [b for b in previous if b.origin not in ("detected", REJECTED)]
     blockers = kept + list(rejected)
-    before = [b for b in previous if b.origin == "detected"]
-    merged, new, suppressed = list(kept), 0, 0
+    before = {place(b) for b in previous if b.origin == "detected"}
+    merged, added, suppressed = list(kept), [], 0
     for box in detected:
         if any(overlap(box, k) for k in blockers):
             suppressed += 1
             continue
         merged.append(box)
-        new += not any(same_place(box, b) for b in before)
-    return merged, {"kept": len(kept), "new": new, "suppressed": suppressed, "detected": len(detected)}
+        if place(box) not in before:
+            added.append(box)
+    summary = {"kept": len(kept), "new": len(added), "suppressed": suppressed, "detected": len(detected)}
+    return merged, {**summary, "added": added}

@@ -40,6 +40,11 @@ TOP_K_FRACTION = 0.1
 TOP_K_MIN = 3
 
 
+def calibration_temperature(info: dict) -> float:
+    """The temperature the logits are divided by (fitted on validation data; 1 when none)."""
+    return float(info.get("temperature") or 1.0)
+
+
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """Quantise maps in [0, 1] to uint8."""
     return np.rint(np.clip(values, 0.0, 1.0) * MAP_LEVELS).astype(np.uint8)

@@ -144,6 +144,8 @@ def test_rerun_merge_respects_rejected_edited_and_added_boxes():
     assert [(b.slice, b.x0, b.origin) for b in merged] == [
         (1, 0, "edited"), (5, 30, "added"), (2, 0, "detected"), (4, 0, "detected")
     ]  # fmt: skip
+    added = change.pop("added")
     assert change == {"kept": 2, "new": 1, "suppressed": 3, "detected": 5}
+    assert [(b.slice, b.x0) for b in added] == [(4, 0)]  # slice 2's detection was there before
     shown, rej = split_rejected(merged + rejected)
     assert shown == merged and rej == rejected

@@ -47,11 +47,15 @@ class AugmentConfig:
 SCANNER_AUGMENT = AugmentConfig(elastic_p=0.8, elastic_magnitude=0.025, kernel_p=0.5, noise_std=(0.0, 0.03))
 
 
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+
 def random_affine_params(n: int, config: AugmentConfig, generator: torch.Generator) -> dict:
     """Draw per-image scale, angle (radians), flip sign and contrast factor."""
 
     def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand(n, generator=generator)
+        return _uniform(n, lo, hi, generator)
 
     return {
         "scale": uniform(*config.scale),
@@ -105,7 +109,7 @@ def scanner_variation(x: torch.Tensor, config: AugmentConfig, generator: torch.G
     n = x.shape[0]
 
     def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand(n, generator=generator)
+        return _uniform(n, lo, hi, generator)
 
     inside = x > 0
     which = torch.rand(n, generator=generator)

@@ -72,7 +72,6 @@ OUTPUT_FILES = ("evaluation.json", "evaluation.md")
 SOURCES = ("phantom", "phantom-extra", "covid-ct-md", "ucsd", "medseg", "medseg-seen")
 DEFAULT_SOURCES = ("phantom", "phantom-extra", "covid-ct-md", "ucsd", "medseg")
 CAM_SCALES = ("conv3", "conv4", "conv5")
-WSNET_ARCHITECTURE = WSNET
 COVID_CLASS = "COVID-19"
 
 # The bundled 3-class model's training command (``runs/wsnet3``); used when no --train-config is
@@ -599,16 +598,16 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     architecture = model_architecture(model, settings.device)
     # WSNet is timed without saliency and explains chosen slices below; another method makes its
     # maps and boxes in its one default run (FeCNN on the slices it calls positive).
-    saliency = {"saliency": "none"} if architecture == WSNET_ARCHITECTURE else {}
+    saliency = {"saliency": "none"} if architecture == WSNET else {}
     start = time.perf_counter()
     result = detect(volume, model=model, device=settings.device, **saliency)
     outcome.seconds = time.perf_counter() - start
     outcome.classes = tuple(result.classes)
-    outcome.complete_run = architecture != WSNET_ARCHITECTURE
+    outcome.complete_run = architecture != WSNET
     probs = np.asarray(result.slice_probs, dtype=float)
     per_slice = probs.ndim == 2 and probs.shape[0] == volume.shape[0]
     # A patient-level method (DeCoVNet) gives no slice probabilities: n/a, not "unclassified".
-    if per_slice and (architecture == WSNET_ARCHITECTURE or np.isfinite(probs).any()):
+    if per_slice and (architecture == WSNET or np.isfinite(probs).any()):
         outcome.slice_probs = probs[case.slice_index]
     outcome.patient_probs = np.asarray(result.patient_probs, dtype=float)
     if case.lesion_mask is None:
@@ -616,7 +615,7 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     if case.lesion_mask.shape != tuple(volume.shape):
         raise ValueError(f"{case.name}: lesion mask {case.lesion_mask.shape} but volume {volume.shape}")
     spacing_yx = tuple(volume.spacing[1:])
-    if architecture != WSNET_ARCHITECTURE:
+    if architecture != WSNET:
         # Another method makes its boxes in the same call: scored on the slices it explained
         # (FeCNN: those predicted not NP), or on every lung slice when it names none (DeCoVNet).
         sources = {}

@@ -39,7 +39,7 @@ from napari_wscovid.io.boxes_io import load_boxes, save_boxes
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
 from napari_wscovid.results import Box, DetectionResult
-from napari_wscovid.review import merge_rerun, overlap, same_place, split_rejected
+from napari_wscovid.review import merge_rerun, overlap, place, same_place, split_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,6 @@ def volume_from_layer(layer) -> CTVolume:
     if not is_hu:
         volume.warnings.append("intensities do not look like Hounsfield units; results may be unreliable")
     return volume
-
-
-def _place(box: Box) -> tuple:
-    return (box.slice, box.y0, box.x0, box.y1, box.x1)
 
 
 def _default_detect_iter(volume, **kwargs):
@@ -552,35 +548,18 @@ class DetectionWidget(QWidget):
         On a re-run (``merge``) the user's edited and added boxes stay and no detection comes
         back where they deleted one or moved it away (:func:`napari_wscovid.review.merge_rerun`).
         """
-        layer = self._boxes_layer()
+        layer = self._boxes_layer()  # ours, on this CT's grid (whatever its name)
         previous: list[Box] = []
         rejected, reviewed = list(rejected), set(reviewed)
-        if layer is not None and layer.metadata.get("wscovid_boxes"):
-            old_boxes = L.layer_boxes(layer)
-            if merge and L.geometries_equal(layer.metadata.get("wscovid_geometry"), geometry):
-                previous = old_boxes
-                rejected = L.layer_rejected(layer) + rejected
-                reviewed |= set(L.layer_reviewed(layer))
-            elif any(b.origin != "detected" for b in old_boxes):
-                # Edits made on another CT (or before an import) are kept in their own layer.
-                old_key = layer.metadata.get("series_key") or "previous"
-                layer.name = f"{L.BOXES_LAYER} {old_key} (kept)"
-                show_info(f"Your edited boxes were kept in the layer {layer.name!r}.")
-                layer = None
-        elif layer is not None:
-            layer.name = f"{L.BOXES_LAYER} (not ours)"
-            layer = None
+        if layer is not None and merge:
+            previous = L.layer_boxes(layer)
+            rejected = L.layer_rejected(layer) + rejected
+            reviewed |= set(L.layer_reviewed(layer))
+        elif layer is None:
+            self._free_boxes_name()
         merged, change = merge_rerun(previous, boxes, rejected)
-        before = [b for b in previous if b.origin == "detected"]
-        self._new_boxes = (
-            {
-                _place(b)
-                for b in merged
-                if b.origin == "detected" and not any(same_place(b, p) for p in before)
-            }
-            if previous or rejected
-            else set()
-        )  # what a re-run added, marked in the table
+        # what a re-run added, marked in the table
+        self._new_boxes = {place(b) for b in change["added"]} if previous or rejected else set()
         if previous or rejected:
             self._rerun_note = (
                 f"{change['new']} new box(es); {change['kept']} of yours kept; "
@@ -612,6 +591,19 @@ class DetectionWidget(QWidget):
         self._show_reviewed(self._current_slice())
         return layer
 
+    def _free_boxes_name(self) -> None:
+        """Before a new boxes layer is made: a layer holding its name (another CT's boxes, or a
+        layer not ours) is renamed, never overwritten."""
+        holder = L.find_layer(self._viewer, L.BOXES_LAYER, "shapes")
+        if holder is None:
+            return
+        if not holder.metadata.get("wscovid_boxes"):
+            holder.name = f"{L.BOXES_LAYER} (not ours)"
+            return
+        holder.name = f"{L.BOXES_LAYER} {holder.metadata.get('series_key') or 'previous'} (kept)"
+        if any(b.origin != "detected" for b in L.layer_boxes(holder)):
+            show_info(f"Your edited boxes were kept in the layer {holder.name!r}.")
+
     def _replace_boxes(self, layer, boxes: list[Box], kwargs: dict) -> None:
         tracker = self._trackers.get(id(layer))
         if tracker is None:
@@ -635,7 +627,7 @@ class DetectionWidget(QWidget):
             boxes = L.layer_boxes(layer) if layer is not None else []
         except ValueError:
             boxes = []
-        self._results.set_boxes(boxes, new={k for k in self._new_boxes if k in {_place(b) for b in boxes}})
+        self._results.set_boxes(boxes, new=self._new_boxes & {place(b) for b in boxes})
 
     # ------------------------------------------------------------------ navigation
     def _current_slice(self) -> int:
@@ -838,7 +830,7 @@ class DetectionWidget(QWidget):
             # said before a save dialog asks for a file name that would hold nothing
             show_info("There are no lesion boxes to export: run detection or draw boxes first.")
             return
-        key = layer.metadata.get("series_key", "boxes") if layer is not None else "boxes"
+        key = layer.metadata.get("series_key", "boxes")
         path, _ = QFileDialog.getSaveFileName(
             self, "Export lesion boxes", f"{key}.boxes.json", "Boxes JSON (*.json);;CSV (*.csv)"
         )
@@ -906,9 +898,10 @@ class DetectionWidget(QWidget):
                 boxes = current + [b for b in boxes if not any(same_place(b, c) for c in current)]
                 merge = True  # the layer's rejected boxes and reviewed marks are kept by the merge
             else:
+                # emptied so that the file's boxes take its place (its rejected and reviewed lists
+                # are replaced with the file's when the layer is refilled)
                 existing.selected_data = set(range(existing.nshapes))
                 existing.remove_selected()
-                L.set_layer_rejected(existing, [])
         classes = meta.get("classes") or sorted({b.class_name for b in boxes})
         self._install_boxes(
             boxes,

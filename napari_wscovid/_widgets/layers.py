@@ -252,14 +252,11 @@ def boxes_layer_data(
             **{REVIEWED_KEY: sorted({int(z) for z in reviewed})},
         ),
     }
-    colors = [class_color(b.class_name, classes) for b in boxes]
+    colors, widths = box_styles([b.class_name for b in boxes], [b.origin for b in boxes], classes)
     # labels in the class colour (white text vanished on bright lung); the user's boxes thicker
     kwargs["text"]["color"] = {"array": colors, "default": class_color(default_class, classes)}
     if boxes:
-        kwargs["edge_color"] = colors
-        kwargs["edge_width"] = [
-            DETECTED_EDGE_WIDTH if b.origin == "detected" else USER_EDGE_WIDTH for b in boxes
-        ]
+        kwargs["edge_color"], kwargs["edge_width"] = colors, widths
     return (boxes_to_rectangles(boxes), kwargs, "shapes")
 
 
@@ -467,17 +464,11 @@ class BoxEditTracker:
 DETECTED_EDGE_WIDTH, USER_EDGE_WIDTH = 1.0, 3.0
 
 
-#: Edge widths (screen pixels): the annotator's boxes (edited, added) are drawn thicker than the
-#: model's, so the two can be told apart at a glance in any colour.
-DETECTED_EDGE_WIDTH, USER_EDGE_WIDTH = 1.0, 3.0
-
-
-def _text_colors(classes: Sequence[str]) -> dict:
-    """Label colours by class, as napari's text encoding of a feature."""
-    return {
-        "feature": "class",
-        "colormap": {c: class_color(c, classes) for c in [*classes, *CLASS_COLORS]},
-    }
+def box_styles(class_names, origins, classes: Sequence[str]) -> tuple[list[str], list[float]]:
+    """Edge (and label) colour of each box from its class, edge width from its origin."""
+    colors = [class_color(str(c), classes) for c in class_names]
+    widths = [DETECTED_EDGE_WIDTH if str(o) == "detected" else USER_EDGE_WIDTH for o in origins]
+    return colors, widths
 
 
 def set_box_class(layer, rows: Sequence[int], class_name: str) -> int:
@@ -505,10 +496,7 @@ def refresh_box_colors(layer) -> None:
         layer.current_edge_color = class_color(default, classes)
     layer.current_edge_width = USER_EDGE_WIDTH
     if layer.nshapes:
-        colors = [class_color(str(c), classes) for c in layer.features["class"]]
-        layer.edge_color = colors
-        layer.edge_width = [
-            DETECTED_EDGE_WIDTH if str(o) == "detected" else USER_EDGE_WIDTH for o in layer.features["origin"]
-        ]
+        colors, widths = box_styles(layer.features["class"], layer.features["origin"], classes)
+        layer.edge_color, layer.edge_width = colors, widths
         # one colour per label; a box drawn later gets the default class's colour
         layer.text.color = {"array": colors, "default": class_color(default or str(colors[0]), classes)}

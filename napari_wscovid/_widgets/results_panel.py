@@ -18,6 +18,7 @@ from qtpy.QtWidgets import (
 
 from napari_wscovid._widgets.slice_plot import SliceProbabilityPlot
 from napari_wscovid.results import Box, DetectionResult
+from napari_wscovid.review import place
 
 # A box's number is the probability of its class on its slice (the boxes of one slice share it).
 _BOX_COLUMNS = ("slice", "class", "slice P(class)", "area mm²", "origin")
@@ -140,7 +141,7 @@ class ResultsPanel(QWidget):
         for row, box in enumerate(self._boxes):
             score = f"{box.score:.2f}" if math.isfinite(box.score) else "–"
             origin = box.origin
-            if (box.slice, box.y0, box.x0, box.y1, box.x1) in new:
+            if place(box) in new:
                 origin += " (new)"
             values = (str(box.slice), box.class_name, score, f"{box.area_mm2:.0f}", origin)
             for col, text in enumerate(values):

@@ -56,8 +56,10 @@ DEFAULT_IG_METHOD = "riemann_right"
 DEFAULT_IG_STEPS = 8
 
 # Adaptive steps: a fixed m = 8 was measured at r = 0.966 against the reference on a crude
-# synthetic chest, whose scores change abruptly along the path. Completeness (the attributions
-# of a scale sum to its score at the input minus at the baseline; captum's convergence delta)
+# synthetic chest, and with the GPU-trained default down to r = -0.27 on a slice of the bundled
+# sample (benchmarks/bench_ig_adaptive.py): the scores change abruptly along the path.
+# Completeness (the attributions of a scale sum to its score at the input minus at the
+# baseline; captum's convergence delta)
 # is checked after each pass and the steps doubled while any scale of any slice misses it by
 # more than ADAPTIVE_TOLERANCE of its score gap; ADAPTIVE_MAX_STEPS bounds the time.
 ADAPTIVE_START_STEPS = DEFAULT_IG_STEPS
@@ -406,8 +408,8 @@ def convergence_delta(
 ) -> dict[str, torch.Tensor]:
     """Relative completeness error per scale and input: ``|sum(attr) - (f(x) - f(b))| / |f(x) - f(b)|``.
 
-    ``f`` is the scale's score of ``target``; the score gap's floor (1e-3 of its typical size,
-    1e-6) keeps a scale whose score hardly moves along the path from dividing by zero.
+    ``f`` is the scale's score of ``target``; the gap is floored at 1e-6 so that a scale whose
+    score hardly moves along the path does not divide by zero.
     """
     scales = tuple(attributions)
     base = torch.zeros_like(x) if baseline is None else torch.broadcast_to(baseline.to(x), x.shape)

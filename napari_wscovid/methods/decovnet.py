@@ -30,7 +30,13 @@ from skimage.measure import label, regionprops
 
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.results import Box, DetectionResult
-from napari_wscovid.stages import NEGATIVE_CLASS, Progress, lung_volume_ml, to_uint8
+from napari_wscovid.stages import (
+    NEGATIVE_CLASS,
+    Progress,
+    calibration_temperature,
+    lung_volume_ml,
+    to_uint8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -350,8 +356,12 @@ def detect_iter(
     start = time.perf_counter()
     with torch.inference_mode():
         logits, cam = net.forward_with_cam(x.to(torch_device))
-        temperature = float(info.get("temperature") or 1.0)
-        patient_probs = torch.softmax(logits.float() / temperature, dim=1)[0].cpu().numpy().astype(np.float32)
+        patient_probs = (
+            torch.softmax(logits.float() / calibration_temperature(info), dim=1)[0]
+            .cpu()
+            .numpy()
+            .astype(np.float32)
+        )
         cam = cam[0].float().cpu().numpy()
     del x
     if not np.isfinite(patient_probs).all() or not np.isfinite(cam).all():

@@ -33,6 +33,7 @@ from napari_wscovid.stages import (
     NEGATIVE_CLASS,
     Progress,
     batches,
+    calibration_temperature,
     classify_slices,
     lung_slices,
     lung_volume_ml,
@@ -218,7 +219,7 @@ def detect_iter(
         n_classes=len(classes),
         torch_device=torch_device,
         batch_size=batch_size,
-        temperature=float(info.get("temperature") or 1.0),
+        temperature=calibration_temperature(info),
     )
     timings["classification"] = time.perf_counter() - start
     patient_probs, rule = patient_probabilities(slice_probs, classes)

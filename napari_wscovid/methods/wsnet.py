@@ -22,6 +22,7 @@ from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.results import Box, DetectionResult
 from napari_wscovid.stages import (
     Progress,
+    calibration_temperature,
     classify_slices,
     lung_slices,
     lung_volume_ml,
@@ -85,7 +86,7 @@ def detect_iter(
         n_classes=len(classes),
         torch_device=torch_device,
         batch_size=batch_size,
-        temperature=float(info.get("temperature") or 1.0),
+        temperature=calibration_temperature(info),
         channels_last=True,
         on_batch=keep_cams,
     )

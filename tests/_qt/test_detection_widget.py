@@ -560,3 +560,12 @@ def test_a_doubtful_scan_gets_a_banner_before_the_answer(
     banner = widget._results._banner
     assert not banner.isHidden() and "Needs review" in banner.text() and "slab = 25.0" in banner.text()
     assert errors == []
+
+
+def test_a_layer_holding_the_boxes_name_is_renamed_not_overwritten(widget, viewer, ct_layer, qtbot, errors):
+    square = np.array([[2, 1, 1], [2, 1, 5], [2, 5, 5], [2, 5, 1]], dtype=float)
+    theirs = viewer.add_shapes([square], shape_type="rectangle", name=L.BOXES_LAYER)  # not ours
+    run_and_wait(widget, qtbot)
+    assert theirs.name == f"{L.BOXES_LAYER} (not ours)" and len(theirs.data) == 1
+    ours = viewer.layers[L.BOXES_LAYER]
+    assert ours is not theirs and ours.metadata.get("wscovid_boxes") and errors == []
