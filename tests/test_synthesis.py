@@ -229,6 +229,28 @@ def test_gpu_run_smoke_trains_four_networks_and_times_detect(tmp_path):
     assert list((tmp_path / "lung_unet").glob("*.safetensors"))
 
 
+def test_gpu_run_folds_write_one_judge_per_fold(tmp_path):
+    """--wsnet-fold: extra WSNet runs in the same call, each to its own folder, detect timed."""
+    import json
+
+    from napari_wscovid.models.registry import load_model
+    from training.gpu_run import WSNetFold, main
+
+    fold = "name=foldB,minutes=0.1,holdout=smokeB,version=9.9.9-test"
+    assert main(["train", "--smoke", "--out", str(tmp_path), "--steps", "", "--wsnet-fold", fold]) == 0
+    report = json.loads((tmp_path / "gpu_run.json").read_text())
+    assert set(report["steps"]) == {"wsnet:foldB"} and report["steps"]["wsnet:foldB"]["init"] is None
+    _, info = load_model(tmp_path / "foldB" / "wsnet-3class.safetensors", device="cpu", cache=False)
+    assert info["version"] == "9.9.9-test"
+    assert report["detect"]["wsnet-3class"]["device"] == "cpu"
+    parsed = WSNetFold.parse("name=a,minutes=2,holdout=P001+normal001,init=wsnet-3class")
+    assert parsed.holdout == "P001,normal001" and parsed.init == "wsnet-3class"
+    with pytest.raises(ValueError, match="missing"):
+        WSNetFold.parse("name=a,minutes=2")
+    with pytest.raises(ValueError, match="unknown"):
+        WSNetFold.parse("name=a,minutes=2,holdout=P001,lr=3")
+
+
 @pytest.mark.real_data
 def test_real_background_and_synthesis_on_a_real_ct(shared_data, tmp_path):
     """Lung-PET-CT-Dx (64 slices): cached on the 1.5 mm grid, painted into, lesions inside its lungs."""

@@ -32,6 +32,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("training.gpu_run")
@@ -103,7 +104,16 @@ def _slice_data(pack: Path, device: str, minutes: float, smoke: bool, holdout: s
     )
 
 
-def _train_wsnet(pack: Path, out: Path, device: str, minutes: float, smoke: bool, holdout: str) -> dict:
+def _train_wsnet(
+    pack: Path,
+    out: Path,
+    device: str,
+    minutes: float,
+    smoke: bool,
+    holdout: str,
+    init: str | None = "wsnet-3class",
+    version: str = "2.2.0-gpu",
+) -> dict:
     from training.train_classifier import TrainConfig, train
 
     size = (
@@ -114,8 +124,9 @@ def _train_wsnet(pack: Path, out: Path, device: str, minutes: float, smoke: bool
     cfg = TrainConfig(
         **size,
         **_slice_data(pack, device, minutes, smoke, holdout),
-        # the bundled weights never saw the held-out fold (they trained on P001 and normal001)
-        init=None if smoke else "wsnet-3class",
+        # the default: the bundled weights never saw fold A (1.0.0 trained on P001 and normal001,
+        # 2.2.0-gpu continued it on fold A's complement); another fold must start elsewhere
+        init=None if smoke else init,
         synth_weight=3.0,
         # the first GPU run (2.1.0-gpu, paper augmentation only) still called unseen normal lungs
         # CAP: warps, kernels and noise keep the few real negatives from being learnt by heart
@@ -126,9 +137,44 @@ def _train_wsnet(pack: Path, out: Path, device: str, minutes: float, smoke: bool
         out_dir=str(out / "wsnet"),
         export=str(out / "wsnet-3class.safetensors"),
         export_name="wsnet-3class",
-        export_version="2.2.0-gpu",
+        export_version=version,
     )
     return train(cfg)
+
+
+@dataclass(frozen=True)
+class WSNetFold:
+    """One extra WSNet run of the call: its own held-out patients, start and minutes.
+
+    Written ``name=foldB,minutes=4,init=none,holdout=P001+normal001+LIDC-IDRI-0001`` on the command
+    line; its weights go to ``OUT/<name>/``. Several folds in one call give every real patient a
+    judge that never trained on it, from one device start.
+    """
+
+    name: str
+    minutes: float
+    holdout: str
+    init: str | None = None
+    version: str = "2.3.0-gpu"
+
+    @classmethod
+    def parse(cls, text: str) -> WSNetFold:
+        fields = dict(part.split("=", 1) for part in text.split(",") if part)
+        unknown = set(fields) - {"name", "minutes", "init", "holdout", "version"}
+        missing = {"name", "minutes", "holdout"} - set(fields)
+        if unknown or missing:
+            raise ValueError(
+                f"--wsnet-fold {text!r}: unknown {sorted(unknown)}, missing {sorted(missing)}"
+                " (name=...,minutes=...,holdout=A+B[,init=...|none][,version=...])"
+            )
+        init = fields.get("init", "none")
+        return cls(
+            name=fields["name"],
+            minutes=float(fields["minutes"]),
+            holdout=fields["holdout"].replace("+", ","),
+            init=None if init.lower() == "none" else init,
+            version=fields.get("version", cls.version),
+        )
 
 
 def _train_fecnn(pack: Path, out: Path, device: str, minutes: float, smoke: bool, holdout: str) -> dict:
@@ -201,8 +247,10 @@ def _time_detect(out: Path, device: str, smoke: bool) -> dict:
         volume = make_phantom(**FALLBACK_KWARGS).volume
     timings = {}
     for name in ("wsnet-3class", "fecnn-covid", "decovnet-covid"):
-        weights = out / f"{name}.safetensors"
-        if not weights.is_file():
+        # the steps' weights, else the first fold's (a call that trained folds only)
+        found = [out / f"{name}.safetensors", *sorted(out.glob(f"*/{name}.safetensors"))]
+        weights = next((w for w in found if w.is_file()), None)
+        if weights is None:
             continue
         start = time.perf_counter()
         try:
@@ -232,6 +280,7 @@ def run(
     minutes_scale: float,
     holdout: str,
     steps: tuple[str, ...] = STEPS,
+    folds: tuple[WSNetFold, ...] = (),
 ) -> dict:
     import torch
 
@@ -270,6 +319,21 @@ def run(
             "export": summary.get("export"),
         }
         print(f"trained {name}: {json.dumps(report['steps'][name], default=str)}", flush=True)
+    for fold in folds:
+        start = time.perf_counter()
+        fold_out = out / fold.name
+        fold_holdout = "smokeB" if smoke else fold.holdout
+        summary = _train_wsnet(
+            pack, fold_out, device, fold.minutes * minutes_scale, smoke, fold_holdout, fold.init, fold.version
+        )
+        report["steps"][f"wsnet:{fold.name}"] = {
+            "minutes": round((time.perf_counter() - start) / 60, 2),
+            "holdout": fold_holdout,
+            "init": fold.init,
+            "steps": summary.get("steps"),
+            "export": summary.get("export"),
+        }
+        print(f"trained wsnet {fold.name}: {json.dumps(report['steps'][f'wsnet:{fold.name}'])}", flush=True)
     report["detect"] = _time_detect(out, device, smoke)
     (out / "gpu_run.json").write_text(json.dumps(report, indent=2, default=str))
     return report
@@ -292,6 +356,13 @@ def main(argv=None) -> int:
     p_train.add_argument(
         "--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)} (default all)"
     )
+    p_train.add_argument(
+        "--wsnet-fold",
+        action="append",
+        default=[],
+        type=WSNetFold.parse,
+        help="an extra WSNet run after the steps: name=...,minutes=...,holdout=A+B[,init=...|none]",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if args.command == "pack":
@@ -306,6 +377,7 @@ def main(argv=None) -> int:
         minutes_scale=args.minutes_scale,
         holdout=args.holdout,
         steps=steps,
+        folds=tuple(args.wsnet_fold),
     )
     return 0
 

@@ -48,6 +48,8 @@ REAL_PATIENTS = (
     RealPatient("LIDC-IDRI-0001", "NP", "lidc-idri/LIDC-IDRI-0001/dicom", "lidc-idri"),
     RealPatient("LIDC-IDRI-0003", "NP", "lidc-idri/LIDC-IDRI-0003/dicom", "lidc-idri"),
     RealPatient("Lung_Dx-A0001", "NP", "lung-pet-ct-dx/Lung_Dx-A0001", "lung-pet-ct-dx"),
+    # 3 mm thorax-abdomen NIfTI, normal lungs in its upper slices: a fourth scanner, coarse grid
+    RealPatient("totalseg-example", "NP", "totalseg-example/example_ct.nii.gz", "totalseg-example"),
 )
 PATIENTS_BY_ID = {p.patient_id: p for p in REAL_PATIENTS}
 
