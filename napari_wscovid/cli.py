@@ -149,6 +149,7 @@ def summary_dict(result, volume) -> dict:
         # how far to trust it: "ok", "needs_review" or "out_of_scope", and the quality flags
         "status": result.status,
         "qc": list(result.qc),
+        "reliability": dict(result.reliability),
         "patient_rule": result.patient_rule,
         "lung_volume_ml": round(result.lung_volume_ml, 1),
         "involvement_percent": float(result.involvement.get("total_percent", 0.0)),

@@ -116,6 +116,7 @@ def detect_iter(
         torch_device, device_note = select_device(device)
         net = model.to(torch_device).eval()
         info = {"name": type(model).__name__, "version": "in-memory", "sha256": None, "temperature": 1.0}
+        # an in-memory network has no registry entry: no review threshold, no feature reference
     else:
         net, info = load_model(model, device=device)
         torch_device = next(net.parameters()).device
@@ -136,8 +137,12 @@ def detect_iter(
         volume, net, info, lung_mask=lung_mask, torch_device=torch_device, timings=timings, **options
     )
     from napari_wscovid.quality import quality_checks, scan_status
+    from napari_wscovid.reliability import model_fit_checks, reference_for
 
     flags = quality_checks(volume, lung_mask)
+    reference, missing = reference_for(info)
+    fit_flags, result.reliability = model_fit_checks(result, reference, info.get("review_below"), missing)
+    flags += fit_flags
     result.qc = [f.as_dict() for f in flags]
     result.status = scan_status(flags, lung_mask)
     if result.status != "ok":

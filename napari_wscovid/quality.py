@@ -2,7 +2,8 @@
 
 Each check is a named flag with its measured value and a severity (``info``, ``warn``,
 ``severe``); :func:`scan_status` turns them into ``ok``, ``needs_review`` (a ``severe`` flag:
-the answer may be wrong for reasons the network cannot see) or ``out_of_scope`` (no lungs, or
+the answer may be wrong for reasons the network cannot see; or a doubtful fit of the network,
+:mod:`napari_wscovid.reliability`) or ``out_of_scope`` (no lungs, or
 not a CT in Hounsfield units that look like a CT). The maps and boxes are still shown; the
 status says first how far to trust them.
 
@@ -57,13 +58,19 @@ def quality_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]:
     return flags
 
 
+#: Flags of the network's fit (napari_wscovid.reliability) that send a scan to review although
+#: their severity is only ``warn``: the scan is fine, the answer on it is doubtful.
+REVIEW_FLAGS = ("out_of_distribution", "low_confidence")
+
+
 def scan_status(flags: list[QCFlag], lung_mask: np.ndarray) -> str:
     """``out_of_scope`` without lungs or without CT intensities, ``needs_review`` with any
-    ``severe`` flag, else ``ok``."""
-    names = {f.name for f in flags if f.severity == "severe"}
-    if not np.any(lung_mask) or names & {"no_lungs", "no_air"}:
+    ``severe`` flag or any of :data:`REVIEW_FLAGS`, else ``ok``."""
+    severe = {f.name for f in flags if f.severity == "severe"}
+    if not np.any(lung_mask) or severe & {"no_lungs", "no_air"}:
         return "out_of_scope"
-    return "needs_review" if names else "ok"
+    review = severe | {f.name for f in flags if f.name in REVIEW_FLAGS}
+    return "needs_review" if review else "ok"
 
 
 # ------------------------------------------------------------------------------ intensities

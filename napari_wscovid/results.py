@@ -90,6 +90,10 @@ class DetectionResult:
     # flags behind it, each {"name", "severity", "value", "message"}.
     status: str = ""
     qc: list[dict] = field(default_factory=list)
+    # (lung slices, C) the network's pooled features of the classified slices, in the order of
+    # the lung slices (WSNet only), and what napari_wscovid.reliability made of them
+    slice_features: np.ndarray | None = None
+    reliability: dict = field(default_factory=dict)
 
     @property
     def predicted_class(self) -> str:

@@ -70,12 +70,16 @@ def detect_iter(
     cam_lowres: dict[str, list[np.ndarray]] = {}
     crops_all: list = []
 
+    features: list[np.ndarray] = []
+
     def keep_cams(out, batch, crops):
         # Raw CAMs of every class at their native resolution; the class to show is chosen once
         # the patient-level prediction is known.
         for scale, cam in out.cams.items():
             cam_lowres.setdefault(scale, []).append(cam.float().cpu().numpy())
         crops_all.extend(crops)
+        if out.features is not None:
+            features.append(out.features.float().cpu().numpy())
 
     slice_probs = yield from classify_slices(
         inference_copy(net),
@@ -156,6 +160,7 @@ def detect_iter(
         ig_steps=steps_used,
         patient_rule=rule,
         explained_class=shown_class,
+        slice_features=np.concatenate(features) if features else None,
     )
 
 

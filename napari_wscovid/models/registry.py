@@ -142,6 +142,21 @@ def _temperature(meta: Mapping, path: Path) -> float:
     return value
 
 
+def _review_below(entry: Mapping | None, meta: Mapping, path: Path) -> float | None:
+    """The top patient probability under which this model's answer needs review (chosen on
+    held-out patients; ``None`` when nobody chose one)."""
+    raw = (entry or {}).get("review_below", meta.get("review_below"))
+    if raw in (None, ""):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise ModelLoadError(f"{path.name}: review_below {raw!r} is not a probability between 0 and 1")
+    return value
+
+
 def load_model(
     name_or_path,
     *,
@@ -241,6 +256,7 @@ def load_model(
         "training_data": (entry or {}).get("training_data") or meta.get("training_data", ""),
         "path": str(path),
         "fallback": fallback or None,
+        "review_below": _review_below(entry, meta, path),
     }
     if cache:
         with _cache_lock:

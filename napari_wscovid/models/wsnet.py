@@ -76,6 +76,9 @@ class WSNetOutput:
     logits: torch.Tensor  # (N, K)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # scale -> (N, K)
     cams: dict[str, torch.Tensor] = field(default_factory=dict)  # scale -> (N, K, h, w)
+    # (N, C) the deepest block's features averaged over the slice: what napari_wscovid.reliability
+    # compares with the training data to say how far a scan lies from it
+    features: torch.Tensor | None = None
 
 
 class WSNet(nn.Module):
@@ -119,7 +122,7 @@ class WSNet(nn.Module):
         cams = {s: self.heads[s](features[s]) for s in scales}
         scores = {s: cam.amax(dim=(2, 3)) for s, cam in cams.items()}
         logits = torch.stack(list(scores.values())).sum(0)
-        return WSNetOutput(logits=logits, scores=scores, cams=cams)
+        return WSNetOutput(logits=logits, scores=scores, cams=cams, features=features[last].mean(dim=(2, 3)))
 
     def scale_score(self, x: torch.Tensor, scale: str) -> torch.Tensor:
         """(N, K) global-max-pooled score of one scale; computes only the blocks it needs."""
