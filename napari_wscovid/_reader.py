@@ -58,6 +58,14 @@ def get_reader(path):
         # generic refusal. Zarr stores are left to the readers that know them.
         return None if lower.rstrip("/\\").endswith(".zarr") else read_ct
     if lower.endswith(CT_SUFFIXES) or _is_dicom_file(path):
+        if _is_dicom_file(path):
+            from napari_wscovid.io.dicom_objects import SEG_STORAGE, SR_STORAGE, sop_class_of
+
+            sop_class = sop_class_of(path)
+            if sop_class in SR_STORAGE:
+                return read_sr
+            if sop_class == SEG_STORAGE:
+                return read_seg
         return read_ct
     return None
 
@@ -163,6 +171,44 @@ def read_boxes(path) -> list[tuple]:
             model_info=meta["model"],
         )
     ]
+
+
+def read_sr(path) -> list[tuple]:
+    """A DICOM SR this plugin wrote (``sr.dcm``) as an editable boxes layer on its CT's grid,
+    which the SR's image library describes (:func:`napari_wscovid.io.dicom_objects.read_sr_boxes`)."""
+    from napari_wscovid._widgets.layers import boxes_layer_data, default_box_class
+    from napari_wscovid.io.dicom_objects import read_sr_boxes
+
+    boxes, meta = read_sr_boxes(path)
+    boxes, rejected = split_rejected(boxes)
+    classes = meta["classes"] or ["lesion"]
+    return [
+        boxes_layer_data(
+            boxes,
+            geometry_layer_kwargs(meta["geometry"]),
+            rejected=rejected,
+            reviewed=[],
+            geometry=meta["geometry"],
+            series_key=meta["series_key"],
+            classes=classes,
+            default_class=default_box_class(classes),
+            model_info={},
+        )
+    ]
+
+
+def read_seg(path) -> list[tuple]:
+    """A DICOM SEG as a labels layer in patient millimetres (segment numbers as labels)."""
+    from napari_wscovid.io.dicom_objects import read_seg_labels
+
+    labels, geometry, names = read_seg_labels(path)
+    kwargs = {
+        **geometry_layer_kwargs(geometry),
+        "name": "segmentation (" + ", ".join(names.values()) + ")",
+        "metadata": {"wscovid_geometry": geometry, "segments": names},
+        "opacity": 0.4,
+    }
+    return [(labels, kwargs, "labels")]
 
 
 def _csv_geometry(path, open_geometries: list[dict]) -> dict:

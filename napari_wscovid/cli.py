@@ -8,11 +8,13 @@ checks that before any computation, so a typo never costs a long run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +24,18 @@ from napari_wscovid.lung import LUNG_METHODS
 logger = logging.getLogger("napari_wscovid")
 
 OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_mask.nii.gz")
-OPTIONAL_OUTPUT_FILES = ("lesions.csv",)  # only from methods that type lesions (FeCNN)
+OPTIONAL_OUTPUT_FILES = ("lesions.csv", "seg.dcm", "sr.dcm")  # FeCNN's lesion types; --dicom
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m napari_wscovid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     det = sub.add_parser("detect", help="detect COVID-19 / CAP lesions in a CT and write the results")
-    det.add_argument("path", help="DICOM folder or file, NIfTI, MHA/MHD, NRRD, or a 2-D PNG/JPG")
+    det.add_argument(
+        "path",
+        help="DICOM folder or file, NIfTI, MHA/MHD, NRRD, a 2-D PNG/JPG, or a study on a PACS: "
+        "dicomweb:http://HOST:PORT/dicom-web/studies/STUDY_UID",
+    )
     det.add_argument("--out", required=True, help="output folder (created if missing)")
     det.add_argument("--model", default="default", help="registry name or a .safetensors file")
     det.add_argument("--sha256", default=None, help="expected SHA-256 of a user's weights file")
@@ -46,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="lung segmentation: hybrid (classical + bundled U-Net), classical (no weights), unet",
     )
     det.add_argument("--min-box-area", type=float, default=20.0, help="smallest box kept, in mm^2")
+    det.add_argument(
+        "--dicom",
+        action="store_true",
+        help="also write seg.dcm (lungs, lesion region) and sr.dcm (boxes, answer) for a DICOM input",
+    )
+    det.add_argument(
+        "--send-to",
+        default=None,
+        help="store seg.dcm and sr.dcm on a PACS (implies --dicom): dicomweb:http://HOST:PORT/dicom-web "
+        "or dimse://AET@HOST:PORT; credentials from WSCOVID_PACS_* or the config file (see README)",
+    )
     det.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     det.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sub.add_parser("models", help="list the registered models")
@@ -78,17 +95,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _detect(args) -> int:
-    from tqdm import tqdm
-
-    from napari_wscovid.io import load_ct
-    from napari_wscovid.pipeline import detect_iter, run_to_end
+    from napari_wscovid.io.pacs import is_dicomweb
 
     out = Path(args.out)
     existing = [name for name in (*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES) if (out / name).exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     series = int(args.series) if args.series is not None and args.series.isdigit() else args.series
-    volume = load_ct(args.path, series=series)
+    dicom_objects = bool(args.dicom or args.send_to)
+    with contextlib.ExitStack() as stack:
+        source = args.path
+        if is_dicomweb(source):
+            from napari_wscovid.io.pacs import fetch_study
+
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="wscovid-study-"))
+            source = str(fetch_study(source, folder))
+        elif dicom_objects and not _is_dicom_input(source):
+            raise ValueError(f"--dicom needs a DICOM series as input; {Path(source).name} is not DICOM")
+        return _detect_volume(args, source, series, out, dicom_objects)
+
+
+def _is_dicom_input(path: str) -> bool:
+    from napari_wscovid._reader import _is_dicom_file
+
+    return Path(path).is_dir() or _is_dicom_file(path)
+
+
+def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) -> int:
+    from tqdm import tqdm
+
+    from napari_wscovid.io import load_ct
+    from napari_wscovid.pipeline import detect_iter, run_to_end
+
+    volume = load_ct(source, series=series)
     for warning in volume.warnings:
         logger.warning("%s", warning)
     model = args.model
@@ -115,6 +154,17 @@ def _detect(args) -> int:
         result = run_to_end(gen, show)
     out.mkdir(parents=True, exist_ok=True)
     write_results(result, volume, out, overwrite=args.overwrite)
+    if dicom_objects:
+        from napari_wscovid.io.dicom_objects import read_source_datasets, write_dicom_objects
+
+        datasets = read_source_datasets(source, volume.series_key)
+        written = write_dicom_objects(out, volume, datasets, result, overwrite=args.overwrite)
+        logger.info("wrote %s", ", ".join(p.name for p in written))
+        if args.send_to:
+            from napari_wscovid.io.pacs import send
+
+            stored = send(args.send_to, written)
+            logger.info("stored %d object(s) on the PACS", stored)
     logger.info(
         "%s: %s (%s), %d boxes; results in %s",
         volume.series_key,

@@ -1,0 +1,302 @@
+"""Results where radiologists read: SEG and SR written with highdicom, checked by dciodvfy, and a
+round trip through a real Orthanc (DICOMweb in, detect, SEG/SR out over STOW-RS and C-STORE,
+queried and read back). The server is started on loopback by the fixture and stopped after."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("highdicom")
+pytest.importorskip("dicomweb_client")
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "phantom_covid" / "dicom"
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+USER, PASSWORD = "wscovid", "not-a-real-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A fresh Orthanc with DICOMweb and basic auth on loopback, holding the sample study."""
+    import requests
+
+    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+        pytest.skip(
+            "Orthanc and its DICOMweb plugin are not installed (apt install orthanc orthanc-dicomweb)"
+        )
+    root = tmp_path_factory.mktemp("orthanc")
+    http_port, dicom_port = _free_port(), _free_port()
+    config = {
+        "Name": "wscovid-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {USER: PASSWORD},
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")  # noqa: SIM115 - closed after the server stops
+    server = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+    auth = (USER, PASSWORD)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"{base}/system", auth=auth, timeout=1).raise_for_status()
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        for f in sorted(SAMPLE.glob("*.dcm")):
+            requests.post(f"{base}/instances", data=f.read_bytes(), auth=auth, timeout=30).raise_for_status()
+        yield {"base": base, "dicomweb": f"{base}/dicom-web", "dicom_port": dicom_port, "auth": auth}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def pacs_login(monkeypatch, tmp_path):
+    monkeypatch.setenv("WSCOVID_PACS_USER", USER)
+    monkeypatch.setenv("WSCOVID_PACS_PASSWORD", PASSWORD)
+    monkeypatch.setenv("WSCOVID_PACS_CONFIG", str(tmp_path / "absent.json"))
+    monkeypatch.delenv("WSCOVID_PACS_TOKEN", raising=False)
+
+
+def _study_uid(folder: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy is not installed (apt install dicom3tools)")
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def sample_run():
+    from napari_wscovid import detect, load_ct
+
+    volume = load_ct(str(SAMPLE))
+    return volume, detect(volume, model="tiny-test", saliency="positive")
+
+
+def _box_key(b):
+    return (b.slice, b.y0, b.x0, b.y1, b.x1)
+
+
+def test_seg_and_sr_are_valid_and_read_back(tmp_path, sample_run):
+    from napari_wscovid.io.dicom_objects import (
+        read_seg_labels,
+        read_source_datasets,
+        read_sr_boxes,
+        write_dicom_objects,
+    )
+
+    volume, result = sample_run
+    assert result.boxes, "the sample run should give boxes to write"
+    seg, sr = write_dicom_objects(tmp_path, volume, read_source_datasets(SAMPLE, volume.series_key), result)
+    assert _dciodvfy_errors(seg) == [] and _dciodvfy_errors(sr) == []
+
+    boxes, meta = read_sr_boxes(sr)
+    assert sorted(map(_box_key, boxes)) == sorted(map(_box_key, result.boxes))
+    assert meta["geometry"] == volume.geometry() and meta["series_key"] == volume.series_key
+    assert {b.origin for b in boxes} == {"detected"}
+
+    labels, geometry, names = read_seg_labels(seg)
+    assert names[1] == "Right lung" and names[2] == "Left lung"
+    # the SEG omits empty frames: compare on the slices it holds; lesion (3) overrides lung
+    first = int(round((geometry["origin"][0] - volume.origin[0]) / volume.spacing[0]))
+    expected = result.lung_mask[first : first + labels.shape[0]]
+    assert geometry["spacing"] == volume.geometry()["spacing"]
+    assert np.array_equal(labels[labels != 3], expected[labels != 3])
+    assert (labels == 3).any() == bool(result.boxes)
+
+
+def test_sr_keeps_edited_and_rejected_boxes(tmp_path, sample_run):
+    import dataclasses
+
+    from napari_wscovid.io.dicom_objects import build_sr, read_source_datasets
+    from napari_wscovid.io.dicom_objects import read_sr_boxes as read_back
+
+    volume, result = sample_run
+    edited = [
+        dataclasses.replace(result.boxes[0], origin="edited", y1=result.boxes[0].y1 + 3),
+        dataclasses.replace(result.boxes[1], origin="rejected"),
+        dataclasses.replace(result.boxes[2], origin="added", class_name="COVID-19", source="user"),
+    ]
+    sr = build_sr(volume, read_source_datasets(SAMPLE, volume.series_key), result, edited)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    boxes, _ = read_back(tmp_path / "sr.dcm")
+    assert [(b.origin, b.class_name, _box_key(b)) for b in boxes] == [
+        (b.origin, b.class_name, _box_key(b)) for b in edited
+    ]
+
+
+def test_dicom_needs_a_dicom_input(tmp_path):
+    from napari_wscovid.cli import main
+
+    nifti = SAMPLE.parent / "lung_mask.nii.gz"
+    assert main(["detect", str(nifti), "--out", str(tmp_path), "--model", "tiny-test", "--dicom"]) == 2
+
+
+def test_round_trip_through_orthanc(orthanc, pacs_login, tmp_path, sample_run):
+    """DICOMweb in -> detect -> SEG and SR -> STOW-RS into the same study -> QIDO/WADO back ->
+    the SR read back gives the same boxes."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from napari_wscovid.cli import main
+    from napari_wscovid.io.boxes_io import load_boxes
+    from napari_wscovid.io.dicom_objects import read_sr_boxes
+
+    study = _study_uid(SAMPLE)
+    out = tmp_path / "out"
+    args = ["detect", f"dicomweb:{orthanc['dicomweb']}/studies/{study}", "--out", str(out)]
+    args += ["--model", "tiny-test", "--send-to", f"dicomweb:{orthanc['dicomweb']}", "-q"]
+    assert main(args) == 0
+    assert _dciodvfy_errors(out / "seg.dcm") == [] and _dciodvfy_errors(out / "sr.dcm") == []
+    local, _ = load_boxes(out / "boxes.json")
+    assert local and sorted(map(_box_key, local)) == sorted(map(_box_key, sample_run[1].boxes))
+
+    import requests
+
+    client = DICOMwebClient(orthanc["dicomweb"], session=requests.Session())
+    client._session.auth = orthanc["auth"]
+    modalities = {s["00080060"]["Value"][0] for s in client.search_for_series(study_instance_uid=study)}
+    assert {"CT", "SEG", "SR"} <= modalities
+    (sr_series,) = [
+        s["0020000E"]["Value"][0]
+        for s in client.search_for_series(study_instance_uid=study)
+        if s["00080060"]["Value"][0] == "SR"
+    ]
+    (sr_back,) = client.retrieve_series(study, sr_series)
+    sr_back.save_as(tmp_path / "back.dcm", enforce_file_format=True)
+    boxes, meta = read_sr_boxes(tmp_path / "back.dcm")
+    assert len(boxes) == len(local)
+    assert sorted(map(_box_key, boxes)) == sorted(map(_box_key, local))  # same slices, same corners
+
+
+def test_c_store_to_orthanc(orthanc, tmp_path, sample_run):
+    import requests
+
+    from napari_wscovid.io.dicom_objects import read_source_datasets, write_dicom_objects
+    from napari_wscovid.io.pacs import send
+
+    volume, result = sample_run
+    paths = write_dicom_objects(tmp_path, volume, read_source_datasets(SAMPLE, volume.series_key), result)
+    assert send(f"dimse://ORTHANC@127.0.0.1:{orthanc['dicom_port']}", paths) == 2
+    import pydicom
+
+    uid = str(pydicom.dcmread(paths[1], stop_before_pixels=True).SOPInstanceUID)
+    found = requests.post(
+        f"{orthanc['base']}/tools/find",
+        json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}},
+        auth=orthanc["auth"],
+        timeout=30,
+    ).json()
+    assert len(found) == 1
+
+
+def test_pacs_failures_are_clear(orthanc, pacs_login, monkeypatch, tmp_path):
+    from napari_wscovid.io.pacs import PACSError, credentials, fetch_study, list_studies
+
+    study = _study_uid(SAMPLE)
+    assert any(s["study_uid"] == study for s in list_studies(orthanc["dicomweb"]))
+    monkeypatch.setenv("WSCOVID_PACS_PASSWORD", "wrong")
+    with pytest.raises(PACSError, match="HTTP 401 \\(check the credentials\\)") as err:
+        fetch_study(f"dicomweb:{orthanc['dicomweb']}/studies/{study}", tmp_path / "a")
+    assert "wrong" not in str(err.value) and study not in str(err.value)
+    down = f"dicomweb:http://127.0.0.1:{_free_port()}/dicom-web/studies/{study}"
+    with pytest.raises(PACSError, match="cannot reach the PACS"):
+        fetch_study(down, tmp_path / "b")
+    # a credentials file others may read is refused
+    monkeypatch.delenv("WSCOVID_PACS_USER")
+    config = tmp_path / "pacs.json"
+    config.write_text(json.dumps({"user": USER, "password": PASSWORD}))
+    os.chmod(config, 0o644)
+    monkeypatch.setenv("WSCOVID_PACS_CONFIG", str(config))
+    with pytest.raises(PACSError, match="chmod 600"):
+        credentials()
+    os.chmod(config, 0o600)
+    assert credentials() == {"user": USER, "password": PASSWORD}
+
+
+@pytest.mark.real_data
+def test_real_series_round_trip_through_orthanc(orthanc, pacs_login, shared_data, tmp_path):
+    """A real series (Lung-PET-CT-Dx, JPEG-LS) uploaded to Orthanc, read over DICOMweb, SEG and SR
+    stored back and the SR's boxes re-read onto the same grid."""
+    import requests
+
+    from napari_wscovid.cli import main
+    from napari_wscovid.io.boxes_io import load_boxes
+    from napari_wscovid.io.dicom_objects import read_sr_boxes
+
+    folder = shared_data / "lung-pet-ct-dx" / "Lung_Dx-A0001"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    files = [f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() == ".dcm"]
+    for f in files:
+        requests.post(f"{orthanc['base']}/instances", data=f.read_bytes(), auth=orthanc["auth"], timeout=60)
+    import pydicom
+
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    out = tmp_path / "out"
+    args = ["detect", f"dicomweb:{orthanc['dicomweb']}/studies/{study}", "--out", str(out), "-q"]
+    args += ["--model", "tiny-test", "--dicom", "--lung-method", "classical"]
+    assert main(args) == 0
+    assert _dciodvfy_errors(out / "seg.dcm") == [] and _dciodvfy_errors(out / "sr.dcm") == []
+    local, meta_local = load_boxes(out / "boxes.json")
+    boxes, meta = read_sr_boxes(out / "sr.dcm")
+    assert meta["geometry"] == meta_local["geometry"]
+    assert sorted(map(_box_key, boxes)) == sorted(map(_box_key, local))
+
+    # boxes placed across the real grid (whatever the random test network found) come back exactly
+    from napari_wscovid import load_ct
+    from napari_wscovid.io.dicom_objects import build_sr, read_source_datasets
+    from napari_wscovid.results import Box
+
+    volume = load_ct(str(folder))
+    result = type("Run", (), {})()
+    result.model_info, result.classes = {"name": "test", "version": "1"}, ("NP", "CAP")
+    result.patient_probs, result.predicted_class = np.array([0.4, 0.6]), "CAP"
+    result.lung_volume_ml, result.involvement, result.status = 1000.0, {}, "ok"
+    placed = [
+        Box(z, y, x, y + h, x + w, "CAP", 0.5, origin=origin)
+        for z, y, x, h, w, origin in [
+            (0, 0, 0, 10, 12, "detected"),
+            (31, 200, 300, 37, 41, "edited"),
+            (volume.shape[0] - 1, 500, 480, 12, 32, "added"),
+        ]
+    ]
+    build_sr(volume, read_source_datasets(folder, volume.series_key), result, placed).save_as(
+        tmp_path / "placed.dcm", enforce_file_format=True
+    )
+    back, _ = read_sr_boxes(tmp_path / "placed.dcm")
+    assert [(_box_key(b), b.origin) for b in back] == [(_box_key(b), b.origin) for b in placed]
