@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="store seg.dcm and sr.dcm on a PACS (implies --dicom): dicomweb:http://HOST:PORT/dicom-web "
         "or dimse://AET@HOST:PORT; credentials from WSCOVID_PACS_* or the config file (see README)",
     )
+    det.add_argument(
+        "--deidentify",
+        action="store_true",
+        help="with --dicom: also write de-identified research copies (PS3.15 basic profile) to OUT/research",
+    )
     det.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     det.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sub.add_parser("models", help="list the registered models")
@@ -158,7 +163,9 @@ def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) ->
         from napari_wscovid.io.dicom_objects import read_source_datasets, write_dicom_objects
 
         datasets = read_source_datasets(source, volume.series_key)
-        written = write_dicom_objects(out, volume, datasets, result, overwrite=args.overwrite)
+        written = write_dicom_objects(
+            out, volume, datasets, result, overwrite=args.overwrite, research_copies=args.deidentify
+        )
         logger.info("wrote %s", ", ".join(p.name for p in written))
         if args.send_to:
             from napari_wscovid.io.pacs import send

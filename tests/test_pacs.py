@@ -300,3 +300,44 @@ def test_real_series_round_trip_through_orthanc(orthanc, pacs_login, shared_data
     )
     back, _ = read_sr_boxes(tmp_path / "placed.dcm")
     assert [(_box_key(b), b.origin) for b in back] == [(_box_key(b), b.origin) for b in placed]
+
+
+def test_research_copies_carry_no_identity_and_keep_their_references(tmp_path, sample_run):
+    import pydicom
+
+    from napari_wscovid.io.dicom_objects import read_source_datasets, read_sr_boxes, write_dicom_objects
+
+    volume, result = sample_run
+    datasets = read_source_datasets(SAMPLE, volume.series_key)
+    for ds in datasets:  # give the sample an identity to remove
+        ds.PatientName, ds.PatientID, ds.StudyDate = "Doe^Jane", "MRN-12345", "20200304"
+    write_dicom_objects(tmp_path, volume, datasets, result, research_copies=True)
+    original = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert str(original.PatientName) == "Doe^Jane"  # the PACS copy keeps the identity
+    for name in ("seg.dcm", "sr.dcm"):
+        path = tmp_path / "research" / name
+        text = path.read_bytes()
+        assert b"Doe" not in text and b"MRN-12345" not in text and b"20200304" not in text
+        assert datasets[0].StudyInstanceUID.encode() not in text
+        copy_ = pydicom.dcmread(path)
+        assert (
+            copy_.PatientIdentityRemoved == "YES"
+            and copy_.SOPClassUID == pydicom.dcmread(tmp_path / name).SOPClassUID
+        )
+        assert _dciodvfy_errors(path) == []
+    seg, sr = (pydicom.dcmread(tmp_path / "research" / n) for n in ("seg.dcm", "sr.dcm"))
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID  # one consistent map for both objects
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in s.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    frames = {
+        str(ref.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for ref in series.ReferencedInstanceSequence
+    }
+    assert frames <= referenced  # both point at the same remapped CT images
+    boxes, _ = read_sr_boxes(tmp_path / "research" / "sr.dcm")
+    assert sorted(map(_box_key, boxes)) == sorted(map(_box_key, result.boxes))

@@ -456,9 +456,18 @@ def _patient_group(result, algorithm, private, no_units):
 
 # ------------------------------------------------------------------------------------ writing
 def write_dicom_objects(
-    out_dir, volume: CTVolume, datasets: Sequence, result, boxes=None, *, overwrite=False
+    out_dir,
+    volume: CTVolume,
+    datasets: Sequence,
+    result,
+    boxes=None,
+    *,
+    overwrite: bool = False,
+    research_copies: bool = False,
 ):
-    """Write ``seg.dcm`` and ``sr.dcm`` into ``out_dir`` (atomically); returns their paths."""
+    """Write ``seg.dcm`` and ``sr.dcm`` into ``out_dir`` (atomically); returns their paths. With
+    ``research_copies``, de-identified copies (:func:`deidentify`, one UID map for both) go to
+    ``out_dir/research/`` too (not returned: they are not sent back to the PACS)."""
     from napari_wscovid.io.atomic import atomic_write
 
     out_dir = Path(out_dir)
@@ -475,6 +484,16 @@ def write_dicom_objects(
             path, lambda tmp, obj=obj: obj.save_as(tmp, enforce_file_format=True), overwrite=overwrite
         )
         paths.append(path)
+    if research_copies:
+        uid_map = UIDMap()
+        (out_dir / "research").mkdir(exist_ok=True)
+        for name, obj in objects.items():
+            copy_ = deidentify(obj, uid_map)
+            atomic_write(
+                out_dir / "research" / name,
+                lambda tmp, obj=copy_: obj.save_as(tmp, enforce_file_format=True),
+                overwrite=overwrite,
+            )
     return paths
 
 
@@ -713,3 +732,121 @@ def read_seg_labels(path) -> tuple[np.ndarray, dict, dict[int, str]]:
         "direction": np.round(direction, 6).tolist(),
     }
     return labels, geometry, names
+
+
+# -------------------------------------------------------------------------------- de-identifying
+#: Attributes the DICOM PS3.15 basic application confidentiality profile removes or empties
+#: that these objects can carry (copied from the source CT by highdicom).
+_IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "IssuerOfPatientID",
+    "EthnicGroup",
+    "PatientComments",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "RequestAttributesSequence",
+    "ReferencedStudySequence",
+    "ReferencedPatientSequence",
+)
+#: Dates and times get one dummy value (the profile's action "D"): some are type 1 in a SEG.
+_DUMMY_DATES = {"DA": "19000101", "TM": "000000", "DT": "19000101000000"}
+
+
+class UIDMap:
+    """Consistent remapping of instance UIDs: the same source UID gets the same new UID in every
+    object of one run, so the research copies still reference each other and their CT."""
+
+    def __init__(self, salt: bytes | None = None):
+        import secrets
+
+        self._salt = salt if salt is not None else secrets.token_bytes(16)
+        self._seen: dict[str, str] = {}
+        self._produced: set[str] = set()
+
+    def __call__(self, uid: str) -> str:
+        import hashlib
+
+        if uid in self._produced:
+            # an item highdicom shares between two sequences is visited twice: map it once
+            return uid
+        if uid not in self._seen:
+            digest = hashlib.sha256(self._salt + uid.encode()).digest()[:16]
+            self._seen[uid] = f"2.25.{int.from_bytes(digest, 'big')}"
+            self._produced.add(self._seen[uid])
+        return self._seen[uid]
+
+
+def _is_instance_uid(uid: str) -> bool:
+    """SOP classes, transfer syntaxes and coding schemes are registered UIDs and keep their value."""
+    from pydicom.uid import UID
+
+    return bool(uid) and UID(uid).name == uid  # a registered UID's name is its title
+
+
+def deidentify(ds, uid_map: UIDMap):
+    """A research copy of ``ds`` (PS3.15 basic profile: identifying attributes removed or emptied,
+    dates set to one dummy value, instance UIDs remapped by ``uid_map``)."""
+    import copy
+
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    out = copy.deepcopy(ds)
+
+    def walk(dataset):
+        for keyword in _IDENTIFYING:
+            if keyword in dataset:
+                delattr(dataset, keyword)
+        for elem in list(dataset):
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.VR == "UI" and elem.value:
+                values = elem.value if isinstance(elem.value, list) else [elem.value]
+                mapped = [uid_map(str(v)) if _is_instance_uid(str(v)) else v for v in values]
+                elem.value = mapped if len(mapped) > 1 else mapped[0]
+            elif elem.VR in _DUMMY_DATES and elem.value:
+                elem.value = _DUMMY_DATES[elem.VR]
+            elif elem.VR == "PN":
+                elem.value = ""
+
+    walk(out)
+    if hasattr(out, "file_meta"):
+        out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
+        setattr(out, keyword, "")
+    out.PatientIdentityRemoved = "YES"
+    out.DeidentificationMethod = "PS3.15 basic profile (napari-wscovid)"
+    method = Dataset()
+    method.CodeValue, method.CodingSchemeDesignator = "113100", "DCM"
+    method.CodeMeaning = "Basic Application Confidentiality Profile"
+    out.DeidentificationMethodCodeSequence = DicomSequence([method])
+    return out
