@@ -70,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     det.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     det.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    coh = sub.add_parser("cohort", help="run detect on every study under a folder, on a Dask cluster")
+    coh.add_argument("root", help="folder of studies: DICOM folders and NIfTI/MHA/NRRD files")
+    coh.add_argument(
+        "--out", required=True, help="output folder: one sub-folder per study, cohort.csv, report.html"
+    )
+    where = coh.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    where.add_argument("--scheduler", default=None, help="a running Dask scheduler, e.g. tcp://HOST:8786")
+    coh.add_argument("--model", default="default", help="registry name or a .safetensors file")
+    coh.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    coh.add_argument("--saliency", default="positive", choices=("positive", "all", "none"))
+    coh.add_argument("--lung-method", default=None, choices=LUNG_METHODS)
+    coh.add_argument(
+        "--labels", default=None, help="CSV study_or_source,class: ROC and confusion in the report"
+    )
+    coh.add_argument("--overwrite", action="store_true", help="recompute studies already complete")
+    coh.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sub.add_parser("models", help="list the registered models")
     view = sub.add_parser("view", help="open napari with a CT (default: the bundled sample) and the widget")
     view.add_argument("path", nargs="?", default=None, help="CT to open; omitted: the bundled sample")
@@ -88,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "view":
         return _view(args.path)
+    if args.command == "cohort":
+        try:
+            return _cohort(args)
+        except KeyboardInterrupt:
+            logger.error("interrupted; finished studies are kept, a re-run resumes")
+            return 130
+        except (OSError, ValueError, RuntimeError) as err:
+            logger.error("%s", err)
+            return 2
     try:
         return _detect(args)
     except KeyboardInterrupt:
@@ -118,6 +144,52 @@ def _detect(args) -> int:
         elif dicom_objects and not _is_dicom_input(source):
             raise ValueError(f"--dicom needs a DICOM series as input; {Path(source).name} is not DICOM")
         return _detect_volume(args, source, series, out, dicom_objects)
+
+
+def _cohort(args) -> int:
+    from tqdm import tqdm
+
+    try:
+        from napari_wscovid.cohort import CohortOptions, run_cohort
+        from napari_wscovid.report import read_labels, write_report
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the cohort command needs Dask: pip install 'napari-wscovid[cohort]' ({exc})"
+        ) from exc
+    labels = read_labels(args.labels) if args.labels else None
+    options = CohortOptions(
+        model=args.model, device=args.device, saliency=args.saliency, lung_method=args.lung_method
+    )
+    bar = tqdm(total=0, disable=args.quiet, unit="study")
+
+    def show(done: int, failed: int, skipped: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix(failed=failed, skipped=skipped, left=total - done)
+        bar.refresh()
+
+    try:
+        summary = run_cohort(
+            args.root,
+            args.out,
+            options=options,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            overwrite=args.overwrite,
+            progress=show,
+            on_dashboard=lambda link: logger.info("Dask dashboard: %s", link),
+        )
+    finally:
+        bar.close()
+    report = write_report(args.out, summary.rows, summary.classes, labels)
+    logger.info(
+        "%d studies: %d failed; table %s, report %s",
+        len(summary.rows),
+        summary.failed,
+        Path(args.out) / "cohort.csv",
+        report,
+    )
+    return 1 if summary.failed else 0
 
 
 def _is_dicom_input(path: str) -> bool:

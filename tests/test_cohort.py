@@ -1,0 +1,168 @@
+"""Cohorts on Dask: a LocalCluster and an external scheduler with two workers (started and stopped
+here, on loopback) give the same rows; a broken study is reported and the others complete; a
+re-run skips what is done; a worker killed mid-run and a half-written study leave nothing half."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "phantom_covid" / "dicom"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cohort_root(tmp_path_factory):
+    """Two phantom NIfTI studies (same grid), one study in a sub-folder, and a broken DICOM study."""
+    from napari_wscovid.io.write import write_image
+    from napari_wscovid.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("cohort") / "root"
+    (root / "site1").mkdir(parents=True)
+    for i, (kind, where) in enumerate(
+        [("NP", "a.nii.gz"), ("CAP", "b.nii.gz"), ("COVID-19", "site1/c.nii.gz")]
+    ):
+        ph = make_phantom(kind, n_slices=16, size=96, seed=i)
+        write_image(ph.volume.hu, root / where, like=ph.volume)
+    (root / "broken").mkdir()
+    (root / "broken" / "x.dcm").write_bytes((SAMPLE / "slice_0000.dcm").read_bytes()[:3000])
+    return root
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with open(out / "cohort.csv", newline="") as fh:
+        return {r["source"]: r for r in csv.DictReader(fh)}
+
+
+def _cli(root, out, *extra) -> int:
+    from napari_wscovid.cli import main
+
+    return main(["cohort", str(root), "--out", str(out), "--model", "tiny-test", "-q", *extra])
+
+
+def test_find_studies(cohort_root, tmp_path):
+    from napari_wscovid.cohort import find_studies
+
+    assert find_studies(cohort_root) == ["a.nii.gz", "b.nii.gz", "broken", "site1/c.nii.gz"]
+    nested = tmp_path / "root" / "p1" / "series"
+    nested.mkdir(parents=True)
+    shutil.copy(SAMPLE / "slice_0000.dcm", nested.parent / "s0.dcm")
+    shutil.copy(SAMPLE / "slice_0001.dcm", nested / "s1.dcm")
+    assert find_studies(tmp_path / "root") == ["p1"]  # a DICOM folder owns its sub-folders
+
+
+def test_local_cluster_cohort_resumes_and_reports(cohort_root, tmp_path):
+    out = tmp_path / "out"
+    assert _cli(cohort_root, out, "--workers", "2") == 1  # the broken study fails the run
+    rows = _rows(out)
+    assert {s: r["status"] for s, r in rows.items()} == {
+        "a.nii.gz": "ok",
+        "b.nii.gz": "ok",
+        "site1/c.nii.gz": "ok",
+        "broken": "error",
+    }
+    assert "x.dcm" in rows["broken"]["error"]
+    for source in ("a.nii.gz", "b.nii.gz", "site1/c.nii.gz"):
+        folder = out / rows[source]["study"]
+        assert (folder / "summary.json").is_file() and (folder / "boxes.json").is_file()
+        assert abs(sum(float(rows[source][f"p_{c}"]) for c in ("NP", "CAP", "COVID-19")) - 1) < 1e-4
+    assert rows["a.nii.gz"]["study"] != rows["b.nii.gz"]["study"]  # same grid, two folders
+    assert not list(out.glob(".incomplete-*"))
+    report = (out / "report.html").read_text()
+    assert "data:image/png;base64," in report and "3 analysed, 1 failed" in report
+
+    # a re-run skips every complete study and retries the broken one
+    assert _cli(cohort_root, out, "--workers", "1") == 1
+    again = _rows(out)
+    assert [again[s]["status"] for s in ("a.nii.gz", "b.nii.gz", "site1/c.nii.gz")] == ["skipped"] * 3
+    assert again["a.nii.gz"]["p_NP"] == rows["a.nii.gz"]["p_NP"]
+
+    # a half-written study (interrupted between files) and a stale temporary folder: recomputed
+    (out / rows["b.nii.gz"]["study"] / "summary.json").unlink()
+    (out / ".incomplete-deadbeef").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("study_or_source,class\na.nii.gz,NP\nb.nii.gz,CAP\nsite1/c.nii.gz,COVID-19\n")
+    assert _cli(cohort_root, out, "--workers", "1", "--labels", str(labels)) == 1
+    third = _rows(out)
+    assert third["b.nii.gz"]["status"] == "ok" and third["a.nii.gz"]["status"] == "skipped"
+    assert not list(out.glob(".incomplete-*"))
+    assert "Confusion matrix" in (out / "report.html").read_text()
+
+
+@pytest.fixture
+def dask_cluster():
+    """``dask scheduler`` and two ``dask worker`` processes on loopback; stopped after the test."""
+    dask = shutil.which("dask", path=str(Path(sys.executable).parent))
+    if dask is None:
+        pytest.skip("the dask command line is not installed")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    common = ["--no-dashboard"]
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), *common],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers = [
+        subprocess.Popen(
+            [dask, "worker", address, "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1", *common],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    try:
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address, workers
+    finally:
+        for proc in [*workers, scheduler]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*workers, scheduler]:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_external_scheduler_matches_local_and_survives_a_killed_worker(cohort_root, tmp_path, dask_cluster):
+    address, workers = dask_cluster
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert _cli(cohort_root, local, "--workers", "1") == 1
+
+    # kill one worker while the cohort runs: its study is rescheduled on the other worker
+    killer = threading.Timer(3.0, lambda: workers[0].send_signal(signal.SIGKILL))
+    killer.start()
+    try:
+        code = _cli(cohort_root, remote, "--scheduler", address)
+    finally:
+        killer.cancel()
+    assert code == 1
+    assert workers[0].poll() is not None, "the worker was not killed during the run"
+    a, b = _rows(local), _rows(remote)
+    assert {s: r["status"] for s, r in b.items()} == {s: r["status"] for s, r in a.items()}
+    for source, row in a.items():
+        for key in ("study", "predicted_class", "p_NP", "p_CAP", "p_COVID-19", "n_boxes"):
+            assert b[source][key] == row[key], (source, key)
+    assert not list(remote.glob(".incomplete-*"))
+    for row in b.values():
+        if row["status"] == "ok":
+            assert (remote / row["study"] / "summary.json").is_file()
