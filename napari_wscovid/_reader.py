@@ -97,8 +97,10 @@ def _is_dicom_file(path: str) -> bool:
 
 
 # ------------------------------------------------------------------------------- CT
-def ct_layer_data(volume: CTVolume, name: str | None = None) -> tuple:
-    """The Image layer tuple for a CT volume, in patient millimetres."""
+def ct_layer_data(volume: CTVolume, name: str | None = None, dicom_source: str | None = None) -> tuple:
+    """The Image layer tuple for a CT volume, in patient millimetres. ``dicom_source`` (the
+    DICOM folder or file it was read from) lets the dock write a SEG/SR that references it; it
+    stays in the layer's metadata, never in a name."""
     if volume.is_hu:
         limits = HU_WINDOW
     else:
@@ -115,6 +117,7 @@ def ct_layer_data(volume: CTVolume, name: str | None = None) -> tuple:
             "is_hu": volume.is_hu,
             "warnings": list(volume.warnings),
             "wscovid_volume": volume,
+            "dicom_source": dicom_source if volume.source == "DICOM" else None,
         },
     }
     return (volume.hu, kwargs, "image")
@@ -134,7 +137,7 @@ def read_ct(path) -> list[tuple]:
         ) from exc
     for warning in volume.warnings:
         logger.warning("%s: %s", volume.series_key, warning)
-    return [ct_layer_data(volume)]
+    return [ct_layer_data(volume, dicom_source=str(path))]
 
 
 # ---------------------------------------------------------------------------- boxes

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +39,72 @@ def dicom_robustness(shared_data) -> Path:
     if not root.is_dir():
         pytest.skip(f"{root} is absent")
     return root
+
+
+# ---------------------------------------------------------------------------- a real PACS (Orthanc)
+SAMPLE_DICOM = Path(__file__).resolve().parents[1] / "sample_data" / "phantom_covid" / "dicom"
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+PACS_USER, PACS_PASSWORD = "wscovid", "not-a-real-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A fresh Orthanc with DICOMweb and basic auth on loopback, holding the sample study."""
+    import requests
+
+    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+        pytest.skip(
+            "Orthanc and its DICOMweb plugin are not installed (apt install orthanc orthanc-dicomweb)"
+        )
+    root = tmp_path_factory.mktemp("orthanc")
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "wscovid-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {PACS_USER: PACS_PASSWORD},
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")  # noqa: SIM115 - closed after the server stops
+    server = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+    auth = (PACS_USER, PACS_PASSWORD)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"{base}/system", auth=auth, timeout=1).raise_for_status()
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        for f in sorted(SAMPLE_DICOM.glob("*.dcm")):
+            requests.post(f"{base}/instances", data=f.read_bytes(), auth=auth, timeout=30).raise_for_status()
+        yield {"base": base, "dicomweb": f"{base}/dicom-web", "dicom_port": dicom_port, "auth": auth}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def pacs_login(monkeypatch, tmp_path):
+    monkeypatch.setenv("WSCOVID_PACS_USER", PACS_USER)
+    monkeypatch.setenv("WSCOVID_PACS_PASSWORD", PACS_PASSWORD)
+    monkeypatch.setenv("WSCOVID_PACS_CONFIG", str(tmp_path / "absent.json"))
+    monkeypatch.delenv("WSCOVID_PACS_TOKEN", raising=False)

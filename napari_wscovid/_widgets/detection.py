@@ -165,6 +165,7 @@ class DetectionWidget(QWidget):
         self._rerun_note = ""  # what a re-run did to the boxes, for the status line
         self._new_boxes: set[tuple] = set()  # places of the boxes the latest re-run added
         self._result: DetectionResult | None = None
+        self._send_target = ""  # the last PACS the user sent to, offered again
         self._result_ct = None  # the CT layer the current result belongs to
         self._result_volume: CTVolume | None = None
         self._result_scope = ""
@@ -216,6 +217,11 @@ class DetectionWidget(QWidget):
         self._status.setWordWrap(True)
         self._export_btn = QPushButton("Export boxes…")
         self._import_btn = QPushButton("Import boxes…")
+        self._send_btn = QPushButton("Send to PACS…")
+        self._send_btn.setToolTip(
+            "Store the lungs and lesion region (DICOM SEG) and the boxes as they are now, with the answer "
+            "(DICOM SR), in the CT's study on a PACS"
+        )
         # the class an annotator gives the selected boxes ("not a lesion" keeps a rejected finding)
         self._class_combo = QComboBox()
         self._class_combo.setToolTip("Class for the boxes selected in the lesion-boxes layer")
@@ -246,6 +252,7 @@ class DetectionWidget(QWidget):
         io_buttons = QHBoxLayout()
         io_buttons.addWidget(self._export_btn)
         io_buttons.addWidget(self._import_btn)
+        io_buttons.addWidget(self._send_btn)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
@@ -260,6 +267,7 @@ class DetectionWidget(QWidget):
         self._cancel_btn.clicked.connect(self._on_cancel_clicked)
         self._export_btn.clicked.connect(self._on_export_clicked)
         self._import_btn.clicked.connect(self._on_import_clicked)
+        self._send_btn.clicked.connect(self._on_send_clicked)
         self._class_btn.clicked.connect(self._on_set_class_clicked)
         self._reviewed_box.toggled.connect(self._on_reviewed_toggled)
         self._results.slice_requested.connect(self._go_to_slice)
@@ -831,12 +839,110 @@ class DetectionWidget(QWidget):
             show_info("There are no lesion boxes to export: run detection or draw boxes first.")
             return
         key = layer.metadata.get("series_key", "boxes")
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export lesion boxes", f"{key}.boxes.json", "Boxes JSON (*.json);;CSV (*.csv)"
+        path, chosen = QFileDialog.getSaveFileName(
+            self,
+            "Export lesion boxes",
+            f"{key}.boxes.json",
+            "Boxes JSON (*.json);;CSV (*.csv);;DICOM SR + SEG (*.dcm)",
         )
-        if path:
+        if path and (path.lower().endswith(".dcm") or chosen.startswith("DICOM")):
+            self._export_dicom(path if path.lower().endswith(".dcm") else f"{path}.dcm")
+        elif path:
             # The file dialog has already asked before replacing a file; the old one is kept as .bak.
             self._export_boxes(path, overwrite=True)
+
+    def _dicom_inputs(self):
+        """(volume, DICOM source, result, boxes) for a SEG/SR of the boxes as they are now, or
+        None after saying why not."""
+        layer = self._boxes_layer()
+        if self._result is None or self._result_ct is None or layer is None:
+            show_info("Run detection first: a DICOM SR and SEG hold its answer and its boxes.")
+            return None
+        source = self._result_ct.metadata.get("dicom_source")
+        if not source:
+            show_error(
+                "This CT was not read from DICOM, so a DICOM SR or SEG cannot reference its images; "
+                "export the boxes as JSON or CSV instead."
+            )
+            return None
+        return self._result_volume, source, self._result, L.layer_boxes(layer) + L.layer_rejected(layer)
+
+    def _export_dicom(self, path) -> list[Path] | None:
+        """Write the SR to ``path`` and the SEG beside it (``<name>.seg.dcm``)."""
+        from napari_wscovid.io.dicom_objects import read_source_datasets, write_dicom_objects
+
+        inputs = self._dicom_inputs()
+        if inputs is None:
+            return None
+        volume, source, result, boxes = inputs
+        path = Path(path)
+        try:
+            datasets = read_source_datasets(source, volume.series_key)
+            written = write_dicom_objects(
+                path.parent,
+                volume,
+                datasets,
+                result,
+                boxes,
+                overwrite=True,  # the save dialog has asked
+                names=(path.name[: -len(".dcm")] + ".seg.dcm", path.name),
+            )
+        except (OSError, ValueError) as exc:
+            show_error(f"DICOM SR/SEG not written: {exc}")
+            return None
+        show_info(f"Wrote {written[1].name} ({len(boxes)} boxes) and {written[0].name}.")
+        return written
+
+    def _on_send_clicked(self) -> None:
+        import os
+
+        from qtpy.QtWidgets import QInputDialog
+
+        target, ok = QInputDialog.getText(
+            self,
+            "Send to PACS",
+            "Server (dicomweb:http://HOST:PORT/dicom-web or dimse://AET@HOST:PORT):",
+            text=self._send_target or os.environ.get("WSCOVID_PACS_SEND_TO", ""),
+        )
+        if ok and target.strip():
+            self._send_target = target.strip()
+            self._send_to(self._send_target)
+
+    def _send_to(self, target: str):
+        """Write SEG and SR of the current result and boxes to a temporary folder and store them
+        on ``target`` in a thread; returns the worker (None when nothing could be sent)."""
+        import tempfile
+
+        from napari.qt.threading import create_worker
+
+        from napari_wscovid.io.dicom_objects import read_source_datasets, write_dicom_objects
+        from napari_wscovid.io.pacs import send
+
+        inputs = self._dicom_inputs()
+        if inputs is None:
+            return None
+        volume, source, result, boxes = inputs
+
+        def work():
+            with tempfile.TemporaryDirectory(prefix="wscovid-send-") as folder:
+                datasets = read_source_datasets(source, volume.series_key)
+                paths = write_dicom_objects(folder, volume, datasets, result, boxes)
+                return send(target, paths), len(boxes)
+
+        worker = create_worker(
+            work,
+            _start_thread=False,
+            _connect={
+                "returned": lambda out: show_info(
+                    f"Stored SEG and SR ({out[1]} boxes) on the PACS ({out[0]} objects)."
+                ),
+                "errored": lambda exc: show_error(f"Not sent to the PACS: {exc}"),
+            },
+        )
+        self._send_btn.setEnabled(False)
+        worker.finished.connect(lambda: self._send_btn.setEnabled(True))
+        worker.start()
+        return worker
 
     def _export_boxes(self, path, overwrite: bool = False) -> Path | None:
         """Write the "lesion boxes" layer to ``path`` (.json or .csv); returns the path or None."""

@@ -464,6 +464,7 @@ def write_dicom_objects(
     *,
     overwrite: bool = False,
     research_copies: bool = False,
+    names: tuple[str, str] = ("seg.dcm", "sr.dcm"),
 ):
     """Write ``seg.dcm`` and ``sr.dcm`` into ``out_dir`` (atomically); returns their paths. With
     ``research_copies``, de-identified copies (:func:`deidentify`, one UID map for both) go to
@@ -472,8 +473,8 @@ def write_dicom_objects(
 
     out_dir = Path(out_dir)
     objects = {
-        "seg.dcm": build_seg(volume, datasets, result),
-        "sr.dcm": build_sr(volume, datasets, result, boxes),
+        names[0]: build_seg(volume, datasets, result),
+        names[1]: build_sr(volume, datasets, result, boxes),
     }
     for obj in objects.values():
         _drop_incomplete_study_reference(obj)

@@ -97,7 +97,13 @@ def credentials() -> dict:
 def _session():
     import requests
 
-    session = requests.Session()
+    class _Session(requests.Session):
+        # requests waits forever by default: a PACS that hangs must end in a message
+        def request(self, *args, **kwargs):
+            kwargs.setdefault("timeout", TIMEOUT_S)
+            return super().request(*args, **kwargs)
+
+    session = _Session()
     found = credentials()
     if "token" in found:
         session.headers["Authorization"] = f"Bearer {found['token']}"
@@ -109,7 +115,11 @@ def _session():
 def _client(base_url: str):
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=base_url, session=_session())
+    client = DICOMwebClient(url=base_url, session=_session())
+    # dicomweb-client retries 5 times with waits growing from 1 s (30 s for a server that is
+    # down, measured); 3 tries from 0.25 s say "cannot reach" within about 2 s
+    client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=250)
+    return client
 
 
 def _call(what: str, url: str, fn: Callable):
