@@ -259,3 +259,38 @@ def test_every_bundled_model_loads_verified_and_matches_its_entry(name):
     assert tuple(net.config.classes) == tuple(entry["classes"])
     assert entry["training_data"] and entry["version"]
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "truncated", "header_lies_about_size", "other_dtype"])
+def test_damaged_weights_are_refused_by_name_before_use(tmp_path, damage):
+    """A user's file given without a SHA-256: the tensors' own checksum (written by save_model)
+    catches a flipped bit; safetensors' header checks catch the rest."""
+    import json as _json
+    import struct
+
+    from napari_wscovid.models.registry import ModelLoadError, clear_cache, load_model, save_model
+    from napari_wscovid.models.wsnet import WSNet, tiny_config
+
+    path = tmp_path / "mine.safetensors"
+    save_model(WSNet(tiny_config(input_size=48)), path, name="mine", version="1")
+    data = bytearray(path.read_bytes())
+    size = struct.unpack("<Q", bytes(data[:8]))[0]
+    header = _json.loads(bytes(data[8 : 8 + size]))
+    first = sorted(k for k in header if k != "__metadata__")[0]
+    if damage == "bit_flip":
+        data[8 + size + 5] ^= 0x01
+    elif damage == "truncated":
+        data = data[: len(data) - 64]
+    else:
+        entry = header[first]
+        if damage == "header_lies_about_size":
+            entry["data_offsets"] = [entry["data_offsets"][0], entry["data_offsets"][1] + 4096]
+        else:
+            entry["dtype"] = "I8"
+        text = _json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        data = bytearray(struct.pack("<Q", len(text)) + text + bytes(data[8 + size :]))
+    path.write_bytes(bytes(data))
+    clear_cache()
+    with pytest.raises(ModelLoadError, match="mine.safetensors"):
+        load_model(path, device="cpu", cache=False)

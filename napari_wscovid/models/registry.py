@@ -299,9 +299,12 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         import safetensors.torch
 
         try:
-            state = safetensors.torch.load_file(str(path), device="cpu")
             with safetensors.safe_open(str(path), framework="pt") as handle:
                 meta = dict(handle.metadata() or {})
+            _check_tensor_digest(path, meta)
+            state = safetensors.torch.load_file(str(path), device="cpu")
+        except ModelLoadError:
+            raise
         except Exception as exc:  # SafetensorError, OSError: truncated or not safetensors
             raise ModelLoadError(
                 f"{path.name} is not a readable safetensors file (truncated?): {exc}"
@@ -326,6 +329,27 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise ModelLoadError(f"{path.name}: weights contain NaN or inf (in {key!r}); refusing to load")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, meta
+
+
+TENSOR_DIGEST_KEY = "tensors_sha256"
+
+
+def _check_tensor_digest(path: Path, meta: Mapping) -> None:
+    """Compare the tensor bytes with the checksum ``save_model`` wrote (files without one pass)."""
+    expected = meta.get(TENSOR_DIGEST_KEY)
+    if not expected:
+        return
+    with open(path, "rb") as fh:
+        header_size = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + header_size)
+        digest = hashlib.sha256()
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ModelLoadError(
+            f"{path.name} is corrupt: its tensors do not match the checksum written with them "
+            "(a damaged download or disk); refusing to load"
+        )
 
 
 def _split_checkpoint(obj, path: Path) -> tuple[dict, dict]:
@@ -516,6 +540,7 @@ def _safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str])
     """
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
     chunks, offset = [], 0
+    digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key]
         if tensor.dtype not in _DTYPES:
@@ -531,7 +556,11 @@ def _safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str])
             "data_offsets": [offset, end],
         }
         chunks.append(data)
+        digest.update(data)
         offset += len(data)
+    # the tensors' own checksum, in the header: a flipped bit in a user's file (given without a
+    # SHA-256 of the whole file) is still refused before any tensor is used
+    header["__metadata__"][TENSOR_DIGEST_KEY] = digest.hexdigest()
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
