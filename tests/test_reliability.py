@@ -3,6 +3,8 @@ weights, low confidence against the model's review threshold, and the status the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,30 @@ def test_feature_reference_builder_sets_its_threshold_on_held_out_scans(tmp_path
         scores["held_out"]["held"]
     )
     assert file_sha256(path) == sha
+
+
+def test_bundled_reference_belongs_to_the_bundled_weights_and_passes_the_sample():
+    from napari_wscovid import detect, load_ct
+    from napari_wscovid.models.registry import load_model
+
+    _, info = load_model("default", device="cpu")
+    reference, reason = reference_for(info)
+    assert reference is not None, reason
+    assert info["review_below"] == pytest.approx(0.5)
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "phantom_covid" / "dicom"
+    run = detect(load_ct(str(sample)), saliency="none", device="cpu")
+    assert run.reliability["feature_distance"] < reference.threshold
+    assert "out_of_distribution" not in {f["name"] for f in run.qc}
+
+
+@pytest.mark.real_data
+def test_a_display_image_is_out_of_distribution(shared_data):
+    """A COVID-CT figure from a paper (UCSD, 8-bit PNG) is far from the CT slices the network
+    trained on: flagged, and the scan needs review."""
+    from napari_wscovid import detect, load_ct
+
+    pngs = sorted((shared_data / "ucsd-covid-ct").rglob("*.png"))
+    if not pngs:
+        pytest.skip(f"{shared_data / 'ucsd-covid-ct'} holds no PNG")
+    run = detect(load_ct(str(pngs[0])), saliency="none", device="cpu")
+    assert "out_of_distribution" in {f["name"] for f in run.qc} and run.status == "needs_review"
