@@ -8,7 +8,7 @@ The same phantom studies (NIfTI, written once into a temporary folder) go throug
 It prints studies per hour of each and the scheduler's overhead per study (1 worker against the
 in-process time of the same work). Run it alone on the machine; compare the ratios of one run::
 
-    python benchmarks/bench_cohort.py --studies 6 --model default
+    python benchmarks/bench_cohort.py --studies 6 --model default --saliency none
 """
 
 from __future__ import annotations
@@ -32,19 +32,20 @@ def make_studies(root: Path, n: int, size: int, slices: int) -> None:
         write_image(ph.volume.hu, root / f"study{i:03d}.nii.gz", like=ph.volume)
 
 
-def sequential(root: Path, out: Path, model: str) -> float:
+def sequential(root: Path, out: Path, model: str, saliency: str) -> float:
     start = time.perf_counter()
     for study in sorted(root.glob("*.nii.gz")):
         cmd = [sys.executable, "-m", "napari_wscovid", "detect", str(study), "--out", str(out / study.stem)]
-        subprocess.run([*cmd, "--model", model, "--device", "cpu", "-q"], check=True, capture_output=True)
+        cmd += ["--model", model, "--device", "cpu", "--saliency", saliency, "-q"]
+        subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
-def in_process(root: Path, out: Path, model: str) -> float:
+def in_process(root: Path, out: Path, model: str, saliency: str) -> float:
     """The work itself, one process, no scheduler: the baseline of the overhead."""
     from napari_wscovid.cohort import CohortOptions, run_study
 
-    options = {**CohortOptions(model=model).as_dict(), "model_sha256": None}
+    options = {**CohortOptions(model=model, saliency=saliency).as_dict(), "model_sha256": None}
     start = time.perf_counter()
     for study in sorted(root.glob("*.nii.gz")):
         row = run_study(str(root), study.name, str(out), options, threads=1)
@@ -53,11 +54,11 @@ def in_process(root: Path, out: Path, model: str) -> float:
     return time.perf_counter() - start
 
 
-def cohort(root: Path, out: Path, model: str, workers: int) -> float:
+def cohort(root: Path, out: Path, model: str, saliency: str, workers: int) -> float:
     from napari_wscovid.cohort import CohortOptions, run_cohort
 
     start = time.perf_counter()
-    summary = run_cohort(root, out, options=CohortOptions(model=model), workers=workers)
+    summary = run_cohort(root, out, options=CohortOptions(model=model, saliency=saliency), workers=workers)
     if summary.failed:
         raise RuntimeError(f"{summary.failed} studies failed")
     return time.perf_counter() - start
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=192, help="in-plane pixels of each phantom")
     parser.add_argument("--slices", type=int, default=48)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--saliency", default="none", help="none: classification only (saliency is minutes)")
     args = parser.parse_args(argv)
     import torch
 
@@ -80,12 +82,15 @@ def main(argv=None) -> int:
         make_studies(root, args.studies, args.size, args.slices)
         n = args.studies
         times = {
-            "detect loop (one process per study)": sequential(root, work / "seq", args.model),
-            "in process, no scheduler": in_process(root, work / "inproc", args.model),
-            "cohort, 1 worker": cohort(root, work / "c1", args.model, 1),
-            "cohort, 2 workers": cohort(root, work / "c2", args.model, 2),
+            "detect loop (one process per study)": sequential(root, work / "seq", args.model, args.saliency),
+            "in process, no scheduler": in_process(root, work / "inproc", args.model, args.saliency),
+            "cohort, 1 worker": cohort(root, work / "c1", args.model, args.saliency, 1),
+            "cohort, 2 workers": cohort(root, work / "c2", args.model, args.saliency, 2),
         }
-        print(f"{n} phantom studies ({args.slices} x {args.size}^2), model {args.model}, this machine:")
+        print(
+            f"{n} phantom studies ({args.slices} x {args.size}^2), model {args.model}, "
+            f"saliency {args.saliency}, this machine:"
+        )
         print("| run | seconds | studies per hour |\n|---|---|---|")
         for name, seconds in times.items():
             print(f"| {name} | {seconds:.1f} | {3600 * n / seconds:.0f} |")
