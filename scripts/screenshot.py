@@ -1,6 +1,6 @@
 """Screenshot of napari with the bundled sample, the joint saliency and the boxes.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py [--model NAME] [--out PNG]
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py [--model NAME] [--out PNG] [--path CT]
 
 Runs the detection through the dock widget exactly as a user would (a worker thread, then the
 layers), waits for it, shows a slice with boxes and saves the whole window.
@@ -25,11 +25,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshot.png"))
     parser.add_argument("--scope", default="positive", help="saliency scope, as in the widget")
     parser.add_argument("--ig-steps", type=int, default=0, help="0: chosen per slice (the default)")
+    parser.add_argument("--path", default=None, help="a CT to open instead of the bundled sample")
     args = parser.parse_args()
 
     viewer = napari.Viewer(title="napari-wscovid")
     viewer.window._qt_window.resize(1600, 1000)
-    viewer.open_sample("napari-wscovid", "covid_phantom")
+    if args.path:
+        viewer.open(args.path, plugin="napari-wscovid")
+    else:
+        viewer.open_sample("napari-wscovid", "covid_phantom")
     _, widget = viewer.window.add_plugin_dock_widget("napari-wscovid", "Run detection")
     widget._model_combo.setCurrentText(args.model)
     widget._scope_combo.setCurrentIndex(widget._scope_combo.findData(args.scope))
