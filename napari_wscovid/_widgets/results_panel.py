@@ -41,14 +41,15 @@ def summary_text(result: DetectionResult) -> str:
 
 #: Shown under every result: what this is, and where its measured performance is.
 RESEARCH_NOTICE = (
-    "Research software, not a diagnosis: on held-out real CT the default model calls normal lungs "
-    "CAP. See the model card in the README for its measured performance."
+    "Research software, not a diagnosis: on held-out real CT the default model calls most normal "
+    "lungs CAP. See the model card in the README for its measured performance."
 )
 STATUS_TITLES = {
     "needs_review": "Needs review: the scan may be why the answer is wrong",
     "out_of_scope": "Out of scope: this does not look like a chest CT the networks can read",
     "ok": "Scan checks",
 }
+DOUBTFUL_ANSWER_TITLE = "Needs review: the network's answer on this scan is doubtful"
 STATUS_COLORS = {"needs_review": "#ffd60a", "out_of_scope": "#ff6961", "ok": "#d0d0d0"}
 INVOLVEMENT_TIP = (
     "Involvement: the share of the lung volume inside the thresholded saliency of the explained "
@@ -125,6 +126,8 @@ class ResultsPanel(QWidget):
             self._banner.setVisible(False)
             return
         title = STATUS_TITLES.get(status, "Check the scan")
+        if status == "needs_review" and not any(f.get("severity") == "severe" for f in flags):
+            title = DOUBTFUL_ANSWER_TITLE  # the scan passed its checks; the network's fit did not
         lines = [f"<b>{title}</b>"] + [
             f"{f['severity']}: {f['name']} = {f['value']}: {f['message']}" for f in flags
         ]

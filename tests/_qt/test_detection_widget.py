@@ -559,6 +559,12 @@ def test_a_doubtful_scan_gets_a_banner_before_the_answer(
     run_and_wait(widget, qtbot)
     banner = widget._results._banner
     assert not banner.isHidden() and "Needs review" in banner.text() and "slab = 25.0" in banner.text()
+    assert "scan may be why" in banner.text()
+    # a clean scan whose answer is doubtful: the banner blames the answer, not the scan
+    doubt = {"name": "low_confidence", "severity": "warn", "value": 0.41, "message": "below 0.50"}
+    fake_pipeline.result = dataclasses.replace(fake_result, status="needs_review", qc=[doubt])
+    run_and_wait(widget, qtbot)
+    assert "answer on this scan is doubtful" in banner.text() and "low_confidence = 0.41" in banner.text()
     assert errors == []
 
 
