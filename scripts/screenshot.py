@@ -1,6 +1,6 @@
 """Screenshot of napari with the bundled sample, the joint saliency and the boxes.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py [--model NAME] [--out PNG] [--path CT]
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py [--model M] [--out PNG] [--path CT]
 
 Runs the detection through the dock widget exactly as a user would (a worker thread, then the
 layers), waits for it, shows a slice with boxes and saves the whole window.
