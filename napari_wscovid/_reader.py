@@ -85,15 +85,9 @@ def _is_boxes_file(path: str) -> bool:
 
 
 def _is_dicom_file(path: str) -> bool:
-    lower = path.lower()
-    if lower.endswith((".dcm", ".ima")):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
+    from napari_wscovid.io.dicom import looks_like_dicom
+
+    return looks_like_dicom(path)
 
 
 # ------------------------------------------------------------------------------- CT

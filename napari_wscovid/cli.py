@@ -193,9 +193,9 @@ def _cohort(args) -> int:
 
 
 def _is_dicom_input(path: str) -> bool:
-    from napari_wscovid._reader import _is_dicom_file
+    from napari_wscovid.io.dicom import looks_like_dicom
 
-    return Path(path).is_dir() or _is_dicom_file(path)
+    return Path(path).is_dir() or looks_like_dicom(path)
 
 
 def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) -> int:

@@ -79,19 +79,10 @@ class CohortSummary:
 
 
 # ------------------------------------------------------------------------------------ finding
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".ima"):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def find_studies(root: str | Path) -> list[str]:
     """Study sources relative to ``root`` (folders of DICOM files, volume files), sorted."""
+    from napari_wscovid.io.dicom import looks_like_dicom
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
@@ -100,7 +91,7 @@ def find_studies(root: str | Path) -> list[str]:
         dirnames.sort()
         here = Path(dirpath)
         files = [here / f for f in sorted(filenames) if not f.startswith(".")]
-        if here != root and any(_is_dicom(f) for f in files):
+        if here != root and any(looks_like_dicom(f) for f in files):
             studies.append(here.relative_to(root).as_posix())
             dirnames[:] = []  # sub-folders belong to this study (the loader reads them)
             continue

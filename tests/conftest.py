@@ -48,6 +48,12 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 PACS_USER, PACS_PASSWORD = "wscovid", "not-a-real-secret"
 
 
+@pytest.fixture
+def unused_port():
+    """A function returning a loopback TCP port nobody listens on (for servers a test starts)."""
+    return free_port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,12 +17,6 @@ import pytest
 pytest.importorskip("distributed")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "phantom_covid" / "dicom"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +98,12 @@ def test_local_cluster_cohort_resumes_and_reports(cohort_root, tmp_path):
 
 
 @pytest.fixture
-def dask_cluster():
+def dask_cluster(unused_port):
     """``dask scheduler`` and two ``dask worker`` processes on loopback; stopped after the test."""
     dask = shutil.which("dask", path=str(Path(sys.executable).parent))
     if dask is None:
         pytest.skip("the dask command line is not installed")
-    port = _free_port()
+    port = unused_port()
     address = f"tcp://127.0.0.1:{port}"
     common = ["--no-dashboard"]
     scheduler = subprocess.Popen(

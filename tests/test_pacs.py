@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,12 +17,6 @@ pytest.importorskip("highdicom")
 pytest.importorskip("dicomweb_client")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "phantom_covid" / "dicom"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _study_uid(folder: Path) -> str:
@@ -170,7 +163,7 @@ def test_c_store_to_orthanc(orthanc, tmp_path, sample_run):
     assert len(found) == 1
 
 
-def test_pacs_failures_are_clear(orthanc, pacs_login, monkeypatch, tmp_path):
+def test_pacs_failures_are_clear(orthanc, pacs_login, monkeypatch, tmp_path, unused_port):
     from napari_wscovid.io.pacs import PACSError, credentials, fetch_study, list_studies
 
     study = _study_uid(SAMPLE)
@@ -179,7 +172,7 @@ def test_pacs_failures_are_clear(orthanc, pacs_login, monkeypatch, tmp_path):
     with pytest.raises(PACSError, match="HTTP 401 \\(check the credentials\\)") as err:
         fetch_study(f"dicomweb:{orthanc['dicomweb']}/studies/{study}", tmp_path / "a")
     assert "wrong" not in str(err.value) and study not in str(err.value)
-    down = f"dicomweb:http://127.0.0.1:{_free_port()}/dicom-web/studies/{study}"
+    down = f"dicomweb:http://127.0.0.1:{unused_port()}/dicom-web/studies/{study}"
     with pytest.raises(PACSError, match="cannot reach the PACS"):
         fetch_study(down, tmp_path / "b")
     # a credentials file others may read is refused

@@ -193,6 +193,19 @@ def _int(ds, keyword, default=None):
         return default
 
 
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """A ``.dcm``/``.ima`` name or the ``DICM`` marker at byte 128 (nothing else is read)."""
+    path = str(path)
+    if path.lower().endswith((".dcm", ".ima")):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def read_header(path: str | os.PathLike) -> FileHeader:
     """Read one file's header (no pixels, never ``force=True``); raise CTLoadError if not DICOM."""
     path = Path(path)

@@ -241,49 +241,33 @@ def build_seg(volume: CTVolume, datasets: Sequence, result, *, lesions: np.ndarr
     labels[lesions] = 3
     frames = source_frames(volume, images, labels)
     algorithm = _algorithm(result.model_info)
+
+    def segment(number, label, category, kind, tracking_id, side=None):
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label[:64],
+            segmented_property_category=category,
+            segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            anatomic_regions=[codes.SCT.Lung],
+            tracking_uid=hd.UID(),
+            tracking_id=tracking_id,
+        )
+        if side is not None:  # laterality: a modifier of the segment's anatomic region
+            modifier = hd.sr.CodedConcept(side.value, side.scheme_designator, side.meaning)
+            description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
+        return description
+
     anatomy = codes.SCT.AnatomicalStructure
     descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=1,
-            segment_label="Right lung",
-            segmented_property_category=anatomy,
-            segmented_property_type=codes.SCT.Lung,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            anatomic_regions=[codes.SCT.Lung],
-            tracking_uid=hd.UID(),
-            tracking_id="right lung",
-        ),
-        hd.seg.SegmentDescription(
-            segment_number=2,
-            segment_label="Left lung",
-            segmented_property_category=anatomy,
-            segmented_property_type=codes.SCT.Lung,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            anatomic_regions=[codes.SCT.Lung],
-            tracking_uid=hd.UID(),
-            tracking_id="left lung",
-        ),
+        segment(1, "Right lung", anatomy, codes.SCT.Lung, "right lung", codes.SCT.Right),
+        segment(2, "Left lung", anatomy, codes.SCT.Lung, "left lung", codes.SCT.Left),
     ]
-    # highdicom's laterality: the region modifier of each lung segment
-    for description, side in zip(descriptions, (codes.SCT.Right, codes.SCT.Left), strict=True):
-        modifier = hd.sr.CodedConcept(side.value, side.scheme_designator, side.meaning)
-        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
     if frames.max() >= 3:
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=3,
-                segment_label=f"{result.explained_class} lesion region"[:64],
-                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=codes.SCT.Lesion,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                anatomic_regions=[codes.SCT.Lung],
-                tracking_uid=hd.UID(),
-                tracking_id="lesion region",
-            )
-        )
+        lesion = codes.SCT.MorphologicallyAbnormalStructure
+        label = f"{result.explained_class} lesion region"
+        descriptions.append(segment(3, label, lesion, codes.SCT.Lesion, "lesion region"))
     else:
         frames[frames > 2] = 0
     return hd.seg.Segmentation(

@@ -48,14 +48,10 @@ def test_open_from_pacs_then_send_results_back(viewer, qtbot, orthanc, pacs_logi
     assert {"SEG", "SR"} <= {s["MainDicomTags"].get("Modality") for s in series}
 
 
-def test_unreachable_pacs_says_so(viewer, qtbot, pacs_login, messages):
-    import socket
-
+def test_unreachable_pacs_says_so(viewer, qtbot, pacs_login, messages, unused_port):
     from napari_wscovid._widgets.pacs import PacsWidget
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     browser = PacsWidget(viewer)
     qtbot.addWidget(browser)
     browser._url.setText(f"http://127.0.0.1:{port}/dicom-web")
