@@ -964,7 +964,11 @@ class DetectionWidget(QWidget):
                 overwrite=overwrite,
             )
         except (OSError, ValueError) as exc:
-            show_error(f"Boxes not exported: {exc}")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            show_error(
+                f"Boxes not exported to {Path(path)}: {reason}. The boxes are still in the layer, "
+                "and a file already at that path is unchanged."
+            )
             return None
         show_info(f"Exported {len(boxes)} boxes to {Path(written).name}.")
         return written

@@ -1,0 +1,116 @@
+"""Exports under faults (issue 16): a full disk, a folder that is not writable, the target
+replaced by a folder, a crash between writing and renaming, two exports at once. Each time the
+previous file stays intact and readable, the message names the path, the edits stay in the layer."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+
+import pytest
+
+from napari_wscovid._widgets import detection
+from napari_wscovid._widgets import layers as L
+from napari_wscovid.io.boxes_io import load_boxes
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    shown: list[str] = []
+    monkeypatch.setattr(detection, "show_error", shown.append)
+    monkeypatch.setattr(detection, "show_info", lambda msg: None)
+    return shown
+
+
+@pytest.fixture
+def dock(viewer, ct_layer, qtbot, errors, fake_pipeline):
+    w = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    qtbot.addWidget(w)
+    w._run_btn.click()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
+    return w
+
+
+def _previous(tmp_path, dock):
+    """A good export, then one more box in the layer: the edit the failed export must not lose."""
+    path = dock._export_boxes(tmp_path / "session.boxes.json")
+    before = path.read_bytes()
+    layer = dock._viewer.layers[L.BOXES_LAYER]
+    layer.add_rectangles([[[2, 1, 1], [2, 1, 4], [2, 4, 4], [2, 4, 1]]])
+    return path, before, layer.nshapes
+
+
+def _no_temporaries(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".session")] == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["disk_full", "crash_before_rename"],
+)
+def test_a_failed_export_keeps_the_previous_file_and_the_edits(dock, tmp_path, errors, monkeypatch, fault):
+    path, before, n_boxes = _previous(tmp_path, dock)
+    if fault == "disk_full":
+
+        def full(self, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr("pathlib.Path.write_text", full)
+    else:
+
+        def crash(src, dst):  # the process dies between the write and the rename
+            raise OSError(errno.EIO, "killed")
+
+        monkeypatch.setattr(os, "replace", crash)
+    assert dock._export_boxes(path, overwrite=True) is None
+    monkeypatch.undo()
+    assert path.read_bytes() == before and load_boxes(path)[0]  # intact and readable
+    assert errors and str(path) in errors[-1] and "still in the layer" in errors[-1]
+    assert dock._viewer.layers[L.BOXES_LAYER].nshapes == n_boxes  # the edit is still there
+    assert _no_temporaries(tmp_path)
+
+
+def test_a_folder_that_is_not_writable(dock, tmp_path, errors, monkeypatch):
+    """Built by refusing the temporary file (root may write into a read-only folder)."""
+    import napari_wscovid.io.atomic as atomic
+
+    path, before, n_boxes = _previous(tmp_path, dock)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refused)
+    assert dock._export_boxes(path, overwrite=True) is None
+    monkeypatch.undo()
+    assert path.read_bytes() == before and str(path) in errors[-1] and "Permission denied" in errors[-1]
+    assert dock._viewer.layers[L.BOXES_LAYER].nshapes == n_boxes
+
+
+def test_the_target_replaced_by_a_folder(dock, tmp_path, errors):
+    target = tmp_path / "boxes.json"
+    target.mkdir()
+    (target / "keep.txt").write_text("not ours")
+    assert dock._export_boxes(target, overwrite=True) is None
+    assert (target / "keep.txt").read_text() == "not ours" and "boxes.json" in errors[-1]
+    assert dock._viewer.layers[L.BOXES_LAYER].nshapes > 0
+
+
+def test_two_exports_at_once_leave_one_whole_file(dock, tmp_path, errors):
+    path, _, n_boxes = _previous(tmp_path, dock)
+    written = []
+
+    def export():
+        written.append(dock._export_boxes(path, overwrite=True))
+
+    threads = [threading.Thread(target=export) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(w == path for w in written), errors
+    data = json.loads(path.read_text())  # one whole file, not an interleaving
+    boxes, _ = load_boxes(path)
+    assert len([b for b in boxes if b.origin != "rejected"]) == n_boxes and data["boxes"]
+    assert _no_temporaries(tmp_path)
