@@ -48,6 +48,12 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 PACS_USER, PACS_PASSWORD = "wscovid", "not-a-real-secret"
 
 
+@pytest.fixture(autouse=True)
+def _autosave_in_tmp(monkeypatch, tmp_path):
+    """Edited boxes are autosaved per user; tests keep theirs in their own folder."""
+    monkeypatch.setenv("WSCOVID_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+
+
 @pytest.fixture
 def unused_port():
     """A function returning a loopback TCP port nobody listens on (for servers a test starts)."""

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 from napari_wscovid._widgets import layers as L
 from napari_wscovid._widgets.results_panel import ResultsPanel
 from napari_wscovid.architectures import WSNET
-from napari_wscovid.io.boxes_io import load_boxes, save_boxes
+from napari_wscovid.io.boxes_io import autosave_path, load_boxes, save_boxes, write_autosave
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
 from napari_wscovid.results import Box, DetectionResult
@@ -57,6 +57,7 @@ SALIENCY_SCOPES = (
 )
 DEVICES = (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"))
 LUNG_CHOICES = tuple((label, method) for method, label in LUNG_METHOD_LABELS.items())
+AUTOSAVE_DELAY_MS = 1000
 _SLICE_DEBOUNCE_MS = 200
 
 
@@ -230,6 +231,13 @@ class DetectionWidget(QWidget):
         self._reviewed_box.setToolTip("Mark the slice in view as read; saved with the boxes (JSON)")
         self._reviewed_box.setEnabled(False)
         self._results = ResultsPanel()
+        # edits are written to the CT's autosave a moment after each change (a burst of drags is
+        # one write), so a crash loses at most that moment
+        self._autosave_timer = QTimer(self)
+        self._autosave_timer.setSingleShot(True)
+        self._autosave_timer.setInterval(AUTOSAVE_DELAY_MS)
+        self._autosave_timer.timeout.connect(self._autosave)
+        self._autosaved_keys: set[str] = set()  # written in this session: never offered back
         self._slice_timer = QTimer(self)
         self._slice_timer.setSingleShot(True)
         self._slice_timer.setInterval(_SLICE_DEBOUNCE_MS)
@@ -285,6 +293,8 @@ class DetectionWidget(QWidget):
         self._refresh_ct_layers()
         for layer in self._viewer.layers:
             self._watch_boxes_layer(layer)
+        for layer in list(self._viewer.layers):
+            self._offer_autosave(layer)
 
     # ------------------------------------------------------------------ controls
     def _refresh_ct_layers(self) -> None:
@@ -349,6 +359,7 @@ class DetectionWidget(QWidget):
         layer = getattr(event, "value", None)
         if layer is not None and event.type == "inserted":
             self._watch_boxes_layer(layer)
+            QTimer.singleShot(0, lambda: self._offer_autosave(layer))
         elif layer is not None and event.type == "removed":
             tracker = self._trackers.pop(id(layer), None)
             if tracker is not None:
@@ -363,7 +374,54 @@ class DetectionWidget(QWidget):
             if id(layer) not in self._trackers:
                 self._trackers[id(layer)] = L.BoxEditTracker(layer)
                 layer.events.features.connect(self._refresh_box_list)
+                layer.events.data.connect(self._schedule_autosave)
+                layer.events.features.connect(self._schedule_autosave)
             self._refresh_box_list()
+
+    def _schedule_autosave(self, event=None) -> None:
+        self._autosave_timer.start()
+
+    def _autosave(self) -> None:
+        """Write the boxes layer (rejected boxes and reviewed marks too) to its CT's autosave."""
+        layer = self._boxes_layer()
+        if layer is None or layer not in self._viewer.layers:
+            return
+        meta = layer.metadata
+        key = meta.get("series_key") or ""
+        try:
+            write_autosave(
+                key,
+                L.layer_boxes(layer) + L.layer_rejected(layer),
+                meta["wscovid_geometry"],
+                model=meta.get("model"),
+                classes=meta.get("classes", ()),
+                reviewed_slices=L.layer_reviewed(layer),
+            )
+            self._autosaved_keys.add(key)
+        except (OSError, ValueError, KeyError) as exc:  # never let autosave take the session down
+            logger.warning("boxes not autosaved: %s", exc)
+
+    def _offer_autosave(self, layer) -> None:
+        """A CT opened again after a crash: offer the boxes autosaved for it in an earlier session."""
+        if layer not in self._viewer.layers or type(layer).__name__ != "Image":
+            return
+        key = layer.metadata.get("series_key")
+        if not key or layer.metadata.get("wscovid_result") or key in self._autosaved_keys:
+            return
+        path = autosave_path(key)
+        if not path.is_file() or self._boxes_layer() is not None:
+            return
+        self._autosaved_keys.add(key)  # asked once per session
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        answer = QMessageBox.question(
+            self,
+            "Restore edited boxes?",
+            f"Boxes edited on {layer.name} were saved automatically at {when}, after their last "
+            "export. Restore them?",
+        )
+        if answer == QMessageBox.Yes:
+            self._ct_combo.setCurrentText(layer.name)
+            self._import_boxes(path)
 
     def _ct_layer(self):
         name = self._ct_combo.currentText()
@@ -970,6 +1028,8 @@ class DetectionWidget(QWidget):
                 "and a file already at that path is unchanged."
             )
             return None
+        # exported: the autosave only has to cover edits made after this
+        autosave_path(meta.get("series_key") or "").unlink(missing_ok=True)
         show_info(f"Exported {len(boxes)} boxes to {Path(written).name}.")
         return written
 

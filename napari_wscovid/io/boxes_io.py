@@ -531,3 +531,32 @@ def rectangles_to_boxes(rectangles: Sequence, features, geometry: dict) -> list[
             )
         )
     return boxes
+
+
+# ---------------------------------------------------------------------------- autosave
+AUTOSAVE_ENV = "WSCOVID_AUTOSAVE_DIR"
+
+
+def autosave_dir() -> Path:
+    """Where edited boxes are kept between saves: ``$WSCOVID_AUTOSAVE_DIR``, else the user's state
+    folder (``$XDG_STATE_HOME/napari-wscovid/autosave``, ``~/.local/state/...`` by default)."""
+    import os
+
+    if os.environ.get(AUTOSAVE_ENV):
+        return Path(os.environ[AUTOSAVE_ENV])
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "napari-wscovid" / "autosave"
+
+
+def autosave_path(series_key: str) -> Path:
+    """One file per CT, named by its pseudonymous key (never a patient identifier)."""
+    safe = "".join(c for c in series_key if c.isalnum() or c in "-_") or "unnamed"
+    return autosave_dir() / f"{safe}.boxes.json"
+
+
+def write_autosave(series_key: str, boxes: Iterable[Box], geometry: dict, **meta) -> Path:
+    """Replace the CT's autosave atomically (no backup copies: it is rewritten on every change)."""
+    path = autosave_path(series_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = boxes_to_json_text(list(boxes), geometry, series_key=series_key, **meta)
+    return atomic_write_text(path, text, overwrite=True)

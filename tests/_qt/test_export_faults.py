@@ -114,3 +114,42 @@ def test_two_exports_at_once_leave_one_whole_file(dock, tmp_path, errors):
     boxes, _ = load_boxes(path)
     assert len([b for b in boxes if b.origin != "rejected"]) == n_boxes and data["boxes"]
     assert _no_temporaries(tmp_path)
+
+
+def test_edits_are_autosaved_and_offered_back_after_a_crash(
+    viewer, ct_layer, small_volume, qtbot, errors, fake_pipeline, monkeypatch
+):
+    """Edits reach the CT's autosave within a second; the CT opened again in a new session (a new
+    dock, the old boxes layer gone) offers them back, and accepting restores them all."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from napari_wscovid._reader import ct_layer_data
+    from napari_wscovid.io.boxes_io import autosave_path
+
+    first = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    qtbot.addWidget(first)
+    first._autosave_timer.setInterval(50)
+    first._run_btn.click()
+    qtbot.waitUntil(lambda: first._worker is None, timeout=10000)
+    layer = viewer.layers[L.BOXES_LAYER]
+    layer.add_rectangles([[[2, 1, 1], [2, 1, 4], [2, 4, 4], [2, 4, 1]]])
+    layer.selected_data = {0}
+    layer.remove_selected()  # an annotator's deletion must survive too
+    edited = sorted((b.slice, b.y0, b.x0, b.y1, b.x1, b.origin) for b in L.layer_boxes(layer))
+    path = autosave_path(small_volume.series_key)
+    qtbot.waitUntil(lambda: path.is_file() and len(load_boxes(path)[0]) >= len(edited), timeout=5000)
+
+    # the crash: everything gone; a new session opens the same CT
+    viewer.layers.clear()
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.Yes)
+    second = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    qtbot.addWidget(second)
+    data, kwargs, _ = ct_layer_data(small_volume)
+    viewer.add_image(data, **kwargs)
+    qtbot.waitUntil(lambda: L.BOXES_LAYER in [la.name for la in viewer.layers], timeout=5000)
+    restored = viewer.layers[L.BOXES_LAYER]
+    assert len(asked) == 1
+    assert sorted((b.slice, b.y0, b.x0, b.y1, b.x1, b.origin) for b in L.layer_boxes(restored)) == edited
+    assert L.layer_rejected(restored), "the deletion came back as a rejected box"
+    assert errors == []
