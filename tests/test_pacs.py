@@ -209,9 +209,17 @@ def test_real_series_round_trip_through_orthanc(orthanc, pacs_login, shared_data
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     out = tmp_path / "out"
     args = ["detect", f"dicomweb:{orthanc['dicomweb']}/studies/{study}", "--out", str(out), "-q"]
-    args += ["--model", "tiny-test", "--dicom", "--lung-method", "classical"]
+    args += ["--model", "tiny-test", "--lung-method", "classical"]
+    args += ["--send-to", f"dicomweb:{orthanc['dicomweb']}"]
     assert main(args) == 0
     assert _dciodvfy_errors(out / "seg.dcm") == [] and _dciodvfy_errors(out / "sr.dcm") == []
+    stored = requests.post(
+        f"{orthanc['base']}/tools/find",
+        json={"Level": "Series", "Query": {"StudyInstanceUID": study, "Modality": "SEG\\SR"}},
+        auth=orthanc["auth"],
+        timeout=30,
+    ).json()
+    assert len(stored) >= 2, "SEG and SR stored in the real study"
     local, meta_local = load_boxes(out / "boxes.json")
     boxes, meta = read_sr_boxes(out / "sr.dcm")
     assert meta["geometry"] == meta_local["geometry"]
