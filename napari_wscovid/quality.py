@@ -34,6 +34,9 @@ SLAB_MM = 100.0  # a chest CT covers about 250-350 mm; under this it is a slab
 MIN_LUNG_ML, ADULT_LUNG_ML = 300.0, 1500.0  # below: a slab or a child; far below: no chest
 CUT_LUNG_FRACTION = 0.25  # lung area on an end slice, relative to the largest slice: lung cut off
 NOISY_AIR_HU = 60.0  # noise of air outside the body (std after removing the mean)
+# Metal: cortical bone stays under about 2000 HU in the chest, iodine contrast under 1000; wires,
+# clips, ports and prostheses saturate at 3000+. Above 0.5 mL their streaks cross the lungs.
+METAL_HU, METAL_ML = 2500.0, 0.5
 
 
 @dataclass(frozen=True)
@@ -215,11 +218,31 @@ def _acquisition_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]
                     f"noise of {noise:.0f} HU in the air outside the body: a low-dose or very noisy scan",
                 )
             )
+    if volume.is_hu:
+        metal_ml = _metal_ml(volume)
+        if metal_ml > METAL_ML:
+            flags.append(
+                QCFlag(
+                    "metal",
+                    "warn",
+                    round(metal_ml, 2),
+                    f"{metal_ml:.1f} mL above {METAL_HU:g} HU (metal: wires, clips, a port or a prosthesis): "
+                    "its streaks can hide or mimic opacities",
+                )
+            )
     for text in volume.warnings:
         lowered = text.lower()
         if "gantry tilt" in lowered or "non-uniform slice spacing" in lowered:
             flags.append(QCFlag("loader", "warn", text[:80], text))
     return flags
+
+
+def _metal_ml(volume: CTVolume) -> float:
+    """Volume above METAL_HU, estimated from every k-th slice (all pixels: metal is small)."""
+    step = max(1, volume.shape[0] // 64)
+    hu = np.asarray(volume.hu[::step])
+    count = int(np.count_nonzero(hu > METAL_HU)) * step
+    return count * float(np.prod(volume.spacing)) / 1000.0
 
 
 def _air_noise(volume: CTVolume) -> float | None:

@@ -93,6 +93,28 @@ def test_sr_keeps_edited_and_rejected_boxes(tmp_path, sample_run):
     ]
 
 
+def test_sr_carries_the_status_and_the_flags_behind_it(tmp_path, sample_run):
+    import dataclasses
+
+    import pydicom
+
+    from napari_wscovid.io.dicom_objects import build_sr, read_source_datasets
+
+    volume, result = sample_run
+    flag = {"name": "low_confidence", "severity": "warn", "value": 0.41, "message": "below 0.50"}
+    doubtful = dataclasses.replace(result, status="needs_review", qc=[flag])
+    build_sr(volume, read_source_datasets(SAMPLE, volume.series_key), doubtful).save_as(
+        tmp_path / "sr.dcm", enforce_file_format=True
+    )
+    meanings = {
+        str(elem.value)
+        for elem in pydicom.dcmread(tmp_path / "sr.dcm").iterall()
+        if elem.keyword == "CodeMeaning"
+    }
+    assert "needs_review" in meanings and "warn: low_confidence = 0.41" in meanings
+    assert _dciodvfy_errors(tmp_path / "sr.dcm") == []
+
+
 def test_dicom_needs_a_dicom_input(tmp_path):
     from napari_wscovid.cli import main
 

@@ -116,3 +116,14 @@ def test_real_chest_series_get_no_severe_flag(shared_data, folder):
     volume = load_ct(shared_data / folder)
     names, status, _ = _check(volume)
     assert status == "ok" and "severe" not in names.values(), names
+
+
+def test_metal_is_flagged(chest):
+    """A 2 mL clip at 3000 HU near the lungs: streaks may hide opacities, a warning."""
+    hu = np.array(chest.volume.hu, dtype=np.float32, copy=True)
+    z, y, x = (n // 2 for n in hu.shape)
+    hu[z - 1 : z + 1, y - 6 : y + 6, x - 6 : x + 6] = 3000.0
+    metal = dataclasses.replace(chest.volume, hu=hu)
+    names, status, flags = _check(metal, chest.lung_mask)
+    assert names.get("metal") == "warn" and status == "ok"
+    assert "metal" not in _check(chest.volume, chest.lung_mask)[0]

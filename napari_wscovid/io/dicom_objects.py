@@ -429,6 +429,16 @@ def _patient_group(result, algorithm, private, no_units):
                 name=private("status", "Scan status"), value=private(result.status, result.status)
             )
         )
+    # the flags behind the status, so a reader in the PACS sees why an answer needs review
+    for flag in getattr(result, "qc", None) or []:
+        if flag.get("severity") in ("warn", "severe"):
+            text = f"{flag['severity']}: {flag['name']} = {flag['value']}"
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=private("qc-flag", "Quality flag"), value=private(flag["name"][:16], text[:64])
+                )
+            )
+
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="patient-level answer"),
         finding_type=_finding(result.predicted_class),
