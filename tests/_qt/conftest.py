@@ -142,3 +142,14 @@ def ct_layer(viewer, small_volume):
 
     data, kwargs, _ = ct_layer_data(small_volume)
     return viewer.add_image(data, **kwargs)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """The dock's error messages, collected (its info messages are dropped)."""
+    from napari_wscovid._widgets import detection
+
+    shown: list[str] = []
+    monkeypatch.setattr(detection, "show_error", shown.append)
+    monkeypatch.setattr(detection, "show_info", lambda msg: None)
+    return shown

@@ -30,14 +30,6 @@ RESULT_LAYERS = {
 
 
 @pytest.fixture
-def errors(monkeypatch):
-    shown: list[str] = []
-    monkeypatch.setattr(detection, "show_error", shown.append)
-    monkeypatch.setattr(detection, "show_info", lambda msg: None)
-    return shown
-
-
-@pytest.fixture
 def widget(viewer, ct_layer, qtbot, errors, fake_pipeline):
     w = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(w)

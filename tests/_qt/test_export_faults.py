@@ -17,14 +17,6 @@ from napari_wscovid.io.boxes_io import load_boxes
 
 
 @pytest.fixture
-def errors(monkeypatch):
-    shown: list[str] = []
-    monkeypatch.setattr(detection, "show_error", shown.append)
-    monkeypatch.setattr(detection, "show_info", lambda msg: None)
-    return shown
-
-
-@pytest.fixture
 def dock(viewer, ct_layer, qtbot, errors, fake_pipeline):
     w = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(w)
