@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import queue
-import threading
 import time
 from collections.abc import Generator
 
@@ -29,6 +27,7 @@ from napari_wscovid.stages import (  # noqa: F401
     NEGATIVE_CLASS,
     SALIENCY_SCOPES,
     Progress,
+    in_thread,
     lung_slices,
     lung_volume_ml,
     model_input_kwargs,
@@ -161,49 +160,19 @@ def detect_iter(
     return result
 
 
-class _LungStepCancelled(Exception):
-    """Raised inside the lung worker at its next progress report once the run was cancelled."""
-
-
 def _segment_with_progress(segment_lungs, volume: CTVolume, method: str):
-    """Run the lung step in a thread and re-yield its progress reports.
-
-    The lung step (about 5 s on a laptop for a 300-slice CT) reports progress through a
-    callback; running it beside the generator lets each report become a yield, so a widget
-    shows it and can cancel there. Closing the generator (``worker.quit()``) makes the worker
-    stop at its next report instead of finishing unseen.
-    """
-    reports: queue.Queue = queue.Queue()
-    outcome: dict = {}
-    cancelled = threading.Event()
-
-    def report(done, total, message):
-        if cancelled.is_set():
-            raise _LungStepCancelled
-        reports.put((done, total, message))
-
-    def work():
-        try:
-            outcome["labels"] = segment_lungs(volume, method=method, progress=report)
-        except BaseException as exc:  # handed to the caller's thread below
-            outcome["error"] = exc
-        finally:
-            reports.put(None)
-
-    thread = threading.Thread(target=work, name="wscovid-lungs", daemon=True)
-    thread.start()
+    """The lung step (about 5 s on a laptop for a 300-slice CT) in a thread, its progress
+    re-yielded so a widget shows it and can cancel there (:func:`stages.in_thread`)."""
+    reports = in_thread(lambda report: segment_lungs(volume, method=method, progress=report), "wscovid-lungs")
     try:
-        while (item := reports.get()) is not None:
-            done, total, message = item
+        while True:
+            try:
+                done, total, message = next(reports)
+            except StopIteration as stop:
+                return stop.value
             yield 0, 4, f"Segmenting lungs: {message} ({done}/{total})" if total else "Segmenting lungs"
     finally:
-        cancelled.set()
-        # Wait for the worker to stop at its next report: closing runs in the caller's worker
-        # thread (not the GUI's), and a thread left inside torch aborts the interpreter at exit.
-        thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["labels"]
+        reports.close()  # a cancelled run stops the lung thread and waits for it here
 
 
 def detect(volume: CTVolume, **kwargs) -> DetectionResult:

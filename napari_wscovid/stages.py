@@ -10,6 +10,8 @@ Nothing here imports napari or Qt.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Callable, Generator, Iterable
 
 import numpy as np
@@ -200,3 +202,47 @@ def run_to_end(gen: Generator[Progress, None, object], on_progress=None):
             return stop.value
         if on_progress is not None:
             on_progress(*progress)
+
+
+class WorkCancelled(Exception):
+    """Raised inside :func:`in_thread`'s work at its next progress report once the caller
+    closed the generator."""
+
+
+def in_thread(work: Callable, name: str = "wscovid-work") -> Generator[Progress, None, object]:
+    """Run ``work(report)`` in a thread and yield each ``report(done, total, message)`` it makes;
+    return its result, or raise its error, in the caller's thread.
+
+    A long step that reports through a callback (the lungs, a PACS download) thus becomes a
+    progress generator a widget shows and can cancel: closing the generator makes the work's
+    next report raise :class:`WorkCancelled`, and the work's thread is joined before the close
+    returns (a thread left inside torch aborts the interpreter at exit).
+    """
+    reports: queue.Queue = queue.Queue()
+    outcome: dict = {}
+    cancelled = threading.Event()
+
+    def report(done, total, message):
+        if cancelled.is_set():
+            raise WorkCancelled
+        reports.put((done, total, message))
+
+    def run():
+        try:
+            outcome["result"] = work(report)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+        finally:
+            reports.put(None)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := reports.get()) is not None:
+            yield item
+    finally:
+        cancelled.set()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -142,34 +142,16 @@ class PacsWidget(QWidget):
 
     def _download(self, address: str, folder: Path):
         """Generator for napari's worker: download (yielding progress), then load the CT."""
-        import queue
-        import threading
-
         from napari_wscovid.io import load_ct
         from napari_wscovid.io.pacs import fetch_study
+        from napari_wscovid.stages import in_thread
 
-        reports: queue.Queue = queue.Queue()
-        outcome: dict = {}
+        def work(report):
+            return fetch_study(address, folder, progress=report, cancelled=lambda: self._cancelled)
 
-        def work():
-            try:
-                outcome["folder"] = fetch_study(
-                    address, folder, progress=lambda *p: reports.put(p), cancelled=lambda: self._cancelled
-                )
-            except BaseException as exc:  # handed to the worker thread below
-                outcome["error"] = exc
-            finally:
-                reports.put(None)
-
-        thread = threading.Thread(target=work, name="wscovid-pacs", daemon=True)
-        thread.start()
-        while (item := reports.get()) is not None:
-            yield item
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
+        downloaded = yield from in_thread(work, "wscovid-pacs")
         yield (1, 1, "Loading the CT")
-        return load_ct(str(outcome["folder"])), str(outcome["folder"])
+        return load_ct(str(downloaded)), str(downloaded)
 
     def _on_progress(self, update) -> None:
         done, total, message = update
