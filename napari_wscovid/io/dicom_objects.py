@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_wscovid.io.volume import CTVolume
+from napari_wscovid.io.volume import CTVolume, grid_geometry
 from napari_wscovid.results import BOX_ORIGINS, Box
 
 logger = logging.getLogger(__name__)
@@ -559,7 +559,7 @@ def grid_from_images(images: Sequence[SourceImage]) -> dict:
     """The CT grid the loader builds from these images (sorted along their normal, then turned
     nearest the identity as :func:`~napari_wscovid.io.formats.reorient_nearest_identity` does),
     as a geometry dict (:meth:`CTVolume.geometry`)."""
-    from napari_wscovid.io.formats import reorient_nearest_identity
+    from napari_wscovid.io.formats import nearest_identity_geometry
 
     first = images[0]
     normal = first.normal
@@ -571,18 +571,11 @@ def grid_from_images(images: Sequence[SourceImage]) -> dict:
     direction = np.stack([normal[::-1], first.column_direction[::-1], first.row_direction[::-1]], axis=1)
     spacing = (dz, first.spacing[0], first.spacing[1])
     shape = (len(order), first.rows, first.columns)
-    # the loader's own reorientation, run on a one-byte stand-in of the grid (only its shape,
-    # spacing, origin and direction are wanted)
-    stand_in = np.broadcast_to(np.zeros((), np.int8), shape)
-    turned, spacing, origin, direction, _ = reorient_nearest_identity(
-        stand_in, spacing, order[0].position[::-1], direction
+    # the loader's own reorientation, on the grid alone
+    _, _, shape, spacing, origin, direction = nearest_identity_geometry(
+        shape, spacing, order[0].position[::-1], direction
     )
-    return {
-        "shape": list(turned.shape),
-        "spacing": [round(float(s), 6) for s in spacing],
-        "origin": [round(float(o), 4) for o in origin],
-        "direction": np.round(direction, 6).tolist(),
-    }
+    return grid_geometry(shape, spacing, origin, direction)
 
 
 def read_sr_boxes(path) -> tuple[list[Box], dict]:
@@ -720,12 +713,7 @@ def read_seg_labels(path) -> tuple[np.ndarray, dict, dict[int, str]]:
         np.asarray(volume.array), spacing, affine[:3, 3][::-1], direction
     )
     names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
-    geometry = {
-        "shape": list(labels.shape),
-        "spacing": [round(float(s), 6) for s in spacing],
-        "origin": [round(float(o), 4) for o in origin],
-        "direction": np.round(direction, 6).tolist(),
-    }
+    geometry = grid_geometry(labels.shape, spacing, origin, direction)
     return labels, geometry, names
 
 

@@ -47,25 +47,39 @@ def _check_memory(name: str, shape, max_bytes: int) -> None:
         )
 
 
-def reorient_nearest_identity(hu, spacing, origin, direction, mask=None):
-    """Permute and flip axes (no interpolation) so the direction is nearest identity, diagonal positive."""
+def nearest_identity_geometry(shape, spacing, origin, direction):
+    """The axis permutation and flips that turn a grid nearest the identity (diagonal positive),
+    and the grid they give: ``(perm, flipped axes, shape, spacing, origin, direction)``. No
+    voxel is touched (the SR reader needs the grid of a CT it does not hold)."""
     direction = np.asarray(direction, dtype=float).reshape(3, 3)
     spacing = [float(s) for s in spacing]
     origin = np.asarray(origin, dtype=float)
     perm = max(itertools.permutations(range(3)), key=lambda p: sum(abs(direction[w, p[w]]) for w in range(3)))
-    hu = np.transpose(hu, perm)
-    mask = None if mask is None else np.transpose(mask, perm)
+    shape = [int(shape[a]) for a in perm]
     spacing = [spacing[a] for a in perm]
     direction = direction[:, list(perm)]
+    flipped = []
     for w in range(3):
         if direction[w, w] < 0:
-            origin = origin + direction[:, w] * spacing[w] * (hu.shape[w] - 1)
+            origin = origin + direction[:, w] * spacing[w] * (shape[w] - 1)
             direction[:, w] = -direction[:, w]
-            hu = np.flip(hu, axis=w)
-            mask = None if mask is None else np.flip(mask, axis=w)
+            flipped.append(w)
+    return perm, flipped, tuple(shape), tuple(spacing), tuple(float(o) for o in origin), direction
+
+
+def reorient_nearest_identity(hu, spacing, origin, direction, mask=None):
+    """Permute and flip axes (no interpolation) so the direction is nearest identity, diagonal positive."""
+    perm, flipped, _, spacing, origin, direction = nearest_identity_geometry(
+        hu.shape, spacing, origin, direction
+    )
+    hu = np.transpose(hu, perm)
+    mask = None if mask is None else np.transpose(mask, perm)
+    for w in flipped:
+        hu = np.flip(hu, axis=w)
+        mask = None if mask is None else np.flip(mask, axis=w)
     hu = np.ascontiguousarray(hu)
     mask = None if mask is None else np.ascontiguousarray(mask)
-    return hu, tuple(spacing), tuple(float(o) for o in origin), direction, mask
+    return hu, spacing, origin, direction, mask
 
 
 def _finish(name, data, spacing, origin, direction, source, warnings, *, check_hu=True) -> CTVolume:

@@ -43,6 +43,16 @@ class SeriesInfo:
     incomplete: bool = False  # some files are truncated or corrupt; loading it is refused
 
 
+def grid_geometry(shape, spacing, origin, direction) -> dict:
+    """:meth:`CTVolume.geometry` of a grid given by its parts (a grid known without its voxels)."""
+    return {
+        "shape": [int(n) for n in shape],
+        "spacing": [round(float(s), 6) for s in spacing],
+        "origin": [round(float(o), 4) for o in origin],
+        "direction": np.round(np.asarray(direction, dtype=float), 6).tolist(),
+    }
+
+
 @dataclass
 class CTVolume:
     """A CT (or display-intensity) volume with its geometry in millimetres."""
@@ -88,12 +98,7 @@ class CTVolume:
 
     def geometry(self) -> dict:
         """A JSON-friendly description of the grid, used to match boxes to a CT."""
-        return {
-            "shape": list(self.shape),
-            "spacing": [round(s, 6) for s in self.spacing],
-            "origin": [round(o, 4) for o in self.origin],
-            "direction": np.round(self.direction, 6).tolist(),
-        }
+        return grid_geometry(self.shape, self.spacing, self.origin, self.direction)
 
     def layer_kwargs(self) -> dict:
         """``scale``/``translate`` (and ``rotate`` when oblique) for a napari layer, its axes
