@@ -114,7 +114,7 @@ def run_study(root: str, source: str, out: str, options: dict, threads: int = 1)
     import torch
 
     from napari_wscovid import load_ct
-    from napari_wscovid.cli import write_results
+    from napari_wscovid.cli import summary_dict, write_results
     from napari_wscovid.pipeline import detect_iter, run_to_end
 
     torch.set_num_threads(max(1, int(threads)))
@@ -133,7 +133,7 @@ def run_study(root: str, source: str, out: str, options: dict, threads: int = 1)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        row.update(_row_from_result(result))
+        row.update(_row_from_summary(summary_dict(result, volume)))
         row["status"] = "ok"
     except Exception as exc:  # one broken study must not stop the cohort
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -142,15 +142,18 @@ def run_study(root: str, source: str, out: str, options: dict, threads: int = 1)
     return row
 
 
-def _row_from_result(result) -> dict:
+def _row_from_summary(summary: dict) -> dict:
+    """A table row's answer columns from a study's ``summary.json`` (fresh or read back), so a
+    skipped study's row is the row its run wrote."""
     row = {
-        "predicted_class": result.predicted_class,
-        "scan_status": result.status,
-        "lung_volume_ml": round(float(result.lung_volume_ml), 1),
-        "involvement_percent": round(float(result.involvement.get("total_percent", 0.0)), 3),
-        "n_boxes": len(result.boxes),
+        "series_key": summary.get("series_key", ""),
+        "predicted_class": summary.get("predicted_class", ""),
+        "scan_status": summary.get("status", ""),
+        "lung_volume_ml": round(float(summary.get("lung_volume_ml", 0.0)), 1),
+        "involvement_percent": round(float(summary.get("involvement_percent", 0.0)), 3),
+        "n_boxes": summary.get("n_boxes", ""),
     }
-    for name, p in zip(result.classes, result.patient_probs, strict=True):
+    for name, p in (summary.get("patient_probs") or {}).items():
         row[f"p_{name}"] = round(float(p), 6)
     return row
 
@@ -167,22 +170,14 @@ def completed_row(out: Path, source: str, options: dict, study: str) -> dict | N
         return None
     if options.get("model_sha256") and record.get("model_sha256") != options["model_sha256"]:
         return None
-    row = {
+    return {
         "study": study,
         "source": source,
-        "series_key": summary.get("series_key", ""),
         "status": "skipped",
-        "predicted_class": summary.get("predicted_class", ""),
-        "scan_status": summary.get("status", ""),
-        "lung_volume_ml": summary.get("lung_volume_ml", ""),
-        "involvement_percent": summary.get("involvement_percent", ""),
-        "n_boxes": summary.get("n_boxes", ""),
         "seconds": 0.0,
         "error": "",
+        **_row_from_summary(summary),
     }
-    for name, p in (summary.get("patient_probs") or {}).items():
-        row[f"p_{name}"] = round(float(p), 6)  # as a fresh row has it
-    return row
 
 
 # ------------------------------------------------------------------------------------ client
