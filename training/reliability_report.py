@@ -61,7 +61,7 @@ def expected_calibration_error(
 
 def abstention_table(report: dict) -> list[dict]:
     rows = []
-    patients = [p for p in report["real"]]
+    patients = report["real"]
     for threshold in THRESHOLDS:
         flagged = [max(p["patient_probs"].values()) < threshold for p in patients]
         wrong = [not p["right"] for p in patients]

@@ -112,14 +112,18 @@ def test_boxes_file_refused_on_a_ct_of_another_grid(tmp_path, small_volume, monk
         get_reader(str(path))(str(path))
 
 
-def test_writer_json_csv_and_refusal(tmp_path, viewer, small_volume, fake_result):
-    data, kwargs, _ = L.boxes_layer_data(
+def _boxes_layer_tuple(small_volume, fake_result):
+    return L.boxes_layer_data(
         fake_result.boxes,
         {"scale": small_volume.spacing, "translate": small_volume.origin},
         geometry=small_volume.geometry(),
         series_key="ct-w",
         classes=fake_result.classes,
     )
+
+
+def test_writer_json_csv_and_refusal(tmp_path, viewer, small_volume, fake_result):
+    data, kwargs, _ = _boxes_layer_tuple(small_volume, fake_result)
     layer = viewer.add_shapes(data, **kwargs)
     ldata, attrs, _ = layer.as_layer_data_tuple()
     out = write_boxes(str(tmp_path / "w.json"), ldata, attrs)
@@ -140,13 +144,7 @@ def test_writer_json_csv_and_refusal(tmp_path, viewer, small_volume, fake_result
 def test_boxes_saved_under_any_json_or_csv_name_open_again(
     tmp_path, viewer, small_volume, fake_result, monkeypatch, name
 ):
-    data, kwargs, _ = L.boxes_layer_data(
-        fake_result.boxes,
-        {"scale": small_volume.spacing, "translate": small_volume.origin},
-        geometry=small_volume.geometry(),
-        series_key="ct-w",
-        classes=fake_result.classes,
-    )
+    data, kwargs, _ = _boxes_layer_tuple(small_volume, fake_result)
     ldata, attrs, _ = viewer.add_shapes(data, **kwargs).as_layer_data_tuple()
     (out,) = write_boxes(str(tmp_path / name), ldata, attrs)
     # a CSV has no grid: it is placed on the open CT its millimetre corners fit
