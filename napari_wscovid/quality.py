@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
+from skimage.morphology import convex_hull_image
 
 from napari_wscovid.io.volume import CTVolume
 
@@ -37,6 +39,13 @@ NOISY_AIR_HU = 60.0  # noise of air outside the body (std after removing the mea
 # Metal: cortical bone stays under about 2000 HU in the chest, iodine contrast under 1000; wires,
 # clips, ports and prostheses saturate at 3000+. Above 0.5 mL their streaks cross the lungs.
 METAL_HU, METAL_ML = 2500.0, 0.5
+# IV contrast: unenhanced blood and muscle lie at 30-60 HU, so under a tenth of the mediastinum's
+# soft tissue (bone removed) is above 120 HU; enhanced heart chambers and great vessels (150-400
+# HU) lift that share to 0.38-0.58 on the two contrast LIDC series, against 0.07-0.12 on the four
+# unenhanced real series in ../shared (their DICOM ContrastBolusAgent agrees).
+ENHANCED_HU, ENHANCED_FRACTION = 120.0, 0.25
+# Lungs touching the edge of the reconstructed field of view on this share of their slices.
+FOV_CUT_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,34 @@ def _coverage_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]:
         flags.append(
             QCFlag("lung_volume", "warn", round(lung_ml, 1), f"{lung_ml:.0f} mL of lung: small for an adult")
         )
+    cut = _fov_cut_fraction(volume, lung)
+    if cut > FOV_CUT_FRACTION:
+        flags.append(
+            QCFlag(
+                "lung_fov_cut",
+                "warn",
+                round(cut, 2),
+                f"the lungs reach the edge of the field of view on {100 * cut:.0f}% of their slices: "
+                "lung outside the image is not analysed",
+            )
+        )
     return flags
+
+
+def _fov_cut_fraction(volume: CTVolume, lung: np.ndarray) -> float:
+    """Share of lung-bearing slices whose lungs touch the image border or the padding around a
+    circular field of view."""
+    has_lung = lung.any(axis=(1, 2))
+    if not has_lung.any():
+        return 0.0
+    edge = np.zeros(lung.shape[1:], dtype=bool)
+    edge[:2, :] = edge[-2:, :] = edge[:, :2] = edge[:, -2:] = True
+    touching = (lung & edge).any(axis=(1, 2))
+    if volume.padding_mask is not None:
+        padding = np.asarray(volume.padding_mask, dtype=bool)
+        near_padding = ndi.binary_dilation(padding, structure=np.ones((1, 5, 5), dtype=bool))
+        touching |= (lung & near_padding).any(axis=(1, 2))
+    return float(touching[has_lung].sum() / has_lung.sum())
 
 
 # ----------------------------------------------------------------------------- acquisition
@@ -230,11 +266,43 @@ def _acquisition_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]
                     "its streaks can hide or mimic opacities",
                 )
             )
+    if volume.is_hu:
+        enhanced = _enhanced_fraction(volume, np.asarray(lung_mask) > 0)
+        if enhanced is not None and enhanced > ENHANCED_FRACTION:
+            flags.append(
+                QCFlag(
+                    "contrast",
+                    "warn",
+                    round(enhanced, 2),
+                    f"{100 * enhanced:.0f}% of the mediastinum's soft tissue is above {ENHANCED_HU:g} HU: "
+                    "an IV contrast scan; most training scans were unenhanced, and bright vessels can "
+                    "read as opacities",
+                )
+            )
     for text in volume.warnings:
         lowered = text.lower()
         if "gantry tilt" in lowered or "non-uniform slice spacing" in lowered:
             flags.append(QCFlag("loader", "warn", text[:80], text))
     return flags
+
+
+def _enhanced_fraction(volume: CTVolume, lung: np.ndarray) -> float | None:
+    """Share above ENHANCED_HU of the soft tissue between the lungs (their convex hull, lungs and
+    bone removed), on up to 24 slices of the middle half of the lungs; None without enough tissue."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    zs = zs[len(zs) // 4 : max(len(zs) // 4 + 1, 3 * len(zs) // 4) : max(1, len(zs) // 48)]
+    step = max(1, lung.shape[1] // 256)  # half resolution on 512^2: the heart and aorta are large
+    tissue = []
+    for z in zs:
+        lung_z = lung[z, ::step, ::step]
+        region = convex_hull_image(lung_z) & ~ndi.binary_dilation(lung_z, iterations=3)
+        # The median removes single noisy pixels; filled bright rings are vertebrae and sternum,
+        # whose cancellous bone (200-400 HU) would look enhanced.
+        hu = ndi.median_filter(np.asarray(volume.hu[z, ::step, ::step], dtype=np.float32), 3)
+        bone = ndi.binary_dilation(ndi.binary_fill_holes(hu > 400), iterations=3)
+        tissue.append(hu[region & ~bone & (hu > -50) & (hu < 700)])
+    values = np.concatenate(tissue) if tissue else np.zeros(0)
+    return float((values > ENHANCED_HU).mean()) if values.size > 2000 else None
 
 
 def _metal_ml(volume: CTVolume) -> float:

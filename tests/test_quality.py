@@ -127,3 +127,45 @@ def test_metal_is_flagged(chest):
     names, status, flags = _check(metal, chest.lung_mask)
     assert names.get("metal") == "warn" and status == "ok"
     assert "metal" not in _check(chest.volume, chest.lung_mask)[0]
+
+
+def test_contrast_enhancement_is_flagged(chest):
+    """Enhanced blood (heart, great vessels) lifted from 40 to 240 HU between the lungs."""
+    from skimage.morphology import convex_hull_image
+
+    hu = np.array(chest.volume.hu, dtype=np.float32, copy=True)
+    lung = chest.lung_mask > 0
+    for z in np.flatnonzero(lung.any(axis=(1, 2))):
+        between = convex_hull_image(lung[z]) & ~lung[z]
+        hu[z][between & (hu[z] > 0) & (hu[z] < 80)] += 200.0
+    names, status, _ = _check(dataclasses.replace(chest.volume, hu=hu), chest.lung_mask)
+    assert names.get("contrast") == "warn" and status == "ok"
+    assert "contrast" not in _check(chest.volume, chest.lung_mask)[0]
+
+
+def test_lungs_cut_by_the_field_of_view_are_flagged(chest):
+    cut = dataclasses.replace(chest.volume, hu=chest.volume.hu[:, :, 30:])
+    names, _, flags = _check(cut, chest.lung_mask[:, :, 30:])
+    assert names.get("lung_fov_cut") == "warn"
+    assert "lung_fov_cut" not in _check(chest.volume, chest.lung_mask)[0]
+
+
+@pytest.mark.real_data
+def test_the_contrast_flag_agrees_with_the_dicom_tag(shared_data):
+    """The two LIDC series were scanned with IV contrast (ContrastBolusAgent), the CT-MD and
+    Lung-PET-CT-Dx series without: the flag comes from the pixels alone."""
+    import pydicom
+
+    from napari_wscovid.io import load_ct
+
+    for folder in (
+        "covid-ct-md/sample_data/COVID-19 subjects/P001",
+        "covid-ct-md/sample_data/Cap subjects/cap001",
+        "lidc-idri/LIDC-IDRI-0001",
+        "lidc-idri/LIDC-IDRI-0003",
+        "lung-pet-ct-dx/Lung_Dx-A0001",
+    ):
+        first = next(p for p in sorted((shared_data / folder).rglob("*")) if p.suffix.lower() == ".dcm")
+        tagged = bool(pydicom.dcmread(first, stop_before_pixels=True).get("ContrastBolusAgent"))
+        names, _, _ = _check(load_ct(shared_data / folder))
+        assert ("contrast" in names) == tagged, (folder, names)
