@@ -95,3 +95,29 @@ def test_recalibrate_writes_a_copy_with_the_fitted_temperature(tmp_path):
     assert info["name"] == "w" and info["version"] == "1" and info["training_data"] == "bgA"
     with pytest.raises(FileExistsError, match="w-cal.safetensors exists"):
         recalibrate(tmp_path / "w.safetensors", tmp_path / "config.json", tmp_path / "w-cal.safetensors")
+
+
+
+def _report_of_overconfident_patients(n_patients=3, n_slices=200, seed=0) -> dict:
+    """CAP patients whose slices (infected: CAP, clean: NP) are called at 0.95 but right 60% of
+    the time."""
+    rng = np.random.default_rng(seed)
+    patients = []
+    for i in range(n_patients):
+        infected = rng.integers(0, 2, n_slices)  # slice truth: CAP (1) where infected, else NP (0)
+        called = np.where(rng.random(n_slices) < 0.6, infected, 1 - infected)
+        probs = np.full((n_slices, 3), 0.025)
+        probs[np.arange(n_slices), called] = 0.95
+        patients.append(
+            {"patient": f"p{i}", "truth": "CAP", "classes": ["NP", "CAP", "COVID-19"],
+             "slices": {"probs": probs.tolist(), "infected": infected.tolist()}}  # fmt: skip
+        )
+    return {"real": patients}
+
+
+def test_leave_one_patient_out_temperature_softens_overconfident_slices():
+    from training.reliability_report import leave_one_patient_out_temperature
+
+    refit = leave_one_patient_out_temperature(_report_of_overconfident_patients())
+    assert all(fold["temperature"] > 1.5 for fold in refit["folds"])
+    assert refit["ece_before"] > 0.3 and refit["ece_leave_one_patient_out"] < 0.1
