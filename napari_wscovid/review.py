@@ -86,3 +86,57 @@ def merge_rerun(
             added.append(box)
     summary = {"kept": len(kept), "new": len(added), "suppressed": suppressed, "detected": len(detected)}
     return merged, {**summary, "added": added}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One CT's boxes as the annotator left them: the boxes shown, the detections rejected, and
+    the slices marked reviewed. The widget keeps this in its boxes layer; every decision about
+    what a re-run or an import does to it is made here, without napari."""
+
+    boxes: tuple[Box, ...] = ()
+    rejected: tuple[Box, ...] = ()
+    reviewed: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Box], reviewed: Iterable[int] = ()) -> Reading:
+        """The reading a box file holds (its rejected rows apart)."""
+        shown, rejected = split_rejected(rows)
+        return cls(tuple(shown), tuple(rejected), frozenset(int(z) for z in reviewed))
+
+    @property
+    def touched(self) -> bool:
+        """Whether there is anything a re-run must respect."""
+        return bool(self.boxes or self.rejected)
+
+    def after_rerun(self, detected: Sequence[Box]) -> tuple[Reading, dict]:
+        """This reading after a re-run found ``detected`` (:func:`merge_rerun`), and its summary."""
+        merged, change = merge_rerun(self.boxes, detected, self.rejected)
+        return dataclasses.replace(self, boxes=tuple(merged)), change
+
+    def merged_with(self, imported: Reading) -> Reading:
+        """This reading with an imported one beside it: every box of both (one per place), both
+        rejected lists and both sets of reviewed slices. An imported untouched detection where
+        this reading rejected one stays rejected; an annotator's imported box always comes in."""
+        places = {place(b) for b in self.boxes}
+        boxes = list(self.boxes)
+        for box in imported.boxes:
+            if place(box) in places:
+                continue
+            if box.origin == "detected" and any(overlap(box, r) for r in self.rejected):
+                continue
+            places.add(place(box))
+            boxes.append(box)
+        return Reading(
+            tuple(boxes),
+            tuple(add_rejected(self.rejected, imported.rejected)),
+            self.reviewed | imported.reviewed,
+        )
+
+
+def rerun_note(change: dict) -> str:
+    """What a re-run did to an annotator's boxes, in one sentence for the status line."""
+    return (
+        f"{change['new']} new box(es); {change['kept']} of yours kept; "
+        f"{change['suppressed']} detection(s) not shown again where you corrected or deleted one."
+    )

@@ -39,7 +39,7 @@ from napari_wscovid.io.boxes_io import autosave_path, load_boxes, save_boxes, wr
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
 from napari_wscovid.results import Box, DetectionResult
-from napari_wscovid.review import merge_rerun, overlap, place, same_place, split_rejected
+from napari_wscovid.review import Reading, overlap, place, rerun_note
 
 logger = logging.getLogger(__name__)
 
@@ -427,11 +427,12 @@ class DetectionWidget(QWidget):
         name = self._ct_combo.currentText()
         return self._viewer.layers[name] if name in self._viewer.layers else None
 
-    def _boxes_layer(self):
-        """The boxes layer of the CT in the dock, whatever the user renamed it to: a layer of ours
-        on that CT's grid, the one called "lesion boxes" first."""
-        ct = self._result_ct or self._ct_layer()
-        geometry = ct.metadata.get("wscovid_geometry") if ct is not None else None
+    def _boxes_layer(self, geometry: dict | None = None):
+        """The boxes layer of the CT in the dock (or of the grid ``geometry``), whatever the user
+        renamed it to: a layer of ours on that grid, the one called "lesion boxes" first."""
+        if geometry is None:
+            ct = self._result_ct or self._ct_layer()
+            geometry = ct.metadata.get("wscovid_geometry") if ct is not None else None
         ours = [
             la
             for la in self._viewer.layers
@@ -582,67 +583,42 @@ class DetectionWidget(QWidget):
             scope,
         )
         self._explained = set(result.saliency_slices) if scope != "current" else set()
+        # A re-run respects every correction of the user's on this CT: their edited and added boxes
+        # stay and no detection comes back where they deleted one or moved it away.
+        current = L.layer_reading(self._boxes_layer(geometry))
+        reading, change = current.after_rerun(result.boxes)
+        self._new_boxes = {place(b) for b in change["added"]} if current.touched else set()
+        self._rerun_note = rerun_note(change) if current.touched else ""
         self._install_boxes(
-            result.boxes,
+            reading,
             ct_layer=ct_layer,
             geometry=geometry,
             series_key=key,
             classes=result.classes,
             default_class=L.default_box_class(result.classes, result.patient_probs),
             model_info=result.model_info,
-            merge=True,
         )
         self._results.set_result(result)
         self._on_current_step()  # plot marker, position and reviewed mark of the slice in view
 
     def _install_boxes(
-        self,
-        boxes,
-        *,
-        ct_layer,
-        geometry,
-        series_key,
-        classes,
-        default_class,
-        model_info,
-        merge,
-        rejected=(),
-        reviewed=(),
+        self, reading: Reading, *, ct_layer, geometry, series_key, classes, default_class, model_info
     ):
-        """Put boxes in the "lesion boxes" layer, respecting every correction of the user's.
-
-        On a re-run (``merge``) the user's edited and added boxes stay and no detection comes
-        back where they deleted one or moved it away (:func:`napari_wscovid.review.merge_rerun`).
-        """
-        layer = self._boxes_layer()  # ours, on this CT's grid (whatever its name)
-        previous: list[Box] = []
-        rejected, reviewed = list(rejected), set(reviewed)
-        if layer is not None and merge:
-            previous = L.layer_boxes(layer)
-            rejected = L.layer_rejected(layer) + rejected
-            reviewed |= set(L.layer_reviewed(layer))
-        elif layer is None:
+        """Show ``reading`` in this CT's boxes layer (made when there is none): the layer then holds
+        exactly its boxes, rejected detections and reviewed slices."""
+        layer = self._boxes_layer(geometry)  # ours, on this CT's grid (whatever its name)
+        if layer is None:
             self._free_boxes_name()
-        merged, change = merge_rerun(previous, boxes, rejected)
-        # what a re-run added, marked in the table
-        self._new_boxes = {place(b) for b in change["added"]} if previous or rejected else set()
-        if previous or rejected:
-            self._rerun_note = (
-                f"{change['new']} new box(es); {change['kept']} of yours kept; "
-                f"{change['suppressed']} detection(s) not shown again where you corrected or deleted one."
-            )
-        else:
-            self._rerun_note = ""
         data, kwargs, _ = L.boxes_layer_data(
-            merged,
+            list(reading.boxes),
             L.ct_layer_kwargs(ct_layer),
             geometry=geometry,
             series_key=series_key,
             classes=classes,
             default_class=default_class,
             model_info=model_info,
-            rejected=rejected,
-            reviewed=reviewed,
+            rejected=reading.rejected,
+            reviewed=reading.reviewed,
         )
         if layer is None:
             from napari.layers import Layer
@@ -651,7 +627,7 @@ class DetectionWidget(QWidget):
             self._watch_boxes_layer(layer)
             L.refresh_box_colors(layer)
         else:
-            self._replace_boxes(layer, merged, kwargs)
+            self._replace_boxes(layer, list(reading.boxes), kwargs)
         self._refresh_box_list()
         self._refresh_class_choices(classes)
         self._show_reviewed(self._current_slice())
@@ -1050,40 +1026,25 @@ class DetectionWidget(QWidget):
         except ValueError as exc:
             show_error(f"Boxes not imported: {exc}")
             return False
-        boxes, rejected = split_rejected(boxes)
-        reviewed = list(meta.get("reviewed_slices", []))
-        existing = self._boxes_layer()
-        merge = False
-        if (
-            existing is not None
-            and existing.nshapes
-            and L.geometries_equal(existing.metadata.get("wscovid_geometry"), volume.geometry())
-        ):
-            choice = self._ask_merge_or_replace(existing.nshapes, len(boxes))
+        imported = Reading.from_rows(boxes, meta.get("reviewed_slices", []))
+        existing = self._boxes_layer(volume.geometry())  # ours, on this CT's grid
+        reading = L.layer_reading(existing).merged_with(imported)  # an empty layer: its marks stay
+        if existing is not None and existing.nshapes:
+            choice = self._ask_merge_or_replace(existing.nshapes, len(imported.boxes))
             if choice == "cancel":
                 return False
-            if choice == "merge":
-                # the imported boxes stay beside the layer's own
-                current = L.layer_boxes(existing)
-                boxes = current + [b for b in boxes if not any(same_place(b, c) for c in current)]
-                merge = True  # the layer's rejected boxes and reviewed marks are kept by the merge
-            else:
-                # emptied so that the file's boxes take its place (its rejected and reviewed lists
-                # are replaced with the file's when the layer is refilled)
-                existing.selected_data = set(range(existing.nshapes))
-                existing.remove_selected()
-        classes = meta.get("classes") or sorted({b.class_name for b in boxes})
+            if choice == "replace":
+                reading = imported
+        self._new_boxes, self._rerun_note = set(), ""
+        classes = meta.get("classes") or sorted({b.class_name for b in reading.boxes})
         self._install_boxes(
-            boxes,
-            rejected=rejected,
-            reviewed=reviewed,
+            reading,
             ct_layer=layer,
             geometry=volume.geometry(),
             series_key=meta.get("series_key") or volume.series_key,
             classes=classes,
             default_class=L.default_box_class(classes),
             model_info=meta.get("model"),
-            merge=merge,
         )
         return True
 

@@ -23,7 +23,7 @@ from napari_wscovid.io.boxes_io import (
     rectangles_to_boxes,
 )
 from napari_wscovid.results import Box, DetectionResult
-from napari_wscovid.review import add_rejected, as_rejected
+from napari_wscovid.review import Reading, add_rejected, as_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +338,13 @@ def layer_rejected(layer) -> list[Box]:
 def layer_reviewed(layer) -> list[int]:
     """The slices the annotator marked as reviewed on this boxes layer."""
     return sorted(int(z) for z in layer.metadata.get(REVIEWED_KEY, []))
+
+
+def layer_reading(layer) -> Reading:
+    """The annotator's reading held by a boxes layer (an empty one for no layer)."""
+    if layer is None:
+        return Reading()
+    return Reading(tuple(layer_boxes(layer)), tuple(layer_rejected(layer)), frozenset(layer_reviewed(layer)))
 
 
 def set_slice_reviewed(layer, index: int, reviewed: bool) -> None:

@@ -392,6 +392,28 @@ def test_corrections_survive_export_and_reimport(widget, viewer, ct_layer, qtbot
     assert errors == [] and _session(viewer) == EXPECTED
 
 
+def test_merging_a_second_annotator_s_file_keeps_every_box_of_both(
+    widget, viewer, ct_layer, small_volume, qtbot, errors, tmp_path, monkeypatch
+):
+    """Their box overlapping mine is their decision, not a detection mine corrects: both stay.
+    The old detection on slice 2 that I deleted does not come back with their file."""
+    from napari_wscovid.io.boxes_io import save_boxes
+
+    run_and_wait(widget, qtbot)
+    theirs = [
+        Box(3, 12, 22, 22, 34, "CAP", 0.4, 1.0, "added", "user"),  # overlaps my moved box on slice 3
+        Box(2, 10, 5, 20, 15, "COVID-19", 0.7, 1.0, "detected", "joint"),  # where I deleted one
+    ]
+    path = save_boxes(tmp_path / "second_reader.json", theirs, small_volume.geometry(), reviewed_slices=[5])
+    _correct(viewer)
+    monkeypatch.setattr(widget, "_ask_merge_or_replace", lambda n, m: "merge")
+    assert widget._import_boxes(path)
+    assert _session(viewer) == sorted([*EXPECTED, (3, "added", 22)])
+    layer = viewer.layers[L.BOXES_LAYER]
+    assert 5 in L.layer_reviewed(layer) and len(L.layer_rejected(layer)) == 2
+    assert errors == []
+
+
 def test_where_am_i_axes_and_slice_position_in_mm(widget, viewer, ct_layer, small_volume, qtbot):
     assert tuple(viewer.dims.axis_labels) == ("z", "y", "x")
     run_and_wait(widget, qtbot)
