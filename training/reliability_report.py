@@ -83,7 +83,9 @@ def leave_one_patient_out_temperature(report: dict) -> dict:
                                       np.concatenate([truth[j] for j in others]))  # fmt: skip
         rescaled.append(softmax(log[k] / temperature, axis=1))
         folds.append({"patient": patients[i]["patient"], "temperature": round(temperature, 3)})
-    before, _ = expected_calibration_error(np.concatenate([tables[i][0] for i in usable]), np.concatenate(truth))
+    before, _ = expected_calibration_error(
+        np.concatenate([tables[i][0] for i in usable]), np.concatenate(truth)
+    )
     after, _ = expected_calibration_error(np.concatenate(rescaled), np.concatenate(truth))
     return {
         "ece_before": before,
