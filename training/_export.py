@@ -55,6 +55,20 @@ def save_model(
     )
 
 
+def export_weights(model, cfg, extra_metadata: dict | None = None) -> tuple[Path, str]:
+    """Export a trainer's kept network where its run options say (``--export``, else
+    ``OUT/<export_name>.safetensors``) as ``export_name`` ``export_version``; return the path and
+    the file's SHA-256."""
+    from training.config import export_path
+
+    path = export_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sha = save_model(
+        model, path, name=cfg.export_name, version=cfg.export_version, extra_metadata=extra_metadata
+    )
+    return path, sha
+
+
 def load_model(path):
     """Load an exported file back into a WSNet (registry loader when present)."""
     try:

@@ -19,15 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training.config import config_from_args, config_parser, setup_logging, write_json
 from training.metrics import HEADERS, METRICS, classification_report, fold_summary
-from training.train_classifier import (
-    TrainConfig,
-    config_from_args,
-    config_parser,
-    jsonable,
-    setup_logging,
-    train,
-)
+from training.train_classifier import TrainConfig, train
 
 log = logging.getLogger("training.cross_validate")
 
@@ -102,7 +96,7 @@ def cross_validate(cfg: TrainConfig, k: int = 5) -> dict:
             _fold_table(means, classes),
             "",
         ]
-    (out / "cv_metrics.json").write_text(json.dumps(jsonable(result), indent=2))
+    write_json(out / "cv_metrics.json", result)
     (out / "cv_table.md").write_text("\n".join(lines))
     log.info("cross-validation done:\n%s", "\n".join(lines))
     return result
@@ -110,11 +104,11 @@ def cross_validate(cfg: TrainConfig, k: int = 5) -> dict:
 
 def main(argv=None) -> int:
     """Command-line entry point: the trainer's options plus ``--k``."""
-    parser = config_parser(__doc__)
+    parser = config_parser(__doc__, TrainConfig)
     parser.add_argument("--k", type=int, default=5, help="number of patient-level folds")
     args = parser.parse_args(argv)
     setup_logging(args.log_file)
-    cross_validate(config_from_args(args), args.k)
+    cross_validate(config_from_args(args, TrainConfig), args.k)
     return 0
 
 

@@ -1354,7 +1354,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 2 without running when the output files exist."""
     import torch
 
-    from training.train_classifier import setup_logging
+    from training.config import setup_logging
 
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)

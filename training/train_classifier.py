@@ -10,9 +10,6 @@ Run ``python -m training.train_classifier --help``; under ``torchrun`` it trains
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,6 +27,23 @@ from tqdm import tqdm
 from napari_wscovid.models.wsnet import TASK_CLASSES, WSNet, WSNetConfig, tiny_config
 from training import _export
 from training.augment import SCANNER_AUGMENT, Augment
+from training.checkpoint import load_best, load_checkpoint, save_checkpoint, unwrap
+from training.config import (
+    ExportedRunOptions,
+    TimeBudget,
+    augment_seed,
+    config_from_args,
+    config_parser,
+    opt,
+    resolve_device,
+    run_option,
+    seed_torch,
+    set_threads,
+    setup_logging,
+    single_thread_worker,
+    write_config,
+    write_json,
+)
 from training.datasets import (
     MEDSEG_CLASS_MAP,
     PhantomSliceDataset,
@@ -53,24 +67,20 @@ log = logging.getLogger("training.train_classifier")
 COMPACT_WIDTHS = (16, 32, 64, 128, 128)
 
 
-def _opt(default, help_text):
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class SynthOptions:
     """Options of the synthetic-lesions-in-real-lungs stream; the slice trainers' configs inherit them."""
 
-    synth_backgrounds: str | None = _opt(
+    synth_backgrounds: str | None = opt(
         None, "folder of real-lung backgrounds (python -m training.real_backgrounds) to paint lesions into"
     )
-    synth_weight: float = _opt(3.0, "mixing weight of the synthetic-in-real stream (the others weigh 1)")
-    phantom_weight: float = _opt(1.0, "mixing weight of the phantom stream")
-    synth_pool: int = _opt(3, "synthetic-in-real cases kept per class and per loader worker")
-    synth_refresh: int = _opt(96, "draws between replacing one pooled synthetic case (0: never)")
-    synth_val_cases: int = _opt(4, "synthetic cases per class in the validation set (training backgrounds)")
-    synth_test_cases: int = _opt(4, "synthetic cases per class in the test set (held-out backgrounds)")
-    holdout_patients: str | None = _opt(
+    synth_weight: float = opt(3.0, "mixing weight of the synthetic-in-real stream (the others weigh 1)")
+    phantom_weight: float = opt(1.0, "mixing weight of the phantom stream")
+    synth_pool: int = opt(3, "synthetic-in-real cases kept per class and per loader worker")
+    synth_refresh: int = opt(96, "draws between replacing one pooled synthetic case (0: never)")
+    synth_val_cases: int = opt(4, "synthetic cases per class in the validation set (training backgrounds)")
+    synth_test_cases: int = opt(4, "synthetic cases per class in the test set (held-out backgrounds)")
+    holdout_patients: str | None = opt(
         None,
         "comma-separated real patient ids never trained on (backgrounds and real slices); with it, "
         "COVID-CT-MD is split by this list instead of by --k-folds, and its held-out patients are the test",
@@ -78,130 +88,69 @@ class SynthOptions:
 
 
 @dataclass
-class TrainConfig(SynthOptions):
+class TrainConfig(SynthOptions, ExportedRunOptions):
     """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
 
     # task and network
-    task: str = _opt("3class", f"classes to learn: one of {sorted(TASK_CLASSES)}")
-    model: str = _opt(
+    task: str = opt("3class", f"classes to learn: one of {sorted(TASK_CLASSES)}")
+    model: str = opt(
         "full", "'full' (the paper's widths), 'compact' (half the widths, 4x fewer FLOPs) or 'tiny' (tests)"
     )
-    input_size: int = _opt(224, "side of the network input in pixels (the paper: 224)")
+    input_size: int = opt(224, "side of the network input in pixels (the paper: 224)")
     # optimisation (paper II.G.2)
-    iterations: int = _opt(20000, "maximum training iterations, both phases together (paper: 20,000)")
-    aux_fraction: float = _opt(
+    iterations: int = opt(20000, "maximum training iterations, both phases together (paper: 20,000)")
+    aux_fraction: float = opt(
         0.5, "share of the iterations (and of --max-minutes, whichever ends first) in the auxiliary phase"
     )
-    batch_size: int = _opt(16, "slices per iteration (over all DDP ranks together)")
-    lr: float = _opt(1e-4, "Adam learning rate")
-    beta1: float = _opt(0.5, "Adam beta1")
-    beta2: float = _opt(0.9, "Adam beta2")
-    eps: float = _opt(1e-8, "Adam epsilon")
-    warmup: int = _opt(0, "linear learning-rate warm-up iterations (the paper uses none)")
-    gamma: float = _opt(1.0, "focal-loss focusing parameter (eq. 1)")
-    joint_aux_weight: float = _opt(1.0, "weight of the auxiliary losses during the joint phase")
-    augment: bool = _opt(True, "the paper's random crop/rotation/flip/contrast augmentation")
-    scanner_augment: bool = _opt(
+    batch_size: int = opt(16, "slices per iteration (over all DDP ranks together)")
+    lr: float = opt(1e-4, "Adam learning rate")
+    beta1: float = opt(0.5, "Adam beta1")
+    beta2: float = opt(0.9, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    warmup: int = opt(0, "linear learning-rate warm-up iterations (the paper uses none)")
+    gamma: float = opt(1.0, "focal-loss focusing parameter (eq. 1)")
+    joint_aux_weight: float = opt(1.0, "weight of the auxiliary losses during the joint phase")
+    augment: bool = opt(True, "the paper's random crop/rotation/flip/contrast augmentation")
+    scanner_augment: bool = opt(
         False, "also elastic warps, other scanners' kernels and noise (training.augment.SCANNER_AUGMENT)"
     )
     # validation and stopping
-    val_every: int = _opt(500, "iterations between validations")
-    select_metric: str = _opt(
+    val_every: int = run_option("val_every", 500)
+    select_metric: str = opt(
         "balanced_acc",
         "validation metric of the kept checkpoint: 'balanced_acc' (mean per-class recall; lesion-free "
         "slices make NP the majority, so plain accuracy rewards predicting NP) or 'acc' (the paper)",
     )
-    patience: int = _opt(
+    patience: int = opt(
         1000, "stop (or end the aux phase) after this many iterations without a lower val loss"
     )
-    max_minutes: float | None = _opt(
-        None,
-        "wall-clock budget of this process (a resumed run gets a new one); the run then stops, "
-        "evaluates and exports by itself",
-    )
     # phantom data
-    phantom: bool = _opt(True, "train on synthetic phantom slices")
-    phantom_size: int = _opt(256, "in-plane size of generated phantoms (smaller is faster)")
-    phantom_slices: int = _opt(64, "slices per generated phantom")
-    phantom_spacing_z: float = _opt(5.0, "slice spacing of generated phantoms in mm")
-    phantom_balanced: bool = _opt(
+    phantom: bool = opt(True, "train on synthetic phantom slices")
+    phantom_size: int = opt(256, "in-plane size of generated phantoms (smaller is faster)")
+    phantom_slices: int = opt(64, "slices per generated phantom")
+    phantom_spacing_z: float = opt(5.0, "slice spacing of generated phantoms in mm")
+    phantom_balanced: bool = opt(
         True, "draw phantom slice classes uniformly (else by patient kind: NP-heavy, loss-weighted)"
     )
-    phantom_pool: int = _opt(4, "phantom volumes kept per class and per loader worker")
-    phantom_refresh: int = _opt(256, "draws between replacing one pooled phantom (0: never)")
-    val_volumes: int = _opt(3, "phantom volumes per class in the validation set")
-    test_volumes: int = _opt(3, "phantom volumes per class in the test set")
+    phantom_pool: int = opt(4, "phantom volumes kept per class and per loader worker")
+    phantom_refresh: int = opt(256, "draws between replacing one pooled phantom (0: never)")
+    val_volumes: int = opt(3, "phantom volumes per class in the validation set")
+    test_volumes: int = opt(3, "phantom volumes per class in the test set")
     # real data (optional)
-    covid_ct_md_root: str | None = _opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
-    volume_csv: str | None = _opt(None, "CSV of CT volumes: patient_id,label[,path][,slice_labels]")
-    image_root: str | None = _opt(None, "folder of 2-D slice images in class folders (UCSD layout)")
-    medseg_root: str | None = _opt(
+    covid_ct_md_root: str | None = opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
+    volume_csv: str | None = opt(None, "CSV of CT volumes: patient_id,label[,path][,slice_labels]")
+    image_root: str | None = opt(None, "folder of 2-D slice images in class folders (UCSD layout)")
+    medseg_root: str | None = opt(
         None, "MedSeg/Inf-Net folder holding images/ (all COVID-19), e.g. medseg-infnet/train_doctor_label"
     )
-    init: str | None = _opt(None, "weights file (safetensors, hash-checked loader) to start from")
-    k_folds: int = _opt(5, "patient-level folds used to split the real data")
-    fold: int = _opt(0, "which fold is the test fold (the next one validates)")
-    # run
-    out_dir: str = _opt("runs/wsnet", "folder for config.json, checkpoints, metrics and the model card")
-    seed: int = _opt(0, "seed of the data streams, augmentation and initialisation")
-    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    num_workers: int = _opt(1, "DataLoader workers (phantom generation runs there, beside training)")
-    threads: int | None = _opt(None, "torch intra-op threads of the training process")
-    resume: str | None = _opt(None, "checkpoint to resume from (e.g. OUT/last.pt)")
-    log_every: int = _opt(50, "iterations between log lines")
-    eval_batch_size: int = _opt(64, "slices per forward pass when evaluating")
-    n_boot: int = _opt(1000, "bootstrap resamples for the confidence intervals")
-    export: str | None = _opt(
-        None, "where to write the exported safetensors (default OUT/<export_name>.safetensors)"
-    )
-    export_name: str = _opt("wsnet-3class-phantom", "model name stored in the exported file")
-    export_version: str = _opt("0.1.0", "model version stored in the exported file")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _field_type(f):
-    text = str(f.type)
-    if "bool" in text:
-        return bool
-    if "int" in text:
-        return int
-    if "float" in text:
-        return float
-    return str
-
-
-def config_parser(description: str = __doc__, config_cls: type = None) -> argparse.ArgumentParser:
-    """An argparse parser with one option per field of ``config_cls`` (:class:`TrainConfig` by default).
-
-    The DeCoVNet and FeCNN trainers build theirs here too, from their own config dataclasses.
-    """
-    config_cls = config_cls or TrainConfig
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(config_cls):
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats it
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
-            )
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
-    parser.add_argument("--log-file", default=None, help="also write the log to this file")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace, config_cls: type = None):
-    """The ``config_cls`` (:class:`TrainConfig` by default) that :func:`config_parser` options describe."""
-    config_cls = config_cls or TrainConfig
-    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+    init: str | None = opt(None, "weights file (safetensors, hash-checked loader) to start from")
+    k_folds: int = opt(5, "patient-level folds used to split the real data")
+    fold: int = opt(0, "which fold is the test fold (the next one validates)")
+    # evaluation, run and export
+    eval_batch_size: int = opt(64, "slices per forward pass when evaluating")
+    n_boot: int = opt(1000, "bootstrap resamples for the confidence intervals")
+    out_dir: str = run_option("out_dir", "runs/wsnet")
+    export_name: str = run_option("export_name", "wsnet-3class-phantom")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -227,18 +176,6 @@ def setup_distributed() -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(requested: str, info: DistInfo) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            log.warning("CUDA requested but not available: training on CPU")
-            return torch.device("cpu")
-        if info.world_size > 1:
-            return torch.device("cuda", info.local_rank)
-    return torch.device(requested)
 
 
 def _broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
@@ -431,11 +368,6 @@ def holdout_set(cfg) -> set[str]:
     return {p.strip() for p in (cfg.holdout_patients or "").split(",") if p.strip()}
 
 
-def _worker_init(_):
-    # Workers generate phantoms with numpy/scipy; one torch thread each leaves the cores to training.
-    torch.set_num_threads(1)
-
-
 def make_loader(data: Data, cfg: TrainConfig, info: DistInfo, start_step: int = 0) -> DataLoader:
     """An endless loader of training batches for this rank."""
     for s in data.streams:
@@ -448,13 +380,13 @@ def make_loader(data: Data, cfg: TrainConfig, info: DistInfo, start_step: int = 
         stream,
         batch_size=per_rank,
         num_workers=cfg.num_workers,
-        worker_init_fn=_worker_init if cfg.num_workers else None,
+        worker_init_fn=single_thread_worker if cfg.num_workers else None,
         persistent_workers=cfg.num_workers > 0,
         prefetch_factor=4 if cfg.num_workers else None,
     )
 
 
-# ----------------------------------------------------------------------------- model, schedule, checkpoints
+# ----------------------------------------------------------------------------- model, schedule, progress
 
 
 def build_model(cfg: TrainConfig, classes: tuple[str, ...]) -> WSNet:
@@ -501,48 +433,6 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def save_checkpoint(
-    path, model, optimizer, state: TrainState, cfg: TrainConfig, augment: Augment | None
-) -> None:
-    """Everything needed to resume, written atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(
-        {
-            "model": _unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "state": dataclasses.asdict(state),
-            "config": cfg.to_dict(),
-            "model_config": _unwrap(model).config.to_dict(),
-            "augment": augment.state_dict() if augment is not None else None,
-            "torch_rng": torch.get_rng_state(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, model, optimizer=None, augment=None, state_cls: type = None):
-    """Restore weights (and optimiser, augmentation RNG) in place; return the training state.
-
-    ``state_cls`` (default :class:`TrainState`) is the trainer's own state dataclass: the DeCoVNet
-    trainer keeps other progress fields but the same checkpoint layout.
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    _unwrap(model).load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if augment is not None and ckpt.get("augment"):
-        augment.load_state_dict(ckpt["augment"])
-    if ckpt.get("torch_rng") is not None:
-        torch.set_rng_state(ckpt["torch_rng"])
-    return (state_cls or TrainState)(**ckpt["state"])
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -551,7 +441,7 @@ def evaluate(
     model, data: SliceSet, loss_fn: MultiScaleLoss, phase: str, device, batch_size: int = 64
 ) -> dict:
     """Loss (of ``phase``'s objective), accuracy and probabilities of the summed logits on ``data``."""
-    net = _unwrap(model)
+    net = unwrap(model)
     was_training = net.training
     net.eval()
     probs, losses = [], []
@@ -581,19 +471,17 @@ def evaluate(
 
 def train(cfg: TrainConfig) -> dict:
     """Run one training (one fold); returns the summary written to ``metrics.json``."""
-    t_start = time.monotonic()
+    budget = TimeBudget(cfg.max_minutes)
     info = setup_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device, info)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device, info.local_rank if info.world_size > 1 else None)
     if cfg.task not in TASK_CLASSES:
         raise ValueError(f"task must be one of {sorted(TASK_CLASSES)}, got {cfg.task!r}")
     classes = tuple(TASK_CLASSES[cfg.task])
     out = Path(cfg.out_dir)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    torch.manual_seed(stream_seed(cfg.seed, 5, info.rank))
+        write_config(cfg)
+    seed_torch(cfg.seed, info.rank)
 
     data = build_data(cfg, classes, info)
     weight = class_weights(data.class_freq)
@@ -615,14 +503,14 @@ def train(cfg: TrainConfig) -> dict:
         Augment(
             SCANNER_AUGMENT if cfg.scanner_augment else None,
             out_size=cfg.input_size,
-            seed=stream_seed(cfg.seed, 6, info.rank),
+            seed=augment_seed(cfg.seed, info.rank),
         )
         if cfg.augment
         else None
     )
     state = TrainState(aux_end=int(round(cfg.aux_fraction * cfg.iterations)))
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, model, optimizer, augment)
+        state = TrainState(**load_checkpoint(cfg.resume, model, optimizer, augment))
         log.info("resumed from %s at step %d (phase %s)", cfg.resume, state.step, state.phase)
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -678,7 +566,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     batches = iter(loader)
     while state.step < cfg.iterations:
-        if state.phase == "aux" and (state.step >= state.aux_end or _aux_time_up(cfg, t_start, info, device)):
+        if state.phase == "aux" and (state.step >= state.aux_end or _aux_time_up(cfg, budget, info, device)):
             _enter_joint(state)
             if info.is_main:
                 log.info("step %d: joint phase starts", state.step)
@@ -699,7 +587,7 @@ def train(cfg: TrainConfig) -> dict:
             rate = it_n / (time.monotonic() - it_t0)
             bar.set_postfix(loss=f"{loss.item():.4f}", phase=state.phase)
             log.info("step %d [%s] loss %.4f  %.3f it/s", state.step, state.phase, loss.item(), rate)
-        over_time = cfg.max_minutes is not None and (time.monotonic() - t_start) / 60 >= cfg.max_minutes
+        over_time = budget.spent()
         over_time = _broadcast_flag(over_time, info, device) if info.world_size > 1 else over_time
         if state.step % cfg.val_every == 0 or over_time or state.step == cfg.iterations:
             stop = validate()
@@ -723,21 +611,19 @@ def train(cfg: TrainConfig) -> dict:
     rate = it_n / max(time.monotonic() - it_t0, 1e-9)
     summary = {"steps": state.step, "iterations_per_s": rate, "timed_out": timed_out}
     if info.is_main:
-        summary.update(
-            finish(cfg, model, data, loss_fn, state, device, classes, rate, time.monotonic() - t_start)
-        )
+        summary.update(finish(cfg, model, data, loss_fn, state, device, classes, rate, budget.elapsed_s()))
     if info.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary
 
 
-def _aux_time_up(cfg: TrainConfig, t_start: float, info: DistInfo, device) -> bool:
+def _aux_time_up(cfg: TrainConfig, budget: TimeBudget, info: DistInfo, device) -> bool:
     """With a time budget the aux phase also ends at ``aux_fraction`` of it, so that a run slower
     than planned still trains its joint classifier."""
-    if cfg.max_minutes is None:
+    if budget.minutes is None:
         return False
-    up = (time.monotonic() - t_start) / 60 >= cfg.aux_fraction * cfg.max_minutes
+    up = budget.spent(cfg.aux_fraction)
     return _broadcast_flag(up, info, device) if info.world_size > 1 else up
 
 
@@ -768,10 +654,7 @@ def finish(
     """Test the best checkpoint, export it, and write metrics.json and model_card.md (rank 0)."""
     out = Path(cfg.out_dir)
     net = build_model(cfg, classes)
-    if (out / "best.pt").is_file():
-        load_checkpoint(out / "best.pt", net)
-    else:
-        net.load_state_dict(_unwrap(model).state_dict())
+    load_best(net, model, out)
     net.to(device).eval()
     reports = {}
     for name, test in data.tests.items():
@@ -780,7 +663,6 @@ def finish(
         log.info("test on %s:\n%s", name, reports[name].to_markdown())
     temperature, calibration = calibrate_on(net, data.val, device, cfg.eval_batch_size)
     log.info("temperature %.3f fitted on the validation set: %s", temperature, calibration)
-    path = Path(cfg.export) if cfg.export else out / f"{cfg.export_name}.safetensors"
     summary = {
         "task": cfg.task,
         "classes": list(classes),
@@ -799,12 +681,9 @@ def finish(
         "calibration": calibration,
         "test": {name: r.to_dict() for name, r in reports.items()},
     }
-    net_cpu = net.to("cpu")
-    sha = _export.save_model(
-        net_cpu,
-        path,
-        name=cfg.export_name,
-        version=cfg.export_version,
+    path, sha = _export.export_weights(
+        net.to("cpu"),
+        cfg,
         extra_metadata={
             "training_data": "; ".join(data.description),
             "task": cfg.task,
@@ -816,7 +695,7 @@ def finish(
     )
     summary["export"] = {"path": str(path), "sha256": sha}
     log.info("exported %s sha256 %s", path, sha)
-    (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
+    write_json(out / "metrics.json", summary)
     (out / "model_card.md").write_text(model_card(cfg, data, summary, reports))
     return summary
 
@@ -837,17 +716,6 @@ def calibrate_on(net, data: SliceSet, device, batch_size: int = 64) -> tuple[flo
         "val_nll_before": nll(logits, labels, 1.0),
         "val_nll_after": nll(logits, labels, temperature),
     }
-
-
-def jsonable(obj):
-    """Dicts, lists and numbers with NaN/inf as None: strict JSON for metrics files."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def model_card(cfg: TrainConfig, data: Data, summary: dict, reports: dict) -> str:
@@ -901,21 +769,10 @@ def model_card(cfg: TrainConfig, data: Data, summary: dict, reports: dict) -> st
     return "\n".join(lines)
 
 
-def setup_logging(log_file: str | None) -> None:
-    """Log to the terminal and, when given, to ``log_file`` too (entry points only)."""
-    handlers = [logging.StreamHandler()]
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers
-    )
-
-
 def main(argv=None) -> int:
     """Command-line entry point: parse options, configure logging, train."""
-    args = config_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    args = config_parser(__doc__, TrainConfig).parse_args(argv)
+    cfg = config_from_args(args, TrainConfig)
     setup_logging(args.log_file)
     summary = train(cfg)
     log.info("done: %d steps", summary["steps"])

@@ -20,9 +20,6 @@ input accordingly.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import math
 import sys
@@ -39,8 +36,25 @@ from tqdm import tqdm
 
 from napari_wscovid.methods.decovnet import prepare_volume
 from napari_wscovid.models.decovnet import DECOVNET_CLASSES, DeCoVNet, DeCoVNetConfig, tiny_decovnet_config
+from training import _export
+from training.checkpoint import load_best, load_checkpoint, save_checkpoint
+from training.config import (
+    ExportedRunOptions,
+    TimeBudget,
+    augment_seed,
+    config_from_args,
+    config_parser,
+    opt,
+    resolve_device,
+    run_option,
+    seed_torch,
+    set_threads,
+    setup_logging,
+    single_thread_worker,
+    write_config,
+    write_json,
+)
 from training.datasets import covid_ct_md_records, patient_kfold, stream_seed
-from training.train_classifier import _opt, config_from_args, jsonable
 
 log = logging.getLogger("training.train_decovnet")
 
@@ -50,71 +64,46 @@ PHANTOM_KINDS = ("NP", "CAP", "COVID-19")
 
 
 @dataclass
-class DeCoVNetTrainConfig:
+class DeCoVNetTrainConfig(ExportedRunOptions):
     """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
 
     # network
-    model: str = _opt("full", "'full' (Table 1's widths) or 'tiny' (tests, CI)")
-    input_height: int = _opt(192, "in-plane input height (Table 1: 192); smaller is much cheaper")
-    input_width: int = _opt(288, "in-plane input width (Table 1: 288)")
+    model: str = opt("full", "'full' (Table 1's widths) or 'tiny' (tests, CI)")
+    input_height: int = opt(192, "in-plane input height (Table 1: 192); smaller is much cheaper")
+    input_width: int = opt(288, "in-plane input width (Table 1: 288)")
     # optimisation (the paper's recipe)
-    steps: int = _opt(50000, "maximum optimiser steps, one volume each (paper: 100 epochs x 499 volumes)")
-    lr: float = _opt(1e-5, "Adam learning rate, constant (paper: 1e-5)")
-    augment: bool = _opt(True, "random affine + colour jitter, identical for all slices of a volume")
-    # validation and stopping
-    val_every: int = _opt(200, "steps between validations (ROC AUC; the best checkpoint is kept)")
-    max_minutes: float | None = _opt(
-        None, "wall-clock budget of this process; the run then validates, tests and exports by itself"
-    )
+    steps: int = opt(50000, "maximum optimiser steps, one volume each (paper: 100 epochs x 499 volumes)")
+    lr: float = opt(1e-5, "Adam learning rate, constant (paper: 1e-5)")
+    augment: bool = opt(True, "random affine + colour jitter, identical for all slices of a volume")
+    # validation (ROC AUC)
+    val_every: int = run_option("val_every", 200)
     # phantom data
-    phantom: bool = _opt(True, "train on synthetic phantom volumes")
-    phantom_size: int = _opt(256, "in-plane size of generated phantoms")
-    phantom_slices_min: int = _opt(32, "fewest slices of a generated phantom")
-    phantom_slices_max: int = _opt(64, "most slices of a generated phantom (lengths vary like patients')")
-    phantom_spacing_z: float = _opt(5.0, "slice spacing of generated phantoms in mm")
-    phantom_pool: int = _opt(2, "prepared phantom volumes kept per kind (NP, CAP, COVID-19) and worker")
-    phantom_refresh: int = _opt(8, "draws between replacing one pooled phantom (0: never)")
-    val_volumes: int = _opt(4, "phantom volumes per kind in the validation set")
-    test_volumes: int = _opt(4, "phantom volumes per kind in the test set")
+    phantom: bool = opt(True, "train on synthetic phantom volumes")
+    phantom_size: int = opt(256, "in-plane size of generated phantoms")
+    phantom_slices_min: int = opt(32, "fewest slices of a generated phantom")
+    phantom_slices_max: int = opt(64, "most slices of a generated phantom (lengths vary like patients')")
+    phantom_spacing_z: float = opt(5.0, "slice spacing of generated phantoms in mm")
+    phantom_pool: int = opt(2, "prepared phantom volumes kept per kind (NP, CAP, COVID-19) and worker")
+    phantom_refresh: int = opt(8, "draws between replacing one pooled phantom (0: never)")
+    val_volumes: int = opt(4, "phantom volumes per kind in the validation set")
+    test_volumes: int = opt(4, "phantom volumes per kind in the test set")
     # synthetic lesions in real lungs (training.synthesis)
-    synth_backgrounds: str | None = _opt(
+    synth_backgrounds: str | None = opt(
         None, "folder of real-lung backgrounds (python -m training.real_backgrounds) to paint lesions into"
     )
-    synth_fraction: float = _opt(0.75, "share of generated volumes that are synthetic-in-real, not phantoms")
-    holdout_patients: str | None = _opt(
+    synth_fraction: float = opt(0.75, "share of generated volumes that are synthetic-in-real, not phantoms")
+    holdout_patients: str | None = opt(
         None, "comma-separated real background patients never trained on; their cases form the test set"
     )
     # real data (optional)
-    covid_ct_md_root: str | None = _opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
-    k_folds: int = _opt(5, "patient-level folds of the real data (at most its number of patients)")
-    fold: int = _opt(0, "which fold is the test fold (the next one validates)")
-    real_fraction: float = _opt(0.5, "share of training steps on real volumes when both sources are used")
-    # run
-    out_dir: str = _opt("runs/decovnet", "folder for config.json, checkpoints and metrics.json")
-    seed: int = _opt(0, "seed of the data streams, augmentation and initialisation")
-    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    num_workers: int = _opt(1, "DataLoader workers generating phantoms beside training (0: in-process)")
-    threads: int | None = _opt(None, "torch intra-op threads of the training process")
-    resume: str | None = _opt(None, "checkpoint to resume from (e.g. OUT/last.pt)")
-    log_every: int = _opt(20, "steps between log lines")
-    export: str | None = _opt(
-        None, "where to write the exported safetensors (default OUT/<export_name>.safetensors)"
-    )
-    export_name: str = _opt("decovnet-phantom", "model name stored in the exported file")
-    export_version: str = _opt("0.1.0", "model version stored in the exported file")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def config_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one option per :class:`DeCoVNetTrainConfig` field."""
-    from training.train_classifier import config_parser as parser_for
-
-    return parser_for(__doc__, DeCoVNetTrainConfig)
+    covid_ct_md_root: str | None = opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
+    k_folds: int = opt(5, "patient-level folds of the real data (at most its number of patients)")
+    fold: int = opt(0, "which fold is the test fold (the next one validates)")
+    real_fraction: float = opt(0.5, "share of training steps on real volumes when both sources are used")
+    # run and export
+    out_dir: str = run_option("out_dir", "runs/decovnet")
+    log_every: int = run_option("log_every", 20)
+    export_name: str = run_option("export_name", "decovnet-phantom")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -430,11 +419,6 @@ def _patient_folds(ids: list[str], kinds: list[str], k: int, seed: int):
         return patient_kfold(ids, ["any"] * len(ids), k=k, seed=seed)
 
 
-def _worker_init(_):
-    # Workers generate phantoms with numpy/scipy; one torch thread each leaves the cores to training.
-    torch.set_num_threads(1)
-
-
 def make_sampler(data: Data, cfg: DeCoVNetTrainConfig, start_step: int = 0):
     """An endless iterator of ``(x (2, T, H, W), label, patient_id)`` training volumes."""
     rng = np.random.default_rng(stream_seed(cfg.seed, 4, start_step))
@@ -445,7 +429,7 @@ def make_sampler(data: Data, cfg: DeCoVNetTrainConfig, start_step: int = 0):
             data.phantom_stream,
             batch_size=None,
             num_workers=cfg.num_workers,
-            worker_init_fn=_worker_init if cfg.num_workers else None,
+            worker_init_fn=single_thread_worker if cfg.num_workers else None,
             prefetch_factor=2 if cfg.num_workers else None,
         )
         phantoms = iter(loader)
@@ -478,20 +462,6 @@ class TrainState:
     best_loss: float = math.inf
     best_step: int = -1
     history: list = field(default_factory=list)
-
-
-def save_checkpoint(path, model, optimizer, state: TrainState, cfg, augment: VolumeAugment | None) -> None:
-    """Everything needed to resume, written atomically; the classifier trainer's layout."""
-    from training import train_classifier
-
-    train_classifier.save_checkpoint(path, model, optimizer, state, cfg, augment)
-
-
-def load_checkpoint(path, model, optimizer=None, augment: VolumeAugment | None = None) -> TrainState:
-    """Restore weights (and optimiser, augmentation RNG) in place; return the training state."""
-    from training import train_classifier
-
-    return train_classifier.load_checkpoint(path, model, optimizer, augment, state_cls=TrainState)
 
 
 # ----------------------------------------------------------------------------- training
@@ -540,32 +510,20 @@ def _better(res: dict, state: TrainState) -> bool:
     return (auc, -res["loss"]) > (state.best_auc, -state.best_loss)
 
 
-def _resolve_device(requested: str) -> torch.device:
-    from napari_wscovid.models.registry import select_device
-
-    device, note = select_device(requested)
-    if note:
-        log.warning("%s", note)
-    return device
-
-
 def train(cfg: DeCoVNetTrainConfig) -> dict:
     """Run one training; returns the summary written to ``metrics.json``."""
-    t_start = time.monotonic()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    torch.manual_seed(stream_seed(cfg.seed, 5))
+    budget = TimeBudget(cfg.max_minutes)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = write_config(cfg)
+    seed_torch(cfg.seed)
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    augment = VolumeAugment(seed=stream_seed(cfg.seed, 6)) if cfg.augment else None
+    augment = VolumeAugment(seed=augment_seed(cfg.seed)) if cfg.augment else None
     state = TrainState()
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, model, optimizer, augment)
+        state = TrainState(**load_checkpoint(cfg.resume, model, optimizer, augment))
         log.info("resumed from %s at step %d", cfg.resume, state.step)
     log.info(
         "DeCoVNet %s, input %dx%d, %d parameters, device %s",
@@ -574,7 +532,7 @@ def train(cfg: DeCoVNetTrainConfig) -> dict:
     data = build_data(cfg, model.config)
     for line in data.description:
         log.info("data: %s", line)
-    log.info("data ready after %.1f s", time.monotonic() - t_start)
+    log.info("data ready after %.1f s", budget.elapsed_s())
 
     def validate() -> None:
         res = evaluate(model, data.val, device)
@@ -613,7 +571,7 @@ def train(cfg: DeCoVNetTrainConfig) -> dict:
                 rate,
             )
             running = []
-        over_time = cfg.max_minutes is not None and (time.monotonic() - t_start) / 60 >= cfg.max_minutes
+        over_time = budget.spent()
         if state.step % cfg.val_every == 0 or over_time or state.step == cfg.steps:
             validate()
             save_checkpoint(out / "last.pt", model, optimizer, state, cfg, augment)
@@ -624,32 +582,22 @@ def train(cfg: DeCoVNetTrainConfig) -> dict:
     bar.close()
     seconds_per_step = (time.monotonic() - it_t0) / max(it_n, 1)
     summary = {"steps": state.step, "seconds_per_step": seconds_per_step, "timed_out": timed_out}
-    summary.update(finish(cfg, model, data, state, device, time.monotonic() - t_start))
+    summary.update(finish(cfg, model, data, state, device, budget.elapsed_s()))
     return summary
 
 
 def finish(cfg: DeCoVNetTrainConfig, model, data: Data, state: TrainState, device, elapsed: float) -> dict:
     """Test the best checkpoint, export it, and write metrics.json."""
-    from napari_wscovid.models.registry import save_model
-
     out = Path(cfg.out_dir)
     net = build_model(cfg)
-    if (out / "best.pt").is_file():
-        load_checkpoint(out / "best.pt", net)
-    else:
-        net.load_state_dict(model.state_dict())
+    load_best(net, model, out)
     net.to(device).eval()
     tests = {name: evaluate(net, samples, device) for name, samples in data.tests.items()}
     for name, res in tests.items():
         log.info("test on %s: %d volumes, AUC %.4f, acc %.4f", name, res["n"], res["auc"], res["acc"])
-    path = Path(cfg.export) if cfg.export else out / f"{cfg.export_name}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sha = save_model(
+    path, sha = _export.export_weights(
         net.to("cpu"),
-        path,
-        name=cfg.export_name,
-        version=cfg.export_version,
-        overwrite=True,
+        cfg,
         extra_metadata={
             "training_data": "; ".join(data.description),
             "recipe": (
@@ -674,15 +622,13 @@ def finish(cfg: DeCoVNetTrainConfig, model, data: Data, state: TrainState, devic
         "test": tests,
         "export": {"path": str(path), "sha256": sha},
     }
-    (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
+    write_json(out / "metrics.json", summary)
     return summary
 
 
 def main(argv=None) -> int:
     """Command-line entry point: parse options, configure logging, train."""
-    from training.train_classifier import setup_logging
-
-    args = config_parser().parse_args(argv)
+    args = config_parser(__doc__, DeCoVNetTrainConfig).parse_args(argv)
     cfg = config_from_args(args, DeCoVNetTrainConfig)
     setup_logging(args.log_file)
     summary = train(cfg)

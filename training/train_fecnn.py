@@ -29,9 +29,7 @@ built by its ``build_data`` and split by patient. Run ``python -m training.train
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -44,23 +42,33 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from napari_wscovid.models.fecnn import LEVELS, FeCNN, FeCNNConfig, resnet18_config, tiny_fecnn_config
+from training import _export
 from training.augment import Augment, AugmentConfig
-from training.datasets import SliceSet, stream_seed
+from training.checkpoint import load_best, load_checkpoint, save_checkpoint
+from training.config import (
+    ExportedRunOptions,
+    TimeBudget,
+    augment_seed,
+    config_from_args,
+    config_parser,
+    opt,
+    resolve_device,
+    run_option,
+    seed_torch,
+    set_threads,
+    setup_logging,
+    write_config,
+    write_json,
+)
+from training.datasets import SliceSet
 from training.losses import class_weights
 from training.train_classifier import (
     DistInfo,
     SynthOptions,
     TrainConfig,
     TrainState,
-    _opt,
     build_data,
-    config_from_args,
-    jsonable,
-    load_checkpoint,
     make_loader,
-    resolve_device,
-    save_checkpoint,
-    setup_logging,
     test_report,
 )
 
@@ -70,81 +78,60 @@ CLASSES = ("NP", "COVID-19")
 
 
 @dataclass
-class FeCNNTrainConfig(SynthOptions):
+class FeCNNTrainConfig(SynthOptions, ExportedRunOptions):
     """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
 
     # network
-    model: str = _opt(
+    model: str = opt(
         "small",
         "'small' (ResNet-18 layout a quarter as wide, 64-d FPN: CPU), 'resnet18' (the paper's "
         "widths, 256-d FPN) or 'tiny' (tests)",
     )
-    input_size: int = _opt(224, "side of the network input in pixels (the paper: 512)")
-    dropout: float = _opt(0.5, "dropout before each level's fully-connected layer (the paper: 0.5)")
+    input_size: int = opt(224, "side of the network input in pixels (the paper: 512)")
+    dropout: float = opt(0.5, "dropout before each level's fully-connected layer (the paper: 0.5)")
     # optimisation (paper 4.2.1)
-    iterations: int = _opt(20000, "maximum training iterations")
-    batch_size: int = _opt(10, "slices per iteration (the paper: 10)")
-    lr: float = _opt(
+    iterations: int = opt(20000, "maximum training iterations")
+    batch_size: int = opt(10, "slices per iteration (the paper: 10)")
+    lr: float = opt(
         1e-3,
         "constant Adam learning rate (the paper: 1e-5 when fine-tuning ImageNet weights; here from scratch)",
     )
-    level_loss_weight: float = _opt(
+    level_loss_weight: float = opt(
         1.0, "weight of the five levels' own cross-entropy beside eq. 5 (0: the paper's loss alone)"
     )
     # augmentation (paper 4.2.3)
-    augment: bool = _opt(True, "random rotation, flip, scale shift, brightness and contrast")
-    rotation_deg: float = _opt(180.0, "rotation range +- degrees (the paper: 0-360)")
-    scale_shift: float = _opt(0.05, "relative zoom range +- (the paper's 'resolution shifting' 0.05)")
-    brightness: float = _opt(0.5, "brightness factor range +- (the paper: 50 %)")
-    contrast: float = _opt(0.3, "contrast factor range +- (the paper: 30 %)")
+    augment: bool = opt(True, "random rotation, flip, scale shift, brightness and contrast")
+    rotation_deg: float = opt(180.0, "rotation range +- degrees (the paper: 0-360)")
+    scale_shift: float = opt(0.05, "relative zoom range +- (the paper's 'resolution shifting' 0.05)")
+    brightness: float = opt(0.5, "brightness factor range +- (the paper: 50 %)")
+    contrast: float = opt(0.3, "contrast factor range +- (the paper: 30 %)")
     # validation and stopping
-    val_every: int = _opt(250, "iterations between validations (and fusion-weight updates)")
-    select_metric: str = _opt(
+    val_every: int = opt(250, "iterations between validations (and fusion-weight updates)")
+    select_metric: str = opt(
         "balanced_acc", "validation metric of the kept checkpoint: 'balanced_acc' or 'acc'"
     )
-    patience: int = _opt(0, "stop after this many iterations without a better validation metric (0: never)")
-    max_minutes: float | None = _opt(
-        None, "wall-clock budget of this process; the run then validates, tests and exports by itself"
-    )
+    patience: int = opt(0, "stop after this many iterations without a better validation metric (0: never)")
     # data: the same sources and options as training.train_classifier
-    phantom: bool = _opt(True, "train on synthetic phantom slices")
-    phantom_size: int = _opt(256, "in-plane size of generated phantoms")
-    phantom_slices: int = _opt(64, "slices per generated phantom")
-    phantom_spacing_z: float = _opt(5.0, "slice spacing of generated phantoms in mm")
-    phantom_balanced: bool = _opt(True, "draw phantom slice classes uniformly")
-    phantom_pool: int = _opt(4, "phantom volumes kept per class and per loader worker")
-    phantom_refresh: int = _opt(256, "draws between replacing one pooled phantom (0: never)")
-    val_volumes: int = _opt(3, "phantom volumes per class in the validation set")
-    test_volumes: int = _opt(3, "phantom volumes per class in the test set")
-    covid_ct_md_root: str | None = _opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
-    volume_csv: str | None = _opt(None, "CSV of CT volumes: patient_id,label[,path][,slice_labels]")
-    image_root: str | None = _opt(None, "folder of 2-D slice images in class folders (UCSD layout)")
-    medseg_root: str | None = _opt(None, "MedSeg/Inf-Net folder holding images/ (all COVID-19)")
-    k_folds: int = _opt(5, "patient-level folds used to split the real data")
-    fold: int = _opt(0, "which fold is the test fold (the next one validates)")
-    # run
-    out_dir: str = _opt("runs/fecnn", "folder for config.json, checkpoints, metrics and the model card")
-    seed: int = _opt(0, "seed of the data streams, augmentation and initialisation")
-    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    num_workers: int = _opt(1, "DataLoader workers (phantom generation runs there)")
-    threads: int | None = _opt(None, "torch intra-op threads of the training process")
-    resume: str | None = _opt(None, "checkpoint to resume from (e.g. OUT/last.pt)")
-    log_every: int = _opt(50, "iterations between log lines")
-    eval_batch_size: int = _opt(64, "slices per forward pass when evaluating")
-    n_boot: int = _opt(1000, "bootstrap resamples for the confidence intervals")
-    export: str | None = _opt(None, "where to write the safetensors (default OUT/<export_name>.safetensors)")
-    export_name: str = _opt("fecnn-covid", "model name stored in the exported file")
-    export_version: str = _opt("0.1.0", "model version stored in the exported file")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def config_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one option per :class:`FeCNNTrainConfig` field."""
-    from training.train_classifier import config_parser as parser_for
-
-    return parser_for(__doc__, FeCNNTrainConfig)
+    phantom: bool = opt(True, "train on synthetic phantom slices")
+    phantom_size: int = opt(256, "in-plane size of generated phantoms")
+    phantom_slices: int = opt(64, "slices per generated phantom")
+    phantom_spacing_z: float = opt(5.0, "slice spacing of generated phantoms in mm")
+    phantom_balanced: bool = opt(True, "draw phantom slice classes uniformly")
+    phantom_pool: int = opt(4, "phantom volumes kept per class and per loader worker")
+    phantom_refresh: int = opt(256, "draws between replacing one pooled phantom (0: never)")
+    val_volumes: int = opt(3, "phantom volumes per class in the validation set")
+    test_volumes: int = opt(3, "phantom volumes per class in the test set")
+    covid_ct_md_root: str | None = opt(None, "COVID-CT-MD folder (Index.csv, sample_data/)")
+    volume_csv: str | None = opt(None, "CSV of CT volumes: patient_id,label[,path][,slice_labels]")
+    image_root: str | None = opt(None, "folder of 2-D slice images in class folders (UCSD layout)")
+    medseg_root: str | None = opt(None, "MedSeg/Inf-Net folder holding images/ (all COVID-19)")
+    k_folds: int = opt(5, "patient-level folds used to split the real data")
+    fold: int = opt(0, "which fold is the test fold (the next one validates)")
+    # evaluation, run and export
+    eval_batch_size: int = opt(64, "slices per forward pass when evaluating")
+    n_boot: int = opt(1000, "bootstrap resamples for the confidence intervals")
+    out_dir: str = run_option("out_dir", "runs/fecnn")
+    export_name: str = run_option("export_name", "fecnn-covid")
 
 
 def data_config(cfg: FeCNNTrainConfig) -> TrainConfig:
@@ -238,15 +225,12 @@ def evaluate(net: FeCNN, data: SliceSet, device, batch_size: int = 64, *, set_we
 
 def train(cfg: FeCNNTrainConfig) -> dict:
     """Run one training; returns the summary written to ``metrics.json``."""
-    t_start = time.monotonic()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    budget = TimeBudget(cfg.max_minutes)
+    set_threads(cfg.threads)
     info = DistInfo()
-    device = resolve_device(cfg.device, info)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    torch.manual_seed(stream_seed(cfg.seed, 5))
+    device = resolve_device(cfg.device)
+    out = write_config(cfg)
+    seed_torch(cfg.seed)
 
     dcfg = data_config(cfg)
     data = build_data(dcfg, CLASSES, info)
@@ -262,10 +246,10 @@ def train(cfg: FeCNNTrainConfig) -> dict:
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    augment = make_augment(cfg, stream_seed(cfg.seed, 6))
+    augment = make_augment(cfg, augment_seed(cfg.seed))
     state = TrainState(phase="fused")
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, model, optimizer, augment)
+        state = TrainState(**load_checkpoint(cfg.resume, model, optimizer, augment))
         log.info("resumed from %s at step %d", cfg.resume, state.step)
     weight = weight.to(device)
     loader = make_loader(data, dcfg, info, start_step=state.step)
@@ -337,7 +321,7 @@ def train(cfg: FeCNNTrainConfig) -> dict:
             rate = it_n / (time.monotonic() - it_t0)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.info("step %d loss %.4f  %.3f s/step", state.step, loss.item(), 1.0 / rate)
-        over_time = cfg.max_minutes is not None and (time.monotonic() - t_start) / 60 >= cfg.max_minutes
+        over_time = budget.spent()
         if state.step % cfg.val_every == 0 or over_time or state.step == cfg.iterations:
             stop = validate()
             save_checkpoint(out / "last.pt", model, optimizer, state, cfg, augment)
@@ -356,7 +340,7 @@ def train(cfg: FeCNNTrainConfig) -> dict:
     bar.close()
     seconds_per_step = (time.monotonic() - it_t0) / max(it_n, 1)
     summary = {"steps": state.step, "seconds_per_step": seconds_per_step, "timed_out": timed_out}
-    summary.update(finish(cfg, model, data, state, device, seconds_per_step, time.monotonic() - t_start))
+    summary.update(finish(cfg, model, data, state, device, seconds_per_step, budget.elapsed_s()))
     return summary
 
 
@@ -364,10 +348,7 @@ def finish(cfg: FeCNNTrainConfig, model, data, state: TrainState, device, second
     """Test the best checkpoint, export it, write metrics.json and model_card.md."""
     out = Path(cfg.out_dir)
     net = build_model(cfg)
-    if (out / "best.pt").is_file():
-        load_checkpoint(out / "best.pt", net)
-    else:
-        net.load_state_dict(model.state_dict())
+    load_best(net, model, out)
     net.to(device).eval()
     reports, test_errors = {}, {}
     for name, test in data.tests.items():
@@ -380,20 +361,14 @@ def finish(cfg: FeCNNTrainConfig, model, data, state: TrainState, device, second
             {k: round(v, 3) for k, v in res["level_error_rates"].items()},
             reports[name].to_markdown(),
         )
-    from napari_wscovid.models.registry import save_model
-
-    path = Path(cfg.export) if cfg.export else out / f"{cfg.export_name}.safetensors"
     weights = [float(w) for w in net.level_weights.cpu()]
     val_errors = state.history[-1]["level_error_rates"] if state.history else {}
     for entry in state.history:
         if entry["step"] == state.best_step:
             val_errors = entry["level_error_rates"]
-    sha = save_model(
+    path, sha = _export.export_weights(
         net.to("cpu"),
-        path,
-        name=cfg.export_name,
-        version=cfg.export_version,
-        overwrite=True,
+        cfg,
         extra_metadata={
             "training_data": "; ".join(data.description),
             "recipe": f"Wu et al. 2021 FeCNN, Adam lr {cfg.lr:g} constant, batch {cfg.batch_size}, "
@@ -420,7 +395,7 @@ def finish(cfg: FeCNNTrainConfig, model, data, state: TrainState, device, second
         "test": {n: {**r.to_dict(), "level_error_rates": test_errors[n]} for n, r in reports.items()},
         "export": {"path": str(path), "sha256": sha},
     }
-    (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
+    write_json(out / "metrics.json", summary)
     (out / "model_card.md").write_text(model_card(cfg, data, summary, reports))
     return summary
 
@@ -468,7 +443,7 @@ def model_card(cfg: FeCNNTrainConfig, data, summary: dict, reports: dict) -> str
 
 def main(argv=None) -> int:
     """Command-line entry point: parse options, configure logging, train."""
-    args = config_parser().parse_args(argv)
+    args = config_parser(__doc__, FeCNNTrainConfig).parse_args(argv)
     cfg = config_from_args(args, FeCNNTrainConfig)
     setup_logging(args.log_file)
     summary = train(cfg)

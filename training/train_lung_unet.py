@@ -20,8 +20,6 @@ writing ``lung-unet.safetensors`` (channels in its metadata) and ``metrics.json`
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import sys
@@ -35,7 +33,18 @@ import torch.nn.functional as F
 
 from napari_wscovid.lung.unet import build_lung_unet, resample_linear, to_work_grid
 from napari_wscovid.phantom import LESION_CODES, make_phantom
-from training.train_classifier import _opt, config_from_args, config_parser, jsonable, setup_logging
+from training.config import (
+    RunOptions,
+    TimeBudget,
+    config_from_args,
+    config_parser,
+    opt,
+    resolve_device,
+    set_threads,
+    setup_logging,
+    write_config,
+    write_json,
+)
 
 log = logging.getLogger("training.train_lung_unet")
 
@@ -45,45 +54,40 @@ DENSE_LESION_CODES = (LESION_CODES["consolidation"], LESION_CODES["nodule"])
 
 
 @dataclass
-class LungUNetConfig:
+class LungUNetConfig(RunOptions):
     """Everything a run depends on; written as ``config.json`` in ``out_dir``."""
 
-    channels: str = _opt("8,16,32,64,128", "feature channels per U-Net level, comma-separated")
-    canvas: int = _opt(192, "side of the square training canvas in 2 mm pixels (384 mm)")
-    train_phantoms: int = _opt(72, "phantom volumes in the training pool (kinds in turn)")
-    val_phantoms: int = _opt(9, "held-out phantom volumes for model selection")
-    phantom_size: int = _opt(176, "in-plane matrix of generated phantoms (350 mm field of view)")
-    min_height_mm: float = _opt(170.0, "shortest apex-to-base span of a phantom")
-    max_height_mm: float = _opt(300.0, "longest apex-to-base span of a phantom")
-    steps: int = _opt(4000, "maximum optimisation steps")
-    batch_size: int = _opt(12, "slices per step")
-    lr: float = _opt(2e-3, "AdamW learning rate (cosine decay to 5% of it)")
-    weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    augment: bool = _opt(True, "geometric and intensity augmentation")
-    val_every: int = _opt(250, "steps between validations")
-    max_minutes: float | None = _opt(None, "wall-clock budget of the optimisation")
-    out_dir: str = _opt("runs/lung_unet", "folder for config.json, metrics.json and the weights")
-    seed: int = _opt(0, "seed of phantoms (train seeds 10000+, validation 20000+), sampling and init")
-    threads: int | None = _opt(None, "torch intra-op threads")
-    device: str = _opt("auto", "'auto', 'cpu' or 'cuda'")
-    real_normal: str | None = _opt(
+    channels: str = opt("8,16,32,64,128", "feature channels per U-Net level, comma-separated")
+    canvas: int = opt(192, "side of the square training canvas in 2 mm pixels (384 mm)")
+    train_phantoms: int = opt(72, "phantom volumes in the training pool (kinds in turn)")
+    val_phantoms: int = opt(9, "held-out phantom volumes for model selection")
+    phantom_size: int = opt(176, "in-plane matrix of generated phantoms (350 mm field of view)")
+    min_height_mm: float = opt(170.0, "shortest apex-to-base span of a phantom")
+    max_height_mm: float = opt(300.0, "longest apex-to-base span of a phantom")
+    steps: int = opt(4000, "maximum optimisation steps")
+    batch_size: int = opt(12, "slices per step")
+    lr: float = opt(2e-3, "AdamW learning rate (cosine decay to 5% of it)")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    augment: bool = opt(True, "geometric and intensity augmentation")
+    # the run options this trainer reads differently
+    max_minutes: float | None = opt(None, "wall-clock budget of the optimisation (after building the data)")
+    out_dir: str = opt("runs/lung_unet", "folder for config.json, metrics.json and the weights")
+    seed: int = opt(0, "seed of phantoms (train seeds 10000+, validation 20000+), sampling and init")
+    real_normal: str | None = opt(
         None,
         "comma-separated lesion-free real CTs (DICOM folders or files) whose classical lung mask is "
         "the target: teaches real hila, diaphragm and bowel, which phantoms draw too simply",
     )
-    real_fraction: float = _opt(0.25, "share of each batch drawn from --real-normal slices")
-    init: str | None = _opt(None, "lung U-Net safetensors to start from (fine-tuning)")
-    dense_lesion_weight: float = _opt(
+    real_fraction: float = opt(0.25, "share of each batch drawn from --real-normal slices")
+    init: str | None = opt(None, "lung U-Net safetensors to start from (fine-tuning)")
+    dense_lesion_weight: float = opt(
         1.0,
         "cross-entropy weight of phantom lung pixels in consolidation or nodules (1 = like any "
         "pixel): dense lung against the chest wall is what thresholds miss and what the U-Net is for",
     )
-    dense_lesion_fraction: float = _opt(
+    dense_lesion_fraction: float = opt(
         0.0, "share of each phantom batch drawn from slices that show consolidation or nodules"
     )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def phantom_grid(index: int, seed_base: int, cfg: LungUNetConfig) -> tuple[np.ndarray, ...]:
@@ -223,16 +227,9 @@ def validate(model, grids, items, canvas: int, device) -> tuple[float, float]:
 
 
 def train(cfg: LungUNetConfig) -> dict:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    out = write_config(cfg)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -272,7 +269,7 @@ def train(cfg: LungUNetConfig) -> dict:
     best = {"dice": -1.0, "step": 0}
     best_state = None
     history = []
-    t0 = time.perf_counter()
+    budget = TimeBudget(cfg.max_minutes)
     step = 0
     for step in range(1, cfg.steps + 1):
         lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
@@ -299,8 +296,8 @@ def train(cfg: LungUNetConfig) -> dict:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        elapsed = (time.perf_counter() - t0) / 60
-        time_up = cfg.max_minutes is not None and elapsed >= cfg.max_minutes
+        elapsed = budget.elapsed_s() / 60
+        time_up = budget.spent()
         if step % 50 == 0:
             log.info("step %d loss %.4f lr %.2e (%.1f min)", step, loss.item(), lr, elapsed)
         if step % cfg.val_every == 0 or step == cfg.steps or time_up:
@@ -328,7 +325,7 @@ def train(cfg: LungUNetConfig) -> dict:
     weights = out / "lung-unet.safetensors"
     save_lung_unet(model, weights, cfg, best, step)
     summary = {"steps": step, "best": best, "history": history, "weights": str(weights)}
-    (out / "metrics.json").write_text(json.dumps(jsonable(summary), indent=2))
+    write_json(out / "metrics.json", summary)
     log.info("best validation slice Dice %.4f at step %d; weights %s", best["dice"], best["step"], weights)
     return summary
 
