@@ -15,10 +15,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+from napari.utils.notifications import show_warning
 
 from napari_wscovid.io.boxes_io import (
     COLUMNS,
     FORMAT_NAME,
+    describe_skipped,
     geometry_layer_kwargs,
     geometry_mismatch,
     load_boxes,
@@ -141,17 +143,22 @@ def read_boxes(path) -> list[tuple]:
     When a CT is open in the current viewer and none has the grid the boxes were
     made on, the file is refused with both geometries named (BAD_INPUTS case 36).
     A CSV carries no grid: it goes onto the open CT whose grid its millimetre corners fit.
+    Entries edited beyond use (a missing field, a NaN corner, a box outside the CT) are left
+    out and the viewer says which.
     """
     from napari_wscovid._widgets.layers import boxes_layer_data, default_box_class
 
-    boxes, meta = load_boxes(path)
-    geometry = meta["geometry"]
     open_geometries = _open_ct_geometries()
-    if geometry is None:
-        geometry = _csv_geometry(path, open_geometries)
-    elif open_geometries and all(geometry_mismatch(geometry, g) for g in open_geometries):
-        # Re-load against the newest CT so the error names both grids.
-        load_boxes(path, expected_geometry=open_geometries[-1])
+    if Path(path).suffix.lower() == ".csv":
+        geometry, boxes, meta = _load_csv_on_open_ct(path, open_geometries)
+    else:
+        boxes, meta = load_boxes(path)
+        geometry = meta["geometry"]
+        if open_geometries and all(geometry_mismatch(geometry, g) for g in open_geometries):
+            # Re-load against the newest CT so the error names both grids.
+            load_boxes(path, expected_geometry=open_geometries[-1])
+    if meta["skipped"]:
+        show_warning(describe_skipped(Path(path).name, meta["skipped"]))
     boxes, rejected = split_rejected(boxes)
     classes = meta["classes"] or sorted({b.class_name for b in boxes})
     default_class = default_box_class(classes)
@@ -208,16 +215,16 @@ def read_seg(path) -> list[tuple]:
     return [(labels, kwargs, "labels")]
 
 
-def _csv_geometry(path, open_geometries: list[dict]) -> dict:
-    """The grid of the open CT a boxes CSV fits (newest first); a clear error if none does."""
+def _load_csv_on_open_ct(path, open_geometries: list[dict]) -> tuple[dict, list, dict]:
+    """``(grid, boxes, meta)`` of a boxes CSV on the open CT it fits (newest first), its boxes checked
+    against that grid; a clear error if none fits."""
     name = Path(path).name
     if not open_geometries:
         raise ValueError(f"{name} is a boxes CSV, which carries no CT grid: open its CT first, then the CSV")
     errors = []
     for geometry in reversed(open_geometries):
         try:
-            load_boxes(path, expected_geometry=geometry)
-            return geometry
+            return (geometry, *load_boxes(path, expected_geometry=geometry))
         except ValueError as exc:
             errors.append(str(exc))
     raise ValueError(f"{name} fits none of the open CTs: {errors[0]}")

@@ -35,7 +35,13 @@ from qtpy.QtWidgets import (
 from napari_wscovid._widgets import layers as L
 from napari_wscovid._widgets.results_panel import ResultsPanel
 from napari_wscovid.architectures import WSNET
-from napari_wscovid.io.boxes_io import autosave_path, load_boxes, save_boxes, write_autosave
+from napari_wscovid.io.boxes_io import (
+    autosave_path,
+    describe_skipped,
+    load_boxes,
+    save_boxes,
+    write_autosave,
+)
 from napari_wscovid.io.volume import CTVolume
 from napari_wscovid.lung import DEFAULT_LUNG_METHOD, LUNG_METHOD_LABELS
 from napari_wscovid.results import Box, DetectionResult
@@ -1026,6 +1032,8 @@ class DetectionWidget(QWidget):
         except ValueError as exc:
             show_error(f"Boxes not imported: {exc}")
             return False
+        if meta["skipped"]:
+            show_warning(describe_skipped(Path(path).name, meta["skipped"]))
         imported = Reading.from_rows(boxes, meta.get("reviewed_slices", []))
         existing = self._boxes_layer(volume.geometry())  # ours, on this CT's grid
         reading = L.layer_reading(existing).merged_with(imported)  # an empty layer: its marks stay

@@ -82,8 +82,8 @@ def _geometry_arrays(geometry: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray
         origin = np.asarray(geometry["origin"], dtype=float).reshape(3)
         direction = np.asarray(geometry.get("direction", np.eye(3)), dtype=float).reshape(3, 3)
         shape = tuple(int(n) for n in geometry["shape"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"invalid CT geometry {geometry!r}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"invalid CT geometry {_short_repr(geometry, 200)}: {exc}") from exc
     if len(shape) != 3:
         raise ValueError(f"invalid CT geometry: shape must have 3 entries, got {shape}")
     return spacing, origin, direction, shape
@@ -169,29 +169,77 @@ def box_to_row(box: Box, geometry: dict) -> dict:
     return row
 
 
-def row_to_box(row: dict, where: str = "") -> Box:
-    """A row (from JSON or CSV) back to a :class:`Box`; raises ValueError naming the problem."""
+class BoxFileError(ValueError):
+    """A boxes file that cannot be used at all; the message names the file and the reason."""
+
+
+class _EntryError(ValueError):
+    """One box entry that cannot be used; the reason, without the file or the entry's index."""
+
+
+_REQUIRED = (*_INT_COLUMNS, "class")
+# usable entries with their index in the file, kept so that skipped ones can be named
+_Entries = list[tuple[int, Box]]
+
+
+def row_to_box(row, where: str = "") -> Box:
+    """A row (from JSON or CSV) back to a :class:`Box`; raises ValueError naming the problem.
+
+    JSON ``null`` and a CSV cell that is missing (a short row) count as a missing field. The mm
+    columns are not read into the box (the voxel columns place it) but, where present, must be finite.
+    """
     try:
-        ints = {k: _as_int(row[k]) for k in _INT_COLUMNS}
-        box = Box(
-            slice=ints["slice"],
-            y0=ints["y0"],
-            x0=ints["x0"],
-            y1=ints["y1"],
-            x1=ints["x1"],
-            class_name=str(row["class"]),
-            score=_as_float(row.get("score")),
-            area_mm2=_as_float(row.get("area_mm2", 0.0)),
-            origin=str(row.get("origin") or "detected"),
-            source=str(row.get("source") or ""),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{where}invalid box row {row!r}: {exc!r}") from exc
-    if box.origin not in BOX_ORIGINS:
-        raise ValueError(f"{where}box origin must be one of {BOX_ORIGINS}, got {box.origin!r}")
+        return _parse_entry(row)
+    except _EntryError as exc:
+        raise ValueError(f"{where}{exc}") from exc
+
+
+def _parse_entry(row) -> Box:
+    if not isinstance(row, dict):
+        raise _EntryError(f"not a box entry but {type(row).__name__} {_short_repr(row)}")
+    missing = [k for k in _REQUIRED if row.get(k) is None]
+    if missing:
+        raise _EntryError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    ints = {k: _field(k, row[k], _as_int, "not a whole number") for k in _INT_COLUMNS}
+    for key in _MM_COLUMNS:
+        if row.get(key) not in (None, ""):
+            if not math.isfinite(_field(key, row[key], _as_float, "not a number")):
+                raise _EntryError(f"{key} is {_short_repr(row[key])}, not a finite number")
+    if not isinstance(row["class"], str):
+        raise _EntryError(f"class is {_short_repr(row['class'])}, not a name")
+    score = _field("score", row.get("score"), _as_float, "not a number")
+    if math.isinf(score):
+        raise _EntryError(f"score is {row.get('score')!r}, not a probability")
+    origin = row.get("origin") or "detected"
+    if origin not in BOX_ORIGINS:
+        raise _EntryError(f"origin is {_short_repr(origin)}, not one of {', '.join(BOX_ORIGINS)}")
+    box = Box(
+        slice=ints["slice"],
+        y0=ints["y0"],
+        x0=ints["x0"],
+        y1=ints["y1"],
+        x1=ints["x1"],
+        class_name=row["class"],
+        score=score,
+        area_mm2=_field("area_mm2", row.get("area_mm2", 0.0), _as_float, "not a number"),
+        origin=origin,
+        source=str(row.get("source") or ""),
+    )
     if box.y1 <= box.y0 or box.x1 <= box.x0:
-        raise ValueError(f"{where}empty box (y0={box.y0}, y1={box.y1}, x0={box.x0}, x1={box.x1})")
+        raise _EntryError(f"empty box (y0={box.y0}, y1={box.y1}, x0={box.x0}, x1={box.x1})")
     return box
+
+
+def _field(key: str, value, parse, what: str):
+    try:
+        return parse(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _EntryError(f"{key} is {_short_repr(value)}, {what}") from exc
+
+
+def _short_repr(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_int(value) -> int:
@@ -199,6 +247,9 @@ def _as_int(value) -> int:
         raise ValueError(f"expected an integer, got {value!r}")
     if isinstance(value, int):
         return value
+    if isinstance(value, str) and len(value) > 40:
+        # int() of a long digit string is quadratic in its length
+        raise ValueError("expected an integer, got a string of more than 40 characters")
     f = float(value)
     if not f.is_integer():
         raise ValueError(f"expected an integer, got {value!r}")
@@ -209,6 +260,8 @@ def _as_float(value) -> float:
     # JSON has no NaN: a missing score (a box the user drew) is written as null / an empty cell.
     if value is None or value == "":
         return math.nan
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
     return float(value)
 
 
@@ -346,7 +399,14 @@ def backup_path(path: Path) -> Path:
 
 # ------------------------------------------------------------------------------ loading
 def load_boxes(path, expected_geometry: dict | None = None) -> tuple[list[Box], dict]:
-    """Read boxes written by :func:`save_boxes`.
+    """Read boxes written by :func:`save_boxes`, or such a file edited by hand.
+
+    What makes the whole file unusable raises :class:`BoxFileError` (a ValueError) naming the file:
+    unreadable, larger than :data:`MAX_BOXES_FILE_BYTES`, not this format, a newer version, a
+    missing or broken geometry block, or made on another CT than ``expected_geometry``. A bad
+    entry only costs itself: a box with a missing field, a NaN/inf or fractional corner, an empty
+    extent, an unknown origin, or lying outside the CT grid is skipped, listed in ``meta["skipped"]``
+    and logged as one warning naming the file. Unknown extra fields are ignored.
 
     Parameters
     ----------
@@ -354,118 +414,256 @@ def load_boxes(path, expected_geometry: dict | None = None) -> tuple[list[Box], 
         A ``.json`` or ``.csv`` boxes file.
     expected_geometry : dict, optional
         ``geometry()`` of the CT the boxes are meant for. When given and the file was
-        made on a different grid, a ValueError naming both geometries is raised.
+        made on a different grid, a BoxFileError naming both geometries is raised.
 
     Returns
     -------
     boxes : list of Box
     meta : dict
-        ``format``, ``version``, ``series_key``, ``geometry`` (None for CSV), ``model``, ``classes``.
+        ``format``, ``version``, ``series_key``, ``geometry`` (None for CSV), ``model``, ``classes``,
+        ``reviewed_slices`` and ``skipped`` (``"box 3: missing field x1"``, one line per entry left
+        out; see :func:`describe_skipped`).
     """
     path = Path(path)
     try:
         size = path.stat().st_size
         if size > MAX_BOXES_FILE_BYTES:
-            raise ValueError(
+            raise BoxFileError(
                 f"boxes file {path.name} is {size / 2**20:.0f} MiB; a box file of this plugin is at most "
                 f"{MAX_BOXES_FILE_BYTES / 2**20:.0f} MiB (about a million boxes), so it is not read"
             )
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read boxes file {path.name}: {exc}") from exc
+        raise BoxFileError(f"cannot read boxes file {path.name}: {exc}") from exc
     if path.suffix.lower() == ".csv":
-        return _load_csv(text, path.name, expected_geometry)
-    return _load_json(text, path.name, expected_geometry)
+        boxes, meta = _load_csv(text, path.name, expected_geometry)
+    else:
+        boxes, meta = _load_json(text, path.name, expected_geometry)
+    if meta["skipped"]:
+        logger.warning("%s", describe_skipped(path.name, meta["skipped"]))
+    return boxes, meta
+
+
+def describe_skipped(name: str, skipped: Sequence[str], limit: int = 5) -> str:
+    """One message for the entries a load left out, e.g. for the viewer's warning."""
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    shown = "; ".join(skipped[:limit]) + more
+    return f"{name}: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} skipped ({shown})"
 
 
 def _load_json(text: str, name: str, expected_geometry: dict | None) -> tuple[list[Box], dict]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{name} is not valid JSON: {exc}") from exc
+        raise BoxFileError(f"{name} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BoxFileError(f"{name} is not a boxes file: JSON nested too deeply to read") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise ValueError(f"{name} is not a {FORMAT_NAME} file (missing 'format': '{FORMAT_NAME}')")
+        raise BoxFileError(f"{name} is not a {FORMAT_NAME} file (missing 'format': '{FORMAT_NAME}')")
     version = doc.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ValueError(
-            f"{name} has boxes format version {version!r}; this napari-wscovid reads version "
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
+        raise BoxFileError(
+            f"{name} has boxes format version {_short_repr(version)}; this napari-wscovid reads version "
             f"{FORMAT_VERSION} or older"
         )
-    geometry = doc.get("geometry")
-    _geometry_arrays(geometry if isinstance(geometry, dict) else {})
+    geometry = _file_geometry(doc.get("geometry"), name)
     if expected_geometry is not None:
         diff = geometry_mismatch(geometry, expected_geometry)
         if diff:
-            raise ValueError(
+            raise BoxFileError(
                 f"the boxes in {name} were made on a CT with a different geometry ({diff}). "
                 f"Boxes: {_format_geometry(geometry)}; this CT: {_format_geometry(expected_geometry)}"
             )
     rows = doc.get("boxes")
     if not isinstance(rows, list):
-        raise ValueError(f"{name}: 'boxes' must be a list")
-    boxes = [row_to_box(r, f"{name} box {i}: ") for i, r in enumerate(rows)]
-    _check_in_grid(boxes, geometry, name)
+        raise BoxFileError(f"{name}: 'boxes' must be a list")
+    skipped: list[str] = []
+    boxes = _parse_entries(rows, "box", 0, skipped)
+    boxes = _in_grid(boxes, geometry, "box", skipped)
     meta = {
         "format": FORMAT_NAME,
         "version": version,
-        "series_key": str(doc.get("series_key", "")),
+        "series_key": str(doc.get("series_key") or ""),
         "geometry": geometry,
-        "model": dict(doc.get("model") or {}),
-        "classes": list(doc.get("classes") or []),
-        "reviewed_slices": _reviewed(doc.get("reviewed_slices", []), geometry, name),
+        "model": _model_info(doc.get("model"), skipped),
+        "classes": _class_names(doc.get("classes"), skipped),
+        "reviewed_slices": _reviewed(doc.get("reviewed_slices", []), geometry, skipped),
+        "skipped": [reason for _, reason in sorted(skipped, key=_order)] if skipped else [],
     }
-    return boxes, meta
+    _note_unknown_fields(rows, name)
+    return [box for _, box in boxes], meta
 
 
-def _reviewed(value, geometry: dict, name: str) -> list[int]:
-    """The reviewed-slice list of a JSON document, checked against the CT grid."""
+def _parse_entries(rows, label: str, first: int, skipped: list) -> _Entries:
+    """(index, box) of the usable entries; ``(index, reason)`` of the others appended to ``skipped``."""
+    boxes = []
+    for i, row in enumerate(rows, start=first):
+        try:
+            boxes.append((i, _parse_entry(row)))
+        except _EntryError as exc:
+            skipped.append((i, f"{label} {i}: {exc}"))
+    return boxes
+
+
+def _order(item):
+    index, _ = item
+    return (1, 0) if index is None else (0, index)
+
+
+def _in_grid(boxes: _Entries, geometry: dict, label: str, skipped: list) -> _Entries:
+    nz, ny, nx = _geometry_arrays(geometry)[3]
+    kept = []
+    for i, b in boxes:
+        if 0 <= b.slice < nz and 0 <= b.y0 and b.y1 <= ny and 0 <= b.x0 and b.x1 <= nx:
+            kept.append((i, b))
+        else:
+            skipped.append(
+                (
+                    i,
+                    f"{label} {i}: slice {b.slice}, y {b.y0}..{b.y1}, x {b.x0}..{b.x1} lies "
+                    f"outside the CT grid {[nz, ny, nx]}",
+                )
+            )
+    return kept
+
+
+def _file_geometry(geometry, name: str) -> dict:
+    """The JSON file's grid, checked enough that napari can place a layer on it."""
+    try:
+        spacing, origin, direction, shape = _geometry_arrays(geometry if isinstance(geometry, dict) else {})
+    except ValueError as exc:
+        raise BoxFileError(f"{name}: {exc}") from exc
+    problems = []
+    if not all(n >= 1 for n in shape):
+        problems.append(f"shape {list(shape)} has an empty axis")
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        problems.append(f"spacing {spacing.tolist()} is not finite and positive")
+    if not (np.all(np.isfinite(origin)) and np.all(np.isfinite(direction))):
+        problems.append("origin or direction is not finite")
+    if problems:
+        raise BoxFileError(f"{name}: invalid CT geometry: {'; '.join(problems)}")
+    return _plain_geometry(geometry)
+
+
+def _model_info(value, skipped: list) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        skipped.append((None, f"'model' is {_short_repr(value)}, not an object; ignored"))
+        return {}
+    return dict(value)
+
+
+def _class_names(value, skipped: list) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        skipped.append((None, f"'classes' is {_short_repr(value)}, not a list of names; ignored"))
+        return []
+    return list(value)
+
+
+def _reviewed(value, geometry: dict, skipped: list) -> list[int]:
+    """The reviewed-slice list of a JSON document; indices outside the CT grid are skipped."""
     n_slices = _geometry_arrays(geometry)[3][0]
-    if not isinstance(value, list) or not all(isinstance(z, int) and 0 <= z < n_slices for z in value):
-        raise ValueError(f"{name}: 'reviewed_slices' must be a list of slice indices 0..{n_slices - 1}")
-    return sorted(set(value))
+    if not isinstance(value, list):
+        skipped.append((None, f"'reviewed_slices' is {_short_repr(value)}, not a list; ignored"))
+        return []
+
+    def valid(z) -> bool:
+        return isinstance(z, int) and not isinstance(z, bool) and 0 <= z < n_slices
+
+    good = {z for z in value if valid(z)}
+    bad = [z for z in value if not valid(z)]
+    if bad:
+        skipped.append(
+            (None, f"'reviewed_slices' entries {_short_repr(bad)} are not slice indices 0..{n_slices - 1}")
+        )
+    return sorted(good)
+
+
+def _note_unknown_fields(rows: list, name: str) -> None:
+    unknown = set()
+    for row in rows:
+        if isinstance(row, dict):
+            unknown.update(k for k in row if k not in COLUMNS)
+    if unknown:
+        logger.info("%s: unknown box fields ignored: %s", name, _short_repr(sorted(map(str, unknown)), 200))
 
 
 def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[list[Box], dict]:
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(f"{name} is not a boxes CSV: missing columns {missing}")
-    boxes, mm_rows = [], []
-    for i, row in enumerate(reader):
-        boxes.append(row_to_box(row, f"{name} row {i + 2}: "))
-        mm_rows.append(row)
+    skipped: list = []
+    try:
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise BoxFileError(f"{name} is not a boxes CSV: missing columns {missing}")
+        # rows are named by their line in the file (the header is line 1)
+        rows = list(reader)
+    except csv.Error as exc:
+        raise BoxFileError(f"{name} is not a readable CSV (line {reader.line_num}): {exc}") from exc
+    boxes = _parse_entries(rows, "row", 2, skipped)
+    # a CSV row's mm corners are needed to check it against a CT: a blank one is a missing field
+    for k in range(len(boxes) - 1, -1, -1):
+        i, _ = boxes[k]
+        blank = [c for c in _MM_COLUMNS if rows[i - 2].get(c) in (None, "")]
+        if blank:
+            skipped.append((i, f"row {i}: missing field{'s' if len(blank) > 1 else ''} {', '.join(blank)}"))
+            del boxes[k]
     if expected_geometry is not None:
         # A CSV carries no geometry block, but its mm columns pin down origin and spacing:
         # recompute them on the expected grid and refuse if they disagree.
-        _check_in_grid(boxes, expected_geometry, name)
-        for box, row in zip(boxes, mm_rows, strict=True):
-            expected = box_corners_mm(box, expected_geometry)
-            stored = {k: float(row[k]) for k in _MM_COLUMNS}
-            if any(abs(stored[k] - expected[k]) > _ORIGIN_TOL for k in _MM_COLUMNS):
-                raise ValueError(
-                    f"the boxes in {name} were made on a CT with a different geometry: box on slice "
-                    f"{box.slice} has mm corners {stored} but on this CT "
-                    f"({_format_geometry(expected_geometry)}) they would be {expected}"
-                )
+        boxes = _in_grid(boxes, expected_geometry, "row", skipped)
+        boxes = _csv_mm_agree(boxes, rows, expected_geometry, name, skipped)
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "series_key": "",
         "geometry": None,
         "model": {},
-        "classes": sorted({b.class_name for b in boxes}),
+        "classes": sorted({b.class_name for _, b in boxes}),
         "reviewed_slices": [],
+        "skipped": [reason for _, reason in sorted(skipped, key=_order)],
     }
-    return boxes, meta
+    return [box for _, box in boxes], meta
 
 
-def _check_in_grid(boxes: list[Box], geometry: dict, name: str) -> None:
-    shape = _geometry_arrays(geometry)[3]
-    for b in boxes:
-        if not (
-            0 <= b.slice < shape[0] and 0 <= b.y0 and b.y1 <= shape[1] and 0 <= b.x0 and b.x1 <= shape[2]
-        ):
-            raise ValueError(f"{name}: box {b.as_dict()} lies outside the CT grid {list(shape)}")
+def _csv_mm_agree(boxes: _Entries, rows, geometry: dict, name: str, skipped: list) -> _Entries:
+    """Keep the rows whose mm corners match their voxel corners on ``geometry``.
+
+    When no row matches, the file was made on another CT (refused, naming both grids); when some
+    do, the others were edited by hand in one set of columns only, and are skipped.
+    """
+    if not boxes:
+        return boxes
+    stored = np.array([[float(rows[i - 2][k]) for k in _MM_COLUMNS] for i, _ in boxes])
+    expected = _corners_mm_array([b for _, b in boxes], geometry)
+    agree = np.all(np.abs(stored - expected) <= _ORIGIN_TOL, axis=1)
+    if not agree.any():
+        box = boxes[0][1]
+        raise BoxFileError(
+            f"the boxes in {name} were made on a CT with a different geometry: box on slice "
+            f"{box.slice} has mm corners {dict(zip(_MM_COLUMNS, stored[0].tolist(), strict=True))} but on "
+            f"this CT ({_format_geometry(geometry)}) they would be "
+            f"{dict(zip(_MM_COLUMNS, expected[0].tolist(), strict=True))}"
+        )
+    for k in np.flatnonzero(~agree):
+        i = boxes[k][0]
+        skipped.append(
+            (
+                i,
+                f"row {i}: mm corners {stored[k].tolist()} do not match its voxel corners on this CT "
+                f"({expected[k].tolist()}); one set of columns was edited without the other",
+            )
+        )
+    return [entry for entry, ok in zip(boxes, agree, strict=True) if ok]
+
+
+def _corners_mm_array(boxes: Sequence[Box], geometry: dict) -> np.ndarray:
+    """:func:`box_corners_mm` of many boxes at once, (n, 5) in :data:`_MM_COLUMNS` order."""
+    idx = np.array([[[b.slice, b.y0 - 0.5, b.x0 - 0.5], [b.slice, b.y1 - 0.5, b.x1 - 0.5]] for b in boxes])
+    world = geometry_index_to_world(geometry, idx.reshape(-1, 3).astype(float)).reshape(-1, 2, 3)
+    return np.column_stack([world[:, 0, 0], world[:, 0, 1], world[:, 0, 2], world[:, 1, 1], world[:, 1, 2]])
 
 
 # ------------------------------------------------------------- napari rectangles <-> boxes
