@@ -10,19 +10,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from training.evaluate import (
+from training.evaluate import main
+from training.evaluation import detect_cases
+from training.evaluation.detect_cases import run_case, score_boxes, slices_to_explain
+from training.evaluation.heldout import (
     EXTRA_PHANTOM_SEED_BASE,
     Case,
-    Settings,
     build_heldout,
     extra_phantoms,
     heldout_phantoms,
-    main,
-    run_case,
-    score_boxes,
-    slices_to_explain,
-    summarise,
 )
+from training.evaluation.settings import Settings
+from training.evaluation.summary import summarise
 from training.localisation import MatchCounts, component_rects, match_slice, ratio_with_ci, rect_iou
 
 CLASSES = ("NP", "CAP", "COVID-19")
@@ -131,7 +130,7 @@ def test_a_patient_level_method_gets_na_slice_metrics_and_its_own_boxes_scored(m
         )
 
     monkeypatch.setattr("napari_wscovid.pipeline.detect", fake_detect)
-    monkeypatch.setattr("training.evaluate.model_architecture", lambda *_: "decovnet-zheng2020")
+    monkeypatch.setattr(detect_cases, "model_architecture", lambda *_: "decovnet-zheng2020")
     settings = Settings(models=["x"], out=Path("."), n_boot=20)
     summary = summarise([run_case(case, volume, "x", settings)], settings, volumetric=True)
     assert summary["slice"] is None and summary["covid_vs_rest_slice_auc"] is None
@@ -169,7 +168,7 @@ def test_a_slice_method_is_scored_on_the_slices_it_explained(monkeypatch):
         )
 
     monkeypatch.setattr("napari_wscovid.pipeline.detect", fake_detect)
-    monkeypatch.setattr("training.evaluate.model_architecture", lambda *_: "fecnn-wu2021")
+    monkeypatch.setattr(detect_cases, "model_architecture", lambda *_: "fecnn-wu2021")
     settings = Settings(models=["x"], out=Path("."), n_boot=20)
     outcome = run_case(case, volume, "x", settings)
     assert outcome.unexplained["predicted NP"] == 1

@@ -47,7 +47,7 @@ def recalibrate(
     import safetensors
 
     from napari_wscovid.models.registry import load_model, save_model
-    from training.evaluate import load_training_config
+    from training.evaluation.heldout import load_training_config
     from training.train_classifier import DistInfo, build_data, calibrate_on
 
     if Path(out).exists() and not overwrite:

@@ -143,7 +143,7 @@ def synthetic_cases(
 
 def medseg_rows(weights_files, root: Path, device: str, seen: set[str]) -> list[dict]:
     from napari_wscovid import detect, load_ct
-    from training.evaluate import medseg_mask
+    from training.evaluation.heldout import medseg_mask
 
     rows = []
     for path in sorted((root / "images").iterdir()):

@@ -9,6 +9,7 @@ percentile bootstrap intervals; when patient ids are given, whole patients are r
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,38 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
         n_pos, n_neg = int(y.sum()), int((~y).sum())
         return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
     return float(roc_auc_score(y, score))
+
+
+def patient_groups(patient_ids: Sequence[str]) -> list[np.ndarray]:
+    """The sample indices of each patient (sorted by id): the bootstrap's resampling units."""
+    _, inverse = np.unique(np.asarray(patient_ids), return_inverse=True)
+    return [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+
+
+def auc_with_ci(y: np.ndarray, score: np.ndarray, groups: Sequence[str], n_boot: int, seed: int) -> dict:
+    """ROC AUC of binary ``y`` with a percentile bootstrap over groups (patients):
+    ``value, lower, upper, n, positives[, patients]``, NaN when one class is absent."""
+    y = np.asarray(y, dtype=int)
+    if not 0 < y.sum() < len(y):
+        nan = float("nan")
+        return {"value": nan, "lower": nan, "upper": nan, "n": len(y), "positives": int(y.sum())}
+    score = np.asarray(score, dtype=float)
+    members = patient_groups(groups)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if 0 < y[idx].sum() < len(idx):
+            boots.append(roc_auc(y[idx], score[idx]))
+    lower, upper = (float(q) for q in np.quantile(boots, [0.025, 0.975])) if boots else (math.nan, math.nan)
+    return {
+        "value": roc_auc(y, score),
+        "lower": lower,
+        "upper": upper,
+        "n": len(y),
+        "positives": int(y.sum()),
+        "patients": len(members),
+    }
 
 
 def point_metrics(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, np.ndarray]:
@@ -185,8 +218,7 @@ def classification_report(
     point = point_metrics(y_true, y_prob)
     rng = np.random.default_rng(seed)
     if patient_ids is not None:
-        _, inverse = np.unique(np.asarray(patient_ids), return_inverse=True)
-        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        members = patient_groups(patient_ids)
         n_units = len(members)
     else:
         members, n_units = None, len(y_true)
