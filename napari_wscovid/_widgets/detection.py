@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEvent, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -94,6 +94,16 @@ def _guarded(func, *args, **kwargs):
         return (yield from func(*args, **kwargs))
     except RuntimeError as exc:
         raise WorkerError(str(exc)) from exc
+
+
+def _qt_alive(widget) -> bool:
+    """Whether the Qt object behind ``widget`` still exists (a closed viewer deletes its docks
+    while their workers may still report)."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _camera(viewer):
@@ -178,6 +188,7 @@ class DetectionWidget(QWidget):
         self._result_scope = ""
         self._trackers: dict[int, L.BoxEditTracker] = {}
         self._slice_worker = None
+        self._closed = False  # the dock was closed: workers still ending must not touch the viewer
         self._run_params: dict = {}
         self._explained: set[int] = set()
         self._pending_slice: int | None = None
@@ -289,12 +300,18 @@ class DetectionWidget(QWidget):
         self._slice_timer.timeout.connect(self._explain_current_slice)
 
         layers_events = self._viewer.layers.events
-        layers_events.inserted.connect(self._on_layers_changed)
-        layers_events.removed.connect(self._on_layers_changed)
-        self._viewer.dims.events.current_step.connect(self._on_current_step)
-        self._viewer.dims.events.order.connect(self._orient_head_up)
-        self._viewer.dims.events.ndisplay.connect(self._orient_head_up)
-        self._viewer.dims.events.ndisplay.connect(self._show_3d)
+        dims_events = self._viewer.dims.events
+        # kept to be undone when the dock closes: a closed dock must not react to the viewer
+        self._viewer_connections = [
+            (layers_events.inserted, self._on_layers_changed),
+            (layers_events.removed, self._on_layers_changed),
+            (dims_events.current_step, self._on_current_step),
+            (dims_events.order, self._orient_head_up),
+            (dims_events.ndisplay, self._orient_head_up),
+            (dims_events.ndisplay, self._show_3d),
+        ]
+        for emitter, callback in self._viewer_connections:
+            emitter.connect(callback)
         self._hidden_in_3d: list = []  # layers hidden on entering 3-D, shown again in 2-D
         self._refresh_ct_layers()
         for layer in self._viewer.layers:
@@ -465,6 +482,43 @@ class DetectionWidget(QWidget):
             kwargs["ig_steps"] = int(self._ig_steps.value())
         return kwargs
 
+    # ------------------------------------------------------------------ closing
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt override)
+        self._shutdown()
+        super().closeEvent(event)
+
+    def changeEvent(self, event) -> None:  # noqa: N802 (Qt override)
+        # napari closes a dock by taking its widget out of the window (setParent(None)), without
+        # closing it: losing the parent after having one is the dock being closed.
+        if event.type() == QEvent.ParentChange:
+            if self.parent() is not None:
+                self._had_parent = True
+            elif getattr(self, "_had_parent", False):
+                self._shutdown()
+        super().changeEvent(event)
+
+    def _shutdown(self) -> None:
+        """The dock is closing: save pending box edits, stop every worker, stop listening to the
+        viewer. A run in progress is cancelled and its result, if it still arrives, discarded."""
+        if self._closed:
+            return
+        if self._autosave_timer.isActive():
+            self._autosave_timer.stop()
+            self._autosave()  # an edit made in the last second is not lost with the dock
+        self._closed = True
+        self._slice_timer.stop()
+        self._stop_slice_worker()
+        if self._worker is not None:
+            self._worker.quit()
+        for emitter, callback in self._viewer_connections:
+            emitter.disconnect(callback)
+        for layer in self._viewer.layers:
+            if id(layer) in self._trackers:
+                layer.events.features.disconnect(self._refresh_box_list)
+                layer.events.data.disconnect(self._schedule_autosave)
+                layer.events.features.disconnect(self._schedule_autosave)
+                self._trackers.pop(id(layer)).disconnect()
+
     # ------------------------------------------------------------------ running
     def _on_run_clicked(self) -> None:
         if self._worker is not None:
@@ -504,6 +558,9 @@ class DetectionWidget(QWidget):
                 "finished": self._on_worker_finished,
             },
         )
+        # A dock deleted with its viewer gets no more reports (Qt drops connections to deleted
+        # receivers): its deletion itself stops the run.
+        self.destroyed.connect(self._worker.quit)
 
     def _on_cancel_clicked(self) -> None:
         if self._worker is None:
@@ -518,6 +575,10 @@ class DetectionWidget(QWidget):
             self._progress.setRange(0, 0)  # busy until the first progress report
 
     def _on_progress(self, update) -> None:
+        if self._closed or not _qt_alive(self):
+            if self._worker is not None:
+                self._worker.quit()  # the dock or the viewer is gone: stop at the next report
+            return
         try:
             done, total, message = update
             total = max(int(total), 1)
@@ -528,6 +589,8 @@ class DetectionWidget(QWidget):
         self._status.setText(str(message))
 
     def _on_detection_done(self, result: DetectionResult) -> None:
+        if self._closed or not _qt_alive(self):
+            return  # the dock was closed during the run: nobody asked for these layers any more
         layer = self._run_ct
         if layer is None or layer not in self._viewer.layers:
             show_warning("The CT layer was closed while detection ran; the result was discarded.")
@@ -548,14 +611,20 @@ class DetectionWidget(QWidget):
 
     def _on_detection_errored(self, exc: Exception) -> None:
         logger.debug("detection failed", exc_info=exc)
+        if self._closed or not _qt_alive(self):
+            return
         self._status.setText("Failed; no layers were changed.")
         show_error(f"Detection failed: {exc}")
 
     def _on_detection_aborted(self) -> None:
+        if self._closed or not _qt_alive(self):
+            return
         self._status.setText("Cancelled; no layers were changed.")
 
     def _on_worker_finished(self) -> None:
         self._worker = None
+        if self._closed or not _qt_alive(self):
+            return
         self._set_running(False)
         self._progress.setRange(0, 1)
         # a finished run shows a full bar; a cancelled or failed one an empty bar
