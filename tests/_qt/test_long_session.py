@@ -145,6 +145,7 @@ def test_memory_is_flat_over_ten_full_runs(session, viewer, qtbot, errors):
         assert widget._run_succeeded and errors == []
         gc.collect()
         rss.append(process.memory_info().rss)
+    print("RSS MiB after each run:", [round(r / 2**20) for r in rss])
     assert rss[-1] <= 1.10 * rss[0], [f"{r / 2**20:.0f} MiB" for r in rss]
 
 
