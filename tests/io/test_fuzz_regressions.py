@@ -1,0 +1,52 @@
+"""Inputs the fuzzers (fuzz/) found that broke a reader, kept so the fixes stay fixed.
+
+Each file under tests/data/fuzz_regressions/ is the crashing input as atheris wrote it; each
+must now be refused with the reader's own error naming the file, and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from napari_wscovid.io import CTLoadError, load_ct
+
+CASES = Path(__file__).resolve().parents[1] / "data" / "fuzz_regressions"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        # pylibjpeg-rle panicked on a corrupt segment; pyo3's PanicException is a BaseException, so it
+        # passed the per-file `except Exception` and took the whole load down
+        ("rle_decoder_panic.dcm", "(nothing padded): rle_decoder_panic.dcm: PanicException"),
+        # a transfer syntax UID parsed as a sequence: pydicom failed only when the header was read
+        ("lazy_element_fails_in_header.dcm", "unreadable DICOM header (BytesLengthException)"),
+        # an element after the pixel data made GDCM allocate 2 GB for a 1 kB file; pydicom cannot re-write
+        # it either, so it is refused
+        ("element_after_pixel_data_gdcm_2gb.dcm", "TypeError: encoding without a string argument"),
+    ],
+)
+def test_fuzzed_dicom_is_refused_by_name(name, reason):
+    with pytest.raises(CTLoadError, match=name) as info:
+        load_ct(CASES / name)
+    assert reason in str(info.value)
+
+
+def test_gdcm_reads_a_rewritten_copy_without_the_trailing_garbage(monkeypatch):
+    """A stray element after the pixel data of an enhanced CT made GDCM take 3.6 GB; GDCM now gets
+    pydicom's copy without it, and the two frames load."""
+    import SimpleITK as sitk
+
+    given = []
+
+    class Recording(sitk.ImageFileReader):
+        def SetFileName(self, name):  # noqa: N802 (SimpleITK's name)
+            given.append(name)
+            return super().SetFileName(name)
+
+    monkeypatch.setattr(sitk, "ImageFileReader", Recording)
+    volume = load_ct(CASES / "trailing_element_gdcm_3gb.dcm")
+    assert volume.shape == (2, 8, 8)
+    assert len(given) == 1 and not given[0].endswith("trailing_element_gdcm_3gb.dcm")
