@@ -294,3 +294,40 @@ def test_damaged_weights_are_refused_by_name_before_use(tmp_path, damage):
     clear_cache()
     with pytest.raises(ModelLoadError, match="mine.safetensors"):
         load_model(path, device="cpu", cache=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"widths": [4, 8, 8, 16, 2_000_000]}, "widths (4, 8, 8, 16, 2000000) is not made of whole numbers"),
+        ({"depths": [1, 1, 1, 1, 100_000]}, "depths (1, 1, 1, 1, 100000) is not made of whole numbers 1..64"),
+        ({"classes": 5}, "classes 5 is not a list"),
+        ({"input_size": "x"}, "input_size 'x'"),
+        ({"widths": [4, 8, 8, 16]}, "config does not describe a wsnet-hu2020 network"),
+    ],
+)
+def test_a_config_that_lies_about_the_network_is_refused_by_name(tmp_path, monkeypatch, change, reason):
+    """Found by fuzzing: a config asking for 100,000 layers took 26 s and 2.5 GB before the shape
+    check; one of the wrong type escaped as a TypeError. Out-of-range configs are refused before any
+    network is built."""
+    import struct
+
+    path = tmp_path / "lying.safetensors"
+    save_model(WSNet(tiny_config(input_size=32)), path, name="lying", version="1")
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    config = {**json.loads(header["__metadata__"]["config"]), **change}
+    header["__metadata__"]["config"] = json.dumps(config)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+    if "whole numbers" in reason:
+
+        def never(self, *args, **kwargs):
+            raise AssertionError("a network was built from a config out of bounds")
+
+        monkeypatch.setattr(WSNet, "__init__", never)
+    with pytest.raises(ModelLoadError, match="lying.safetensors") as info:
+        load_model(path, device="cpu", cache=False)
+    assert reason in str(info.value)

@@ -21,6 +21,7 @@ error naming the missing file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -384,12 +385,47 @@ def _config_from(meta: dict, state: dict, entry: dict | None, path: Path):
             data = json.loads(meta["config"])
             architecture = data.get("architecture") or meta.get("architecture") or WSNetConfig.architecture
             config_cls, _ = architecture_classes(architecture)
-            return config_cls.from_dict(data)
+            config = config_cls.from_dict(data)
         except ModelLoadError as exc:  # an architecture this plugin does not know
             raise ModelLoadError(f"{path.name}: {exc}") from exc
         except (ValueError, TypeError, AttributeError) as exc:
             raise ModelLoadError(f"{path.name}: unreadable config in metadata: {exc}") from exc
-    return _infer_config(state, entry, path)
+    else:
+        config = _infer_config(state, entry, path)
+    _check_config(config, path)
+    return config
+
+
+# Bounds on a config read from a file: far above every network here (widths up to 512, depths up to
+# 4, inputs up to 512), low enough that a config lying about the network cannot make building it
+# take gigabytes or minutes (fuzzing: depth 100,000 took 26 s and 2.5 GB before any check ran).
+_MAX_CONFIG_INT = 4096
+_MAX_DEPTH = 64
+_MAX_CLASSES = 64
+
+
+def _check_config(config, path: Path) -> None:
+    """Refuse a config whose fields are not what its architecture's dataclass declares."""
+    problems = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "architecture":
+            continue
+        if field.name == "classes":
+            names = isinstance(value, tuple) and all(isinstance(c, str) for c in value)
+            if not (names and 0 < len(value) <= _MAX_CLASSES):
+                problems.append(f"classes {value!r} is not a list of 1 to {_MAX_CLASSES} class names")
+        elif field.name == "dropout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                problems.append(f"dropout {value!r} is not a probability below 1")
+        else:
+            limit = _MAX_DEPTH if field.name == "depths" else _MAX_CONFIG_INT
+            items = value if isinstance(value, tuple) else (value,)
+            whole = all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in items)
+            if not (items and whole):
+                problems.append(f"{field.name} {value!r} is not made of whole numbers 1..{limit}")
+    if problems:
+        raise ModelLoadError(f"{path.name}: invalid config in metadata: {'; '.join(problems)}")
 
 
 def _infer_config(state: dict, entry: dict | None, path: Path) -> WSNetConfig:
@@ -446,7 +482,13 @@ def _check_compatible(config, state: dict, entry: dict | None, expected_classes,
             f"but {len(tuple(wanted))} classes {list(wanted)} were expected"
         )
     _, model_cls = architecture_classes(config.architecture)
-    reference = model_cls(config).state_dict()
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated for a config that lies
+            reference = model_cls(config).state_dict()
+    except Exception as exc:  # a config its network cannot be built from (wrong number of widths...)
+        raise ModelLoadError(
+            f"{path.name}: config does not describe a {config.architecture} network ({exc})"
+        ) from exc
     missing = [k for k in reference if k not in state]
     unexpected = [k for k in state if k not in reference]
     wrong = [
