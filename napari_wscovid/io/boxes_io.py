@@ -551,7 +551,11 @@ def _model_info(value, skipped: list) -> dict:
     if not isinstance(value, dict):
         skipped.append((None, f"'model' is {_short_repr(value)}, not an object; ignored"))
         return {}
-    return dict(value)
+    # the model's name, version and hash are text; anything else would break the next export
+    dropped = sorted(str(k) for k, v in value.items() if not isinstance(v, str))
+    if dropped:
+        skipped.append((None, f"'model' fields {_short_repr(dropped)} are not text; ignored"))
+    return {k: v for k, v in value.items() if isinstance(v, str)}
 
 
 def _class_names(value, skipped: list) -> list[str]:

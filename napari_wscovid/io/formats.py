@@ -85,6 +85,8 @@ def reorient_nearest_identity(hu, spacing, origin, direction, mask=None):
 def _finish(name, data, spacing, origin, direction, source, warnings, *, check_hu=True) -> CTVolume:
     """Float32 data, HU check, NaN and padding masking, reorientation: the common tail of every reader."""
     hu = np.asarray(data, dtype=np.float32)
+    if hu.size == 0:
+        raise CTLoadError(f"{name}: image of shape {hu.shape} has no voxels; refused")
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         raise CTLoadError(
             f"{name}: voxel spacing {tuple(spacing)} is zero, negative or not a number; refused"

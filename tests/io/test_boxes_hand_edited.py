@@ -129,6 +129,18 @@ def test_bad_metadata_entries_are_ignored_and_named(tmp_path):
     assert any(s.startswith("'model' is ['wsnet']") for s in meta["skipped"])
 
 
+def test_model_fields_that_are_not_text_are_dropped_so_the_next_export_works(tmp_path):
+    path = save_boxes(tmp_path / "b.boxes.json", BOXES, GEOMETRY, model={"name": "wsnet", "version": "2"})
+    doc = json.loads(path.read_text())
+    doc["model"]["version"] = float("nan")  # json.dumps(allow_nan=False) would refuse it on export
+    path.write_text(json.dumps(doc, allow_nan=True))
+    boxes, meta = load_boxes(path)
+    assert meta["model"] == {"name": "wsnet", "sha256": ""}
+    assert meta["skipped"] == ["'model' fields ['version'] are not text; ignored"]
+    again = save_boxes(tmp_path / "again.boxes.json", boxes, GEOMETRY, model=meta["model"])
+    assert load_boxes(again)[1]["model"]["name"] == "wsnet"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

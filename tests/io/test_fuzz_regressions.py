@@ -26,9 +26,11 @@ CASES = Path(__file__).resolve().parents[1] / "data" / "fuzz_regressions"
         # an element after the pixel data made GDCM allocate 2 GB for a 1 kB file; pydicom cannot re-write
         # it either, so it is refused
         ("element_after_pixel_data_gdcm_2gb.dcm", "TypeError: encoding without a string argument"),
+        # a NIfTI header with a zero-length axis loaded as a (0, 3, 4) volume napari cannot show
+        ("zero_length_axis.nii", "image of shape (0, 3, 4) has no voxels"),
     ],
 )
-def test_fuzzed_dicom_is_refused_by_name(name, reason):
+def test_fuzzed_file_is_refused_by_name(name, reason):
     with pytest.raises(CTLoadError, match=name) as info:
         load_ct(CASES / name)
     assert reason in str(info.value)
