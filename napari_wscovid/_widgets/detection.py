@@ -402,6 +402,9 @@ class DetectionWidget(QWidget):
             self._refresh_box_list()
 
     def _schedule_autosave(self, event=None) -> None:
+        tracker = self._trackers.get(id(getattr(event, "source", None)))
+        if tracker is not None and tracker.is_paused:
+            return  # detection's own boxes being shown: nothing of the annotator's to keep
         self._autosave_timer.start()
 
     def _autosave(self) -> None:
@@ -700,7 +703,8 @@ class DetectionWidget(QWidget):
 
             layer = self._viewer.add_layer(Layer.create(data, kwargs, "shapes"))
             self._watch_boxes_layer(layer)
-            L.refresh_box_colors(layer)
+            with self._trackers[id(layer)].paused():
+                L.refresh_box_colors(layer)
         else:
             self._replace_boxes(layer, list(reading.boxes), kwargs)
         self._refresh_box_list()
@@ -930,6 +934,7 @@ class DetectionWidget(QWidget):
         index = self._current_slice()
         if layer is not None and index >= 0:
             L.set_slice_reviewed(layer, index, checked)
+            self._schedule_autosave()  # a metadata change: the layer emits no event for it
 
     def _on_set_class_clicked(self) -> None:
         layer = self._boxes_layer()

@@ -388,6 +388,11 @@ class BoxEditTracker:
     def disconnect(self) -> None:
         self.layer.events.data.disconnect(self._on_data)
 
+    @property
+    def is_paused(self) -> bool:
+        """Whether the layer is being changed by the program, not the user."""
+        return self._paused > 0
+
     @contextmanager
     def paused(self):
         """Change the layer without recording edits."""

@@ -145,3 +145,30 @@ def test_edits_are_autosaved_and_offered_back_after_a_crash(
     assert sorted((b.slice, b.y0, b.x0, b.y1, b.x1, b.origin) for b in L.layer_boxes(restored)) == edited
     assert L.layer_rejected(restored), "the deletion came back as a rejected box"
     assert errors == []
+
+
+def test_runs_without_edits_leave_no_autosave_to_offer(
+    viewer, ct_layer, small_volume, qtbot, errors, fake_pipeline
+):
+    """Only the annotator's changes are autosaved: detection's own boxes, on the first run or a
+    re-run, are not an edit to restore (the question would come on every reopening)."""
+    from napari_wscovid.io.boxes_io import autosave_path
+
+    dock = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    qtbot.addWidget(dock)
+    dock._autosave_timer.setInterval(20)
+    for _ in range(2):
+        dock._run_btn.click()
+        qtbot.waitUntil(lambda: dock._worker is None, timeout=10000)
+        qtbot.wait(200)
+    path = autosave_path(small_volume.series_key)
+    assert not path.exists()
+    dock._go_to_slice(5)
+    dock._on_reviewed_toggled(True)  # a reviewed mark is an annotator's decision too
+    qtbot.waitUntil(lambda: path.exists() and 5 in load_boxes(path)[1]["reviewed_slices"], timeout=5000)
+    path.unlink()
+    layer = viewer.layers[L.BOXES_LAYER]
+    layer.selected_data = {0}
+    layer.remove_selected()
+    qtbot.waitUntil(path.exists, timeout=5000)
+    assert errors == []
