@@ -11,6 +11,8 @@ alone on the machine::
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 
@@ -20,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--saliency", default="positive", help="positive, all, current or none")
     args = parser.parse_args(argv)
+    # this machine's own autosaves must not stop the run with a "restore?" question
+    os.environ["WSCOVID_AUTOSAVE_DIR"] = tempfile.mkdtemp(prefix="wscovid-bench-autosave-")
 
     import napari
     from qtpy.QtCore import QTimer

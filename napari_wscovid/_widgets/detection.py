@@ -701,7 +701,10 @@ class DetectionWidget(QWidget):
         if layer is None:
             from napari.layers import Layer
 
-            layer = self._viewer.add_layer(Layer.create(data, kwargs, "shapes"))
+            # the layer object itself: napari's add_layer hands plugins a proxy of it, whose id
+            # is not the one the edit trackers are keyed by
+            layer = Layer.create(data, kwargs, "shapes")
+            self._viewer.add_layer(layer)
             self._watch_boxes_layer(layer)
             with self._trackers[id(layer)].paused():
                 L.refresh_box_colors(layer)

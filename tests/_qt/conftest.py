@@ -153,3 +153,11 @@ def errors(monkeypatch):
     monkeypatch.setattr(detection, "show_error", shown.append)
     monkeypatch.setattr(detection, "show_info", lambda msg: None)
     return shown
+
+
+def as_plugin_sees_it(viewer):
+    """The viewer as napari hands it to a plugin's dock: a proxy whose ``add_*`` methods return
+    proxies of the layers (ids and types differ from the layers in ``viewer.layers``)."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    return PublicOnlyProxy(viewer)

@@ -15,6 +15,7 @@ from napari_wscovid._widgets import detection
 from napari_wscovid._widgets import layers as L
 from napari_wscovid.io.boxes_io import boxes_to_rectangles, load_boxes
 from napari_wscovid.results import Box
+from tests._qt.conftest import as_plugin_sees_it
 
 RESULT_LAYERS = {
     "lung mask",
@@ -31,7 +32,7 @@ RESULT_LAYERS = {
 
 @pytest.fixture
 def widget(viewer, ct_layer, qtbot, errors, fake_pipeline):
-    w = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    w = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(w)
     yield w
     # never leave a worker running into the next test
@@ -135,7 +136,7 @@ def test_error_shows_reason_and_no_layers(widget, viewer, fake_pipeline, qtbot, 
 
 
 def test_run_without_ct_is_refused(viewer, qtbot, errors):
-    w = detection.DetectionWidget(viewer)
+    w = detection.DetectionWidget(as_plugin_sees_it(viewer))
     qtbot.addWidget(w)
     w._on_run_clicked()
     assert errors and "CT" in errors[0] and w._worker is None
@@ -265,7 +266,7 @@ def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     phantom = make_phantom("COVID-19", n_slices=12, size=96, seed=1)
     data, kwargs, _ = ct_layer_data(phantom.volume)
     ct = viewer.add_image(data, **kwargs)
-    w = detection.DetectionWidget(viewer)
+    w = detection.DetectionWidget(as_plugin_sees_it(viewer))
     qtbot.addWidget(w)
     w._model_combo.setCurrentText("tiny-test")
     w._device_combo.setCurrentIndex(1)  # CPU

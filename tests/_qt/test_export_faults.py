@@ -14,11 +14,12 @@ import pytest
 from napari_wscovid._widgets import detection
 from napari_wscovid._widgets import layers as L
 from napari_wscovid.io.boxes_io import load_boxes
+from tests._qt.conftest import as_plugin_sees_it
 
 
 @pytest.fixture
 def dock(viewer, ct_layer, qtbot, errors, fake_pipeline):
-    w = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    w = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(w)
     w._run_btn.click()
     qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
@@ -118,7 +119,7 @@ def test_edits_are_autosaved_and_offered_back_after_a_crash(
     from napari_wscovid._reader import ct_layer_data
     from napari_wscovid.io.boxes_io import autosave_path
 
-    first = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    first = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(first)
     first._autosave_timer.setInterval(50)
     first._run_btn.click()
@@ -135,7 +136,7 @@ def test_edits_are_autosaved_and_offered_back_after_a_crash(
     viewer.layers.clear()
     asked = []
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.Yes)
-    second = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    second = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(second)
     data, kwargs, _ = ct_layer_data(small_volume)
     viewer.add_image(data, **kwargs)
@@ -154,7 +155,7 @@ def test_runs_without_edits_leave_no_autosave_to_offer(
     re-run, are not an edit to restore (the question would come on every reopening)."""
     from napari_wscovid.io.boxes_io import autosave_path
 
-    dock = detection.DetectionWidget(viewer, detect_iter=fake_pipeline.detect_iter)
+    dock = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=fake_pipeline.detect_iter)
     qtbot.addWidget(dock)
     dock._autosave_timer.setInterval(20)
     for _ in range(2):

@@ -14,6 +14,7 @@ from qtpy.QtCore import QThreadPool
 
 from napari_wscovid._widgets import detection
 from napari_wscovid._widgets import layers as L
+from tests._qt.conftest import as_plugin_sees_it
 
 RUNS = 30
 EXPECTED_LAYERS = {L.LUNG_LAYER, *map(L.cam_layer_name, L.SALIENCY_LEVELS),
@@ -60,7 +61,7 @@ class CountingPipeline:
 def session(viewer, qtbot, errors, phantoms):
     pipeline = CountingPipeline()
     ct = _add_ct(viewer, phantoms[0].volume, "chest A")
-    widget = detection.DetectionWidget(viewer, detect_iter=pipeline)
+    widget = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=pipeline)
     qtbot.addWidget(widget)
     widget._ct_combo.setCurrentText("chest A")
     yield widget, pipeline, ct
@@ -204,7 +205,7 @@ def test_a_dock_deleted_with_the_viewer_mid_run_stops_quietly(viewer, qtbot, err
     pipeline = CountingPipeline()
     _add_ct(viewer, phantoms[0].volume, "chest A")
     window = QWidget()
-    widget = detection.DetectionWidget(viewer, detect_iter=pipeline)
+    widget = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=pipeline)
     widget.setParent(window)
     widget._ct_combo.setCurrentText("chest A")
     widget._run_btn.click()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests._qt.conftest import as_plugin_sees_it
+
 pytest.importorskip("dicomweb_client")
 
 
@@ -24,7 +26,7 @@ def test_open_from_pacs_then_send_results_back(viewer, qtbot, orthanc, pacs_logi
     from napari_wscovid._widgets.detection import DetectionWidget
     from napari_wscovid._widgets.pacs import PacsWidget
 
-    browser = PacsWidget(viewer)
+    browser = PacsWidget(as_plugin_sees_it(viewer))
     qtbot.addWidget(browser)
     browser._url.setText(orthanc["dicomweb"])
     browser.list_studies()
@@ -35,7 +37,7 @@ def test_open_from_pacs_then_send_results_back(viewer, qtbot, orthanc, pacs_logi
     ct = next(layer for layer in viewer.layers if layer.name.startswith("CT "))
     assert ct.metadata["dicom_source"] and ct.data.shape == (64, 256, 256)
 
-    dock = DetectionWidget(viewer)
+    dock = DetectionWidget(as_plugin_sees_it(viewer))
     qtbot.addWidget(dock)
     dock._model_combo.setCurrentText("tiny-test")
     dock._run_btn.click()
@@ -52,7 +54,7 @@ def test_unreachable_pacs_says_so(viewer, qtbot, pacs_login, messages, unused_po
     from napari_wscovid._widgets.pacs import PacsWidget
 
     port = unused_port()
-    browser = PacsWidget(viewer)
+    browser = PacsWidget(as_plugin_sees_it(viewer))
     qtbot.addWidget(browser)
     browser._url.setText(f"http://127.0.0.1:{port}/dicom-web")
     browser.list_studies()
