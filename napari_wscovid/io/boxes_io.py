@@ -205,8 +205,11 @@ def _parse_entry(row) -> Box:
         if row.get(key) not in (None, ""):
             if not math.isfinite(_field(key, row[key], _as_float, "not a number")):
                 raise _EntryError(f"{key} is {_short_repr(row[key])}, not a finite number")
-    if not isinstance(row["class"], str):
+    if not _is_text(row["class"]):
         raise _EntryError(f"class is {_short_repr(row['class'])}, not a name")
+    source = str(row.get("source") or "")
+    if not _is_text(source):
+        raise _EntryError(f"source is {_short_repr(source)}, not a name")
     score = _field("score", row.get("score"), _as_float, "not a number")
     if math.isinf(score):
         raise _EntryError(f"score is {row.get('score')!r}, not a probability")
@@ -223,11 +226,23 @@ def _parse_entry(row) -> Box:
         score=score,
         area_mm2=_field("area_mm2", row.get("area_mm2", 0.0), _as_float, "not a number"),
         origin=origin,
-        source=str(row.get("source") or ""),
+        source=source,
     )
     if box.y1 <= box.y0 or box.x1 <= box.x0:
         raise _EntryError(f"empty box (y0={box.y0}, y1={box.y1}, x0={box.x0}, x1={box.x1})")
     return box
+
+
+def _is_text(value) -> bool:
+    """A string that can be written back as UTF-8 (JSON's "\\ud800" escape reads as a lone surrogate,
+    which would make the next CSV export fail)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _field(key: str, value, parse, what: str):

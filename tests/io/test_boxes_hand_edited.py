@@ -72,6 +72,8 @@ BAD_JSON_ENTRIES = {
     "empty box": (_set("y1", 2), "empty box"),
     "unknown origin": (_set("origin", "guessed"), "origin is 'guessed'"),
     "class not a name": (_set("class", ["CAP"]), "class is ['CAP'], not a name"),
+    # JSON's "\ud800" escape reads as a lone surrogate, which no UTF-8 export can write back
+    "class not text": (_set("class", "\ud800"), "class is '\\ud800', not a name"),
     "score not a number": (_set("score", "high"), "score is 'high', not a number"),
     "a list, not an entry": (lambda row: [1, 2, 3], "not a box entry but list"),
 }
