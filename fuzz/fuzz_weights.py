@@ -42,8 +42,9 @@ def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
 
     rng = random.Random(seed)
     size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
-    if 0 < size <= len(data) - 8 and rng.random() < 0.5:
-        header = atheris.Mutate(data[8 : 8 + size], size + 256)
+    room = max_size - (len(data) - size)  # what the header may grow to, the rest kept
+    if 0 < size <= len(data) - 8 and room > 0 and rng.random() < 0.5:
+        header = atheris.Mutate(data[8 : 8 + size], min(size + 256, room))
         return len(header).to_bytes(8, "little") + header + data[8 + size :]
     return atheris.Mutate(data, max_size)
 

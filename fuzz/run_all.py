@@ -57,6 +57,9 @@ def run_one(name: str, seconds: int, rss_limit_mb: int) -> tuple[bool, str]:
         f"-artifact_prefix={crashes}/",
         "-print_final_stats=1",
     ]
+    dictionary = HERE / "dicts" / f"{name}.dict"
+    if dictionary.is_file():  # tokens the mutator may splice in (NaN, Infinity, field names...)
+        command.append(f"-dict={dictionary}")
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
     output = result.stdout + result.stderr
