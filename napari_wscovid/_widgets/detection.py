@@ -189,6 +189,8 @@ class DetectionWidget(QWidget):
         self._trackers: dict[int, L.BoxEditTracker] = {}
         self._slice_worker = None
         self._closed = False  # the dock was closed: workers still ending must not touch the viewer
+        self._showing = None  # the steps still to run to show a result, one per event-loop turn
+        self._worker_finished = True
         self._run_params: dict = {}
         self._explained: set[int] = set()
         self._pending_slice: int | None = None
@@ -509,6 +511,7 @@ class DetectionWidget(QWidget):
             self._autosave_timer.stop()
             self._autosave()  # an edit made in the last second is not lost with the dock
         self._closed = True
+        self._finish_showing()  # a result half on screen is completed, never left in part
         self._slice_timer.stop()
         self._stop_slice_worker()
         if self._worker is not None:
@@ -546,6 +549,7 @@ class DetectionWidget(QWidget):
             if k in ("model", "device", "ig_steps", "min_box_area_mm2")
         }
         self._run_started = time.perf_counter()
+        self._worker_finished = False
         self._set_running(True)
         self._status.setText("Starting…")
         self._worker = create_worker(
@@ -598,19 +602,45 @@ class DetectionWidget(QWidget):
         if layer is None or layer not in self._viewer.layers:
             show_warning("The CT layer was closed while detection ran; the result was discarded.")
             return
+        # One layer per turn of the event loop: adding or refilling a dozen full-volume layers
+        # in one go froze the viewer for 0.2-1 s (benchmarks/bench_ui_stall.py). The run counts
+        # as running until the last step, so nothing can start on half-shown layers.
+        self._showing = self._show_result(result, layer, self._run_volume, self._run_scope)
+        self._show_next_step()
+
+    def _show_next_step(self) -> None:
+        steps = self._showing
+        if steps is None:
+            return
         try:
-            self._show_result(result, layer, self._run_volume, self._run_scope)
+            next(steps)
+        except StopIteration:
+            self._showing = None
+            self._shown(self._result)
+            return
         except Exception as exc:  # a bad result must not leave half the layers behind silently
+            self._showing = None
             logger.exception("could not display the detection result")
             show_error(f"Detection finished but its result could not be shown: {exc}")
+            self._end_run()
             return
+        if self._closed:
+            self._finish_showing()
+        else:
+            QTimer.singleShot(0, self._show_next_step)
+
+    def _finish_showing(self) -> None:
+        """The remaining display steps at once (the dock is closing: no time for more turns)."""
+        while self._showing is not None and _qt_alive(self):
+            self._show_next_step()
+
+    def _shown(self, result: DetectionResult) -> None:
         seconds = time.perf_counter() - self._run_started
         self._status.setText(f"Done in {seconds:.1f} s: {result.predicted_class}.")
         self._run_succeeded = True
         if self._rerun_note:
             self._status.setText(f"{self._status.text()} {self._rerun_note}")
-        self._progress.setRange(0, 1)
-        self._progress.setValue(1)
+        self._end_run()
 
     def _on_detection_errored(self, exc: Exception) -> None:
         logger.debug("detection failed", exc_info=exc)
@@ -625,6 +655,15 @@ class DetectionWidget(QWidget):
         self._status.setText("Cancelled; no layers were changed.")
 
     def _on_worker_finished(self) -> None:
+        if self._showing is not None:
+            self._worker_finished = True  # the run ends when its result is on screen
+            return
+        self._worker_finished = True
+        self._end_run()
+
+    def _end_run(self) -> None:
+        if self._showing is not None or not self._worker_finished:
+            return
         self._worker = None
         if self._closed or not _qt_alive(self):
             return
@@ -636,7 +675,9 @@ class DetectionWidget(QWidget):
             self._slice_timer.start()  # explain the slice in view now that the run is over
 
     # ------------------------------------------------------------------ results -> layers
-    def _show_result(self, result: DetectionResult, ct_layer, volume: CTVolume, scope: str) -> None:
+    def _show_result(self, result: DetectionResult, ct_layer, volume: CTVolume, scope: str):
+        """Put a result on screen, as a generator: each ``next`` does one step (a layer, the boxes,
+        the panel), so the viewer repaints and takes clicks in between."""
         kwargs = L.ct_layer_kwargs(ct_layer)
         geometry, key = volume.geometry(), volume.series_key
         shown = result
@@ -653,6 +694,7 @@ class DetectionWidget(QWidget):
             tuples.append(lesion_points_layer(result, volume))
         for data, layer_kwargs, layer_type in tuples:
             L.upsert_layer(self._viewer, data, layer_kwargs, layer_type)
+            yield
         L.remove_stale_result_layers(self._viewer, [t[1]["name"] for t in tuples])
         self._result, self._result_ct, self._result_volume, self._result_scope = (
             result,
@@ -676,6 +718,7 @@ class DetectionWidget(QWidget):
             default_class=L.default_box_class(result.classes, result.patient_probs),
             model_info=result.model_info,
         )
+        yield
         self._results.set_result(result)
         self._on_current_step()  # plot marker, position and reviewed mark of the slice in view
 
@@ -736,7 +779,7 @@ class DetectionWidget(QWidget):
         with tracker.paused():
             layer.metadata = kwargs["metadata"]
             layer.feature_defaults = kwargs["feature_defaults"]
-            layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+            L.set_transform(layer, kwargs)
             if layer.nshapes:
                 layer.selected_data = set(range(layer.nshapes))
                 layer.remove_selected()
