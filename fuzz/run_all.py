@@ -97,10 +97,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("harnesses", nargs="*", choices=[[], *HARNESSES], default=list(HARNESSES))
+    parser.add_argument("harnesses", nargs="*", help=f"some of {', '.join(HARNESSES)} (default: all)")
     parser.add_argument("--seconds", type=int, default=60, help="fuzzing time per harness (default 60)")
     parser.add_argument("--rss-limit-mb", type=int, default=3072)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.harnesses) - set(HARNESSES))
+    if unknown:
+        parser.error(f"unknown harness {', '.join(unknown)}; choose from {', '.join(HARNESSES)}")
     problem = atheris_problem()
     if problem:
         print(f"fuzzing skipped: {problem}")
