@@ -182,7 +182,15 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--memory-slices", type=int, default=600)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-RSS run of --memory-slices")
     args = parser.parse_args()
+    if args.memory_only:
+        mem = peak_rss_child(args.memory_slices, args.model)
+        print(
+            f"{args.memory_slices} slices, all results kept: peak RSS {mem['peak_rss_gb']:.2f} GB "
+            f"(results + CT {mem['kept_gb']:.2f} GB), detect {mem['detect_s']:.1f} s"
+        )
+        return
     torch.set_num_threads(torch.get_num_threads())
     peak = matmul_peak_gflops()
     print(f"threads: {torch.get_num_threads()}  float32 matmul peak: {peak:.1f} GFLOP/s")

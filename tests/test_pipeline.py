@@ -267,3 +267,15 @@ def test_ig_steps_are_reported_per_explained_slice(phantom, tiny_result):
     )
     assert r.saliency_slices == (6, 8) and len(r.ig_steps) == 2
     assert all(s in (8, 16, 32, 64) for s in r.ig_steps)  # chosen by the completeness check
+
+
+def test_detection_that_would_not_fit_in_memory_is_refused_before_any_work(monkeypatch):
+    from napari_wscovid import pipeline
+    from napari_wscovid.io import volume as volume_io
+    from napari_wscovid.phantom import make_phantom
+
+    phantom = make_phantom("COVID-19", n_slices=8, size=64, seed=0)
+    monkeypatch.setattr(volume_io, "available_memory_bytes", lambda: 100 * 1024**2)
+    steps = pipeline.detect_iter(phantom.volume, model="tiny-test")
+    with pytest.raises(pipeline.NotEnoughMemory, match=r"8 x 64 x 64 CT needs about 0\.5 GiB .* 0\.1 GiB is free"):
+        next(steps)  # refused before the lung step reports anything

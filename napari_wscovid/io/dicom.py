@@ -26,12 +26,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .formats import PADDING_HU_THRESHOLD, reorient_nearest_identity
-from .volume import DEFAULT_MAX_BYTES, CTLoadError, CTVolume, SeriesInfo, pseudonymous_key
+from .volume import DEFAULT_MAX_BYTES, CTLoadError, CTVolume, SeriesInfo, check_load_size, pseudonymous_key
 
 logger = logging.getLogger(__name__)
-
-# Bytes per voxel held at once: float32 HU plus a bool padding mask.
-BYTES_PER_VOXEL = 5
 
 CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
@@ -724,13 +721,8 @@ def _load_group(group: _Group, max_bytes: int) -> CTVolume:
             f"padded): {_short_list(broken, 5)}"
         )
     n_voxels = sum(h.frames for h in headers) * headers[0].rows * headers[0].cols
-    estimate = n_voxels * BYTES_PER_VOXEL
-    if estimate > max_bytes:
-        raise CTLoadError(
-            f"series {group.key} would need about {estimate / 1024**3:.2f} GiB ({len(headers)} file(s), "
-            f"{headers[0].rows}x{headers[0].cols} pixels, {BYTES_PER_VOXEL} bytes per voxel), above the "
-            f"limit max_bytes={max_bytes / 1024**3:.2f} GiB; refused before reading pixels"
-        )
+    layout = f"{len(headers)} file(s), {headers[0].rows}x{headers[0].cols} pixels"
+    check_load_size(f"series {group.key}", n_voxels, layout, max_bytes)
     for h in headers:
         pixel_route(h.transfer_syntax, h.name)  # refuse a missing decoder before decoding anything
     if any(h.is_multiframe for h in headers):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .volume import CTLoadError, CTVolume
+from .volume import CTLoadError, CTVolume, check_load_size
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 PADDING_HU_THRESHOLD = -1500.0
 # A volume with no value below this is not in HU (air is about -1000 HU) (case 27).
 HU_AIR_EVIDENCE = -200.0
-BYTES_PER_VOXEL = 5  # float32 HU plus a bool padding mask
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -37,14 +36,8 @@ def _warn(warnings: list[str], message: str) -> None:
 
 def _check_memory(name: str, shape, max_bytes: int) -> None:
     n_voxels = int(np.prod([int(s) for s in shape], dtype=np.int64))
-    estimate = n_voxels * BYTES_PER_VOXEL
-    if estimate > max_bytes:
-        raise CTLoadError(
-            f"{name}: {' x '.join(str(int(s)) for s in shape)} voxels would need about "
-            f"{estimate / 1024**3:.2f} GiB "
-            f"({BYTES_PER_VOXEL} bytes per voxel), above the limit max_bytes={max_bytes / 1024**3:.2f} GiB; "
-            "refused before reading pixels"
-        )
+    size = " x ".join(str(int(s)) for s in shape)
+    check_load_size(f"{name}: {size} voxels", n_voxels, "the whole volume", max_bytes)
 
 
 def nearest_identity_geometry(shape, spacing, origin, direction):

@@ -21,6 +21,43 @@ import numpy as np
 
 #: Largest volume a reader will hold in memory (bytes) unless told otherwise.
 DEFAULT_MAX_BYTES = 4 * 1024**3
+#: Bytes a loaded volume takes per voxel: float32 HU plus a bool padding mask.
+BYTES_PER_VOXEL = 5
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can still give this process (Linux MemAvailable; psutil elsewhere);
+    None when it cannot be told."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_load_size(name: str, n_voxels: int, detail: str, max_bytes: int) -> None:
+    """Refuse, before any pixel is read, a volume above ``max_bytes`` or above the memory the
+    system has left, naming both figures."""
+    estimate = int(n_voxels) * BYTES_PER_VOXEL
+    if estimate > max_bytes:
+        raise CTLoadError(
+            f"{name} would need about {estimate / 1024**3:.2f} GiB ({detail}, {BYTES_PER_VOXEL} bytes per "
+            f"voxel), above the limit max_bytes={max_bytes / 1024**3:.2f} GiB; refused before reading pixels"
+        )
+    available = available_memory_bytes()
+    if available is not None and estimate > available:
+        raise CTLoadError(
+            f"{name} would need about {estimate / 1024**3:.2f} GiB ({detail}) but only "
+            f"{available / 1024**3:.2f} GiB of memory is free; refused before reading pixels. Close other "
+            "programs or layers, or open a part of the series"
+        )
 
 
 class CTLoadError(ValueError):

@@ -212,6 +212,28 @@ def test_case12_memory_estimated_from_headers_and_capped(series_folder, monkeypa
     assert "5 file(s), 32x32" in str(info.value)
 
 
+def test_a_ct_larger_than_the_free_memory_is_refused_before_reading(series_folder, tmp_path, monkeypatch):
+    """The machine has less memory left than the series needs: said with both figures, for DICOM
+    and for a single-file format, before a pixel is decoded."""
+    from napari_wscovid.io import volume as volume_io
+    from napari_wscovid.io.write import write_image
+
+    mha = tmp_path / "ct.mha"
+    write_image(load_ct(series_folder), mha)
+    monkeypatch.setattr(volume_io, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(dicom_io, "decode_file", lambda h: pytest.fail("pixels were decoded"))
+    for path in (series_folder, mha):
+        with pytest.raises(CTLoadError, match=r"about 0\.00 GiB .* only 0\.00 GiB of memory is free"):
+            load_ct(path)
+
+
+def test_free_memory_is_read_from_the_system():
+    from napari_wscovid.io.volume import available_memory_bytes
+
+    free = available_memory_bytes()
+    assert free is None or 0 < free < 2**50
+
+
 @pytest.mark.filterwarnings("ignore:(Failed to encode|Unknown encoding):UserWarning")
 def test_case13_non_ascii_names_never_crash_or_leak(tmp_path, caplog):
     folder = tmp_path / "Ünïcödé データ"
