@@ -277,5 +277,6 @@ def test_detection_that_would_not_fit_in_memory_is_refused_before_any_work(monke
     phantom = make_phantom("COVID-19", n_slices=8, size=64, seed=0)
     monkeypatch.setattr(volume_io, "available_memory_bytes", lambda: 100 * 1024**2)
     steps = pipeline.detect_iter(phantom.volume, model="tiny-test")
-    with pytest.raises(pipeline.NotEnoughMemory, match=r"8 x 64 x 64 CT needs about 0\.5 GiB .* 0\.1 GiB is free"):
+    expected = r"8 x 64 x 64 CT needs about 0\.5 GiB .* 0\.1 GiB is free"
+    with pytest.raises(pipeline.NotEnoughMemory, match=expected):
         next(steps)  # refused before the lung step reports anything
