@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from napari.utils.notifications import show_warning
 
 from napari_wscovid.io.boxes_io import (
     COLUMNS,
@@ -158,6 +157,8 @@ def read_boxes(path) -> list[tuple]:
             # Re-load against the newest CT so the error names both grids.
             load_boxes(path, expected_geometry=open_geometries[-1])
     if meta["skipped"]:
+        from napari.utils.notifications import show_warning  # napari only where a viewer reads
+
         show_warning(describe_skipped(Path(path).name, meta["skipped"]))
     boxes, rejected = split_rejected(boxes)
     classes = meta["classes"] or sorted({b.class_name for b in boxes})
