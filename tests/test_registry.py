@@ -331,3 +331,25 @@ def test_a_config_that_lies_about_the_network_is_refused_by_name(tmp_path, monke
     with pytest.raises(ModelLoadError, match="lying.safetensors") as info:
         load_model(path, device="cpu", cache=False)
     assert reason in str(info.value)
+
+
+def test_fuzzed_normalisation_that_is_not_json_is_refused_by_name():
+    """Found by fuzzing (tests/data/fuzz_regressions): metadata normalisation '{indow...' escaped
+    load_model as a JSONDecodeError."""
+    path = pathlib.Path(__file__).parent / "data" / "fuzz_regressions" / "normalisation_not_json.safetensors"
+    with pytest.raises(ModelLoadError, match="normalisation_not_json.safetensors: normalisation '{indow"):
+        load_model(path, device="cpu", cache=False)
+
+
+@pytest.mark.parametrize(
+    "normalisation",
+    ['{"method": "window", "window": ["a", 1]}', '{"method": "window", "window": [100, -100]}', "histogram"],
+)
+def test_a_normalisation_the_plugin_cannot_apply_is_refused_at_load(tmp_path, normalisation):
+    path = tmp_path / "norm.safetensors"
+    save_model(
+        WSNet(tiny_config(input_size=32)), path, name="n", version="1",
+        extra_metadata={"normalisation": normalisation},
+    )  # fmt: skip
+    with pytest.raises(ModelLoadError, match="norm.safetensors: normalisation"):
+        load_model(path, device="cpu", cache=False)

@@ -143,6 +143,28 @@ def _temperature(meta: Mapping, path: Path) -> float:
     return value
 
 
+def _normalisation(entry: Mapping | None, meta: Mapping, path: Path):
+    """The intensity normalisation stored with the weights (a name, or a dict as JSON), checked
+    now: a bad one found at load names the file, one found at detection would not (fuzzing)."""
+    from napari_wscovid.preprocess import normalisation_spec
+
+    raw = meta.get("normalisation") or (entry or {}).get("normalisation")
+    value = raw
+    try:
+        if isinstance(raw, str) and raw.startswith("{"):
+            value = json.loads(raw)
+        spec = normalisation_spec(value)
+        numbers = spec["window"] if spec["method"] == "window" else [spec["q"], spec["s"]]
+        usable = all(math.isfinite(v) for v in numbers)
+        if spec["method"] == "window":
+            usable = usable and len(numbers) == 2 and numbers[0] < numbers[1]
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        usable = False
+    if not usable:
+        raise ModelLoadError(f"{path.name}: normalisation {str(raw)[:80]!r} is not one this plugin can apply")
+    return value
+
+
 def _review_below(entry: Mapping | None, meta: Mapping, path: Path) -> float | None:
     """The top patient probability under which this model's answer needs review (chosen on
     held-out patients; ``None`` when nobody chose one)."""
@@ -240,9 +262,7 @@ def load_model(
         ) from exc
     model = model.float().to(torch_device).eval()
 
-    normalisation = meta.get("normalisation") or (entry or {}).get("normalisation")
-    if isinstance(normalisation, str) and normalisation.startswith("{"):
-        normalisation = json.loads(normalisation)
+    normalisation = _normalisation(entry, meta, path)
     info = {
         "temperature": _temperature(meta, path),
         "name": (entry or {}).get("name") or meta.get("name") or path.stem,
