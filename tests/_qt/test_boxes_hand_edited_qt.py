@@ -19,7 +19,10 @@ BOXES = [Box(1, 2, 3, 6, 7, "CAP", 0.5), Box(2, 4, 4, 9, 10, "COVID-19", 0.9)]
 @pytest.fixture
 def warnings_shown(monkeypatch):
     shown: list[str] = []
-    monkeypatch.setattr(_reader, "show_warning", shown.append)
+    import napari.utils.notifications
+
+    # the reader imports napari's show_warning when it needs it (it is imported without napari)
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", shown.append)
     monkeypatch.setattr(detection, "show_warning", shown.append)
     return shown
 
