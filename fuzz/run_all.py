@@ -1,6 +1,6 @@
 """Run every fuzz harness for a while, one after the other; exit non-zero when one finds a crash.
 
-    python fuzz/run_all.py --seconds 60            # all harnesses, 60 s each (CI)
+    python fuzz/run_all.py --seconds 60 --seed 1   # all harnesses, 60 s each, fixed mutations (CI)
     python fuzz/run_all.py --seconds 600 dicom     # one harness, 10 minutes
 
 Each harness runs in its own process with libFuzzer's ``-max_total_time``; new coverage is kept in
@@ -39,7 +39,7 @@ def atheris_problem() -> str | None:
     return None
 
 
-def run_one(name: str, seconds: int, rss_limit_mb: int) -> tuple[bool, str]:
+def run_one(name: str, seconds: int, rss_limit_mb: int, seed: int = 0) -> tuple[bool, str]:
     """(crashed, summary) for one harness run."""
     corpus = HERE / "corpus" / name
     crashes = HERE / "crashes" / name
@@ -57,6 +57,8 @@ def run_one(name: str, seconds: int, rss_limit_mb: int) -> tuple[bool, str]:
         f"-artifact_prefix={crashes}/",
         "-print_final_stats=1",
     ]
+    if seed:
+        command.append(f"-seed={seed}")  # the same mutations every run: CI repeats, it does not explore
     dictionary = HERE / "dicts" / f"{name}.dict"
     if dictionary.is_file():  # tokens the mutator may splice in (NaN, Infinity, field names...)
         command.append(f"-dict={dictionary}")
@@ -100,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("harnesses", nargs="*", help=f"some of {', '.join(HARNESSES)} (default: all)")
     parser.add_argument("--seconds", type=int, default=60, help="fuzzing time per harness (default 60)")
     parser.add_argument("--rss-limit-mb", type=int, default=3072)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="libFuzzer's random seed; 0 (default) picks a new one each run"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.harnesses) - set(HARNESSES))
     if unknown:
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
         return 0
     failed = []
     for name in args.harnesses or HARNESSES:
-        crashed, summary = run_one(name, args.seconds, args.rss_limit_mb)
+        crashed, summary = run_one(name, args.seconds, args.rss_limit_mb, args.seed)
         print(summary, flush=True)
         if crashed:
             failed.append(name)

@@ -594,12 +594,22 @@ def decode_file(h: FileHeader) -> tuple[np.ndarray, np.ndarray | None]:
     return hu, mask
 
 
+_FILE_META_KEPT = (
+    "MediaStorageSOPClassUID",
+    "MediaStorageSOPInstanceUID",
+    "TransferSyntaxUID",
+    "ImplementationClassUID",
+)
+
+
 def _read_with_gdcm(h: FileHeader):
     """The file as a SimpleITK image, read by GDCM from a copy that pydicom re-wrote.
 
     GDCM trusts element lengths that pydicom checks: a stray element after the pixel data of a 1 kB
-    file made it allocate 2 to 3.6 GB (found by fuzzing). The copy holds what pydicom parsed, in
-    order, without the elements after the pixel data, which decoding never needs.
+    file made it allocate 2 to 3.6 GB, and an element of unknown VR in the file meta header 740 MB
+    that it never gave back (found by fuzzing). The copy holds what pydicom parsed, in order,
+    without what decoding never needs: elements after the pixel data, private elements, and any
+    file meta element but the four that name the object and its encoding.
     """
     import tempfile
 
@@ -607,8 +617,13 @@ def _read_with_gdcm(h: FileHeader):
 
     try:
         ds = pydicom.dcmread(h.path)
-        for tag in [t for t in ds.keys() if t > PIXEL_DATA_TAG]:
+        for tag in [t for t in ds.keys() if t > PIXEL_DATA_TAG or t.is_private]:
             del ds[tag]
+        meta = pydicom.dataset.FileMetaDataset()
+        for keyword in _FILE_META_KEPT:
+            if keyword in ds.file_meta:
+                setattr(meta, keyword, ds.file_meta[keyword].value)
+        ds.file_meta = meta
         with tempfile.TemporaryDirectory(prefix="wscovid-gdcm-") as folder:
             copy = Path(folder) / "copy.dcm"
             ds.save_as(copy, enforce_file_format=True)
