@@ -49,3 +49,25 @@ def test_summary_pools_real_slices_and_counts_patients():
     assert s["real_slice_auc_covid_vs_rest"] == 1.0 and s["real_np_boxes"] == {"normal001": 3}
     fold = Fold.parse("runs/a/w.safetensors:P001, normal001")
     assert fold.weights == "runs/a/w.safetensors" and fold.patients == ["P001", "normal001"]
+
+
+def test_a_two_class_covid_network_is_right_to_call_a_cap_patient_negative(monkeypatch, tmp_path):
+    """For NP vs COVID-19 networks (DeCoVNet, FeCNN) every other diagnosis is the negative class:
+    cap001 called NP is right, and its boxes are not counted as boxes on a non-pneumonia patient."""
+    import napari_wscovid
+    from training import heldout_real
+
+    ct = SimpleNamespace(shape=(2, 4, 4))
+    monkeypatch.setattr(napari_wscovid, "load_ct", lambda path: ct)
+    monkeypatch.setattr(
+        napari_wscovid,
+        "detect",
+        lambda volume, **kw: SimpleNamespace(
+            classes=("NP", "COVID-19"), predicted_class="NP", patient_probs=np.array([0.7, 0.3]),
+            boxes=[], slice_probs=np.array([[0.7, 0.3], [0.6, 0.4]]),
+        ),  # fmt: skip
+    )
+    monkeypatch.setattr("training.real_backgrounds.slice_positive", lambda *a: np.array([True, False]))
+    row = heldout_real.real_patient("cap001", "w.safetensors", tmp_path, "cpu")
+    assert (row["diagnosis"], row["truth"], row["right"]) == ("CAP", "NP", True)
+    assert heldout_real.summarise({"real": [row]})["real_np_boxes"] == {}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_wscovid.architectures import NEGATIVE_CLASS
 from training.localisation import MIN_LESION_AREA_MM2, MatchCounts, component_rects, match_slice
 from training.metrics import roc_auc
 
@@ -77,11 +78,14 @@ def real_patient(patient_id: str, weights: str, data_root: Path, device: str) ->
     # saliency of a hundred positive slices would dominate the run time.
     saliency = "positive" if patient.label == "NP" else "none"
     result = detect(volume, model=weights, device=device, saliency=saliency)
+    # A two-class COVID network's negative class holds every other diagnosis (CAP included).
+    truth = patient.label if patient.label in result.classes else NEGATIVE_CLASS
     row = {
         "patient": patient_id,
-        "truth": patient.label,
+        "diagnosis": patient.label,
+        "truth": truth,
         "called": result.predicted_class,
-        "right": result.predicted_class == patient.label,
+        "right": result.predicted_class == truth,
         "patient_probs": dict(zip(result.classes, np.round(result.patient_probs, 4).tolist(), strict=True)),
         "boxes": len(result.boxes),
         "seconds": round(time.perf_counter() - start, 1),
@@ -174,7 +178,7 @@ def summarise(report: dict) -> dict:
         inf_truth += inf.tolist()
     out["real_slice_auc_covid_vs_rest"] = roc_auc(covid_truth, covid_score)
     out["real_slice_auc_infected_vs_clean"] = roc_auc(inf_truth, inf_score)
-    out["real_np_boxes"] = {r["patient"]: r["boxes"] for r in real if r["truth"] == "NP"}
+    out["real_np_boxes"] = {r["patient"]: r["boxes"] for r in real if r.get("diagnosis", r["truth"]) == "NP"}
     synth = report.get("synthetic") or []
     if synth:
         cls = real[0]["classes"] if real else ["NP", "CAP", "COVID-19"]
