@@ -192,6 +192,7 @@ class DetectionWidget(QWidget):
         self._trackers: dict[int, L.BoxEditTracker] = {}
         self._slice_worker = None
         self._closed = False  # the dock was closed: workers still ending must not touch the viewer
+        self._had_parent = False  # napari closes a dock by taking its widget out of the window
         self._showing = None  # the steps still to run to show a result, one per event-loop turn
         self._worker_finished = True
         self._run_params: dict = {}
@@ -389,9 +390,7 @@ class DetectionWidget(QWidget):
             self._watch_boxes_layer(layer)
             QTimer.singleShot(0, lambda: self._offer_autosave(layer))
         elif layer is not None and event.type == "removed":
-            tracker = self._trackers.pop(id(layer), None)
-            if tracker is not None:
-                tracker.disconnect()
+            self._unwatch_boxes_layer(layer)
             if layer is self._result_ct:
                 self._result, self._result_ct = None, None
                 self._results.set_result(None)
@@ -405,6 +404,15 @@ class DetectionWidget(QWidget):
                 layer.events.data.connect(self._schedule_autosave)
                 layer.events.features.connect(self._schedule_autosave)
             self._refresh_box_list()
+
+    def _unwatch_boxes_layer(self, layer) -> None:
+        """Undo :meth:`_watch_boxes_layer` (a removed layer, a closing dock)."""
+        tracker = self._trackers.pop(id(layer), None)
+        if tracker is not None:
+            tracker.disconnect()
+            layer.events.features.disconnect(self._refresh_box_list)
+            layer.events.data.disconnect(self._schedule_autosave)
+            layer.events.features.disconnect(self._schedule_autosave)
 
     def _schedule_autosave(self, event=None) -> None:
         tracker = self._trackers.get(id(getattr(event, "source", None)))
@@ -501,7 +509,7 @@ class DetectionWidget(QWidget):
         if event.type() == QEvent.ParentChange:
             if self.parent() is not None:
                 self._had_parent = True
-            elif getattr(self, "_had_parent", False):
+            elif self._had_parent:
                 self._shutdown()
         super().changeEvent(event)
 
@@ -522,11 +530,7 @@ class DetectionWidget(QWidget):
         for emitter, callback in self._viewer_connections:
             emitter.disconnect(callback)
         for layer in self._viewer.layers:
-            if id(layer) in self._trackers:
-                layer.events.features.disconnect(self._refresh_box_list)
-                layer.events.data.disconnect(self._schedule_autosave)
-                layer.events.features.disconnect(self._schedule_autosave)
-                self._trackers.pop(id(layer)).disconnect()
+            self._unwatch_boxes_layer(layer)
 
     # ------------------------------------------------------------------ running
     def _on_run_clicked(self) -> None:
@@ -584,8 +588,12 @@ class DetectionWidget(QWidget):
         if running:
             self._progress.setRange(0, 0)  # busy until the first progress report
 
+    def _gone(self) -> bool:
+        """The dock was closed, or deleted with its viewer: late worker reports must not touch it."""
+        return self._closed or not _qt_alive(self)
+
     def _on_progress(self, update) -> None:
-        if self._closed or not _qt_alive(self):
+        if self._gone():
             if self._worker is not None:
                 self._worker.quit()  # the dock or the viewer is gone: stop at the next report
             return
@@ -599,7 +607,7 @@ class DetectionWidget(QWidget):
         self._status.setText(str(message))
 
     def _on_detection_done(self, result: DetectionResult) -> None:
-        if self._closed or not _qt_alive(self):
+        if self._gone():
             return  # the dock was closed during the run: nobody asked for these layers any more
         layer = self._run_ct
         if layer is None or layer not in self._viewer.layers:
@@ -627,9 +635,7 @@ class DetectionWidget(QWidget):
             show_error(f"Detection finished but its result could not be shown: {exc}")
             self._end_run()
             return
-        if self._closed:
-            self._finish_showing()
-        else:
+        if not self._closed:  # a closing dock runs the remaining steps itself (_finish_showing)
             QTimer.singleShot(_SHOW_STEP_GAP_MS, self._show_next_step)
 
     def _finish_showing(self) -> None:
@@ -647,28 +653,26 @@ class DetectionWidget(QWidget):
 
     def _on_detection_errored(self, exc: Exception) -> None:
         logger.debug("detection failed", exc_info=exc)
-        if self._closed or not _qt_alive(self):
+        if self._gone():
             return
         self._status.setText("Failed; no layers were changed.")
         show_error(f"Detection failed: {exc}")
 
     def _on_detection_aborted(self) -> None:
-        if self._closed or not _qt_alive(self):
+        if self._gone():
             return
         self._status.setText("Cancelled; no layers were changed.")
 
     def _on_worker_finished(self) -> None:
-        if self._showing is not None:
-            self._worker_finished = True  # the run ends when its result is on screen
-            return
         self._worker_finished = True
         self._end_run()
 
     def _end_run(self) -> None:
+        """The run is over once its worker has finished and its result is on screen, in either order."""
         if self._showing is not None or not self._worker_finished:
             return
         self._worker = None
-        if self._closed or not _qt_alive(self):
+        if self._gone():
             return
         self._set_running(False)
         self._progress.setRange(0, 1)
