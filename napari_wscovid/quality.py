@@ -39,9 +39,9 @@ NOISY_AIR_HU = 60.0  # noise of air outside the body (std after removing the mea
 # Metal: cortical bone stays under about 2000 HU in the chest, iodine contrast under 1000; wires,
 # clips, ports and prostheses saturate at 3000+. Above 0.5 mL their streaks cross the lungs.
 METAL_HU, METAL_ML = 2500.0, 0.5
-# IV contrast: unenhanced blood and muscle lie at 30-60 HU, so under a tenth of the mediastinum's
+# IV contrast: unenhanced blood and muscle lie at 30-60 HU, so about a tenth of the mediastinum's
 # soft tissue (bone removed) is above 120 HU; enhanced heart chambers and great vessels (150-400
-# HU) lift that share to 0.38-0.58 on the two contrast LIDC series, against 0.07-0.12 on the four
+# HU) lift that share to 0.40-0.60 on the two contrast LIDC series, against 0.08-0.13 on the four
 # unenhanced real series in ../shared (their DICOM ContrastBolusAgent agrees).
 ENHANCED_HU, ENHANCED_FRACTION = 120.0, 0.25
 # Lungs touching the edge of the reconstructed field of view on this share of their slices.
