@@ -6,6 +6,8 @@ cache is built the same way by ``python -m training.real_backgrounds``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -136,7 +138,7 @@ def test_bronchopneumonia_is_many_small_foci(background):
 def test_np_case_is_the_background_unchanged(background):
     from training.synthesis import synthesize
 
-    case = synthesize(background, "NP", seed=4, nodules=False)
+    case = synthesize(background, "NP", seed=4, nodules=False, enhance=False)
     assert np.array_equal(case.volume.hu, background.hu) and not case.lesion_mask.any()
     nod = synthesize(background, "NP", seed=4, nodules=True)
     assert set(np.unique(nod.lesion_mask)) <= {0, 4}
@@ -293,3 +295,46 @@ def test_training_path_imports_without_readers_or_scikit_learn():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "1.0"
+
+
+def test_contrast_raises_vessels_not_parenchyma_and_keeps_the_lesions(background):
+    """IV contrast as the LIDC-IDRI scans have it: vessels up by the boost (partial volume in
+    proportion), air and parenchyma untouched, the seed's lesions the same with or without it."""
+    from training.synthesis import ENHANCED_VESSEL_P99_HU, synthesize, vessel_p99
+
+    plain = synthesize(background, "COVID-19", seed=7, severity=0.5, nodules=False, enhance=False)
+    dyed = synthesize(background, "COVID-19", seed=7, severity=0.5, nodules=False, enhance=True)
+    assert np.array_equal(plain.lesion_mask, dyed.lesion_mask)
+    lung = (plain.lung_mask > 0) & (plain.lesion_mask == 0)
+    before, after = plain.volume.hu[lung].astype(float), dyed.volume.hu[lung].astype(float)
+    gain = after - before
+    assert np.all(gain >= 0)
+    # parenchyma and air: untouched but for the odd noise spike
+    assert np.percentile(gain[before < -800], 99.9) <= 1 and gain[before < -800].max() < 30
+    vessels = before > 0
+    assert vessels.any() and gain[vessels].min() >= 80 - 1  # the smallest boost drawn
+    half = (before > -500) & (before < -300)
+    assert 0 < np.median(gain[half]) < np.median(gain[vessels])
+    # the background's vessels were unenhanced and now read as a contrast scan's
+    assert vessel_p99(background.hu, background.lung) < ENHANCED_VESSEL_P99_HU
+    assert vessel_p99(dyed.volume.hu, plain.lung_mask) > vessel_p99(plain.volume.hu, plain.lung_mask)
+
+
+def test_contrast_is_drawn_for_a_share_of_cases_and_never_twice(background):
+    from training.synthesis import ENHANCE_FRACTION, _unenhanced, synthesize
+
+    assert _unenhanced(background)
+    dyed = [
+        not np.array_equal(synthesize(background, "NP", seed=s, nodules=False).volume.hu, background.hu)
+        for s in range(30)
+    ]
+    assert 0.15 * 30 <= sum(dyed) <= 0.7 * 30, (sum(dyed), ENHANCE_FRACTION)
+    vessels = (background.lung > 0) & (background.hu > -300)
+    enhanced = dataclasses.replace(
+        background, hu=np.where(vessels, 400, background.hu).astype(np.int16), vessel_p99=None
+    )
+    assert not _unenhanced(enhanced)
+    assert all(
+        np.array_equal(synthesize(enhanced, "NP", seed=s, nodules=False).volume.hu, enhanced.hu)
+        for s in range(10)
+    )

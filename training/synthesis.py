@@ -17,6 +17,10 @@ Patterns (``lesion_mask`` codes as in :mod:`napari_wscovid.phantom`):
   it (air bronchograms).
 * **nodules (4)**: bronchocentric clusters of small nodules (tree-in-bud-like) with CAP; as
   distractors in any class, one to three solid nodules or one lobulated tumour-like mass.
+* **IV contrast**: a share of the cases, of every class alike, get their lung vessels enhanced
+  as an arterial or venous phase would (:func:`enhance_vessels`): the backgrounds of COVID-CT-MD
+  are unenhanced, those of LIDC-IDRI enhanced, and the held-out contrast scans were the folds'
+  wrong answers (docs/reliability.md).
 * **bronchopneumonia**: half of the CAP cases are many small patchy foci (ground glass, some
   consolidating) clustered in one or two pseudo-lobes, often of one lung, with tree-in-bud
   nodules; the other half lobar or segmental.
@@ -53,7 +57,7 @@ from napari_wscovid.phantom import (
     covid_location_weight,
 )
 from napari_wscovid.phantom import _box_coords as _coords
-from training.real_backgrounds import Background
+from training.real_backgrounds import Background, vessel_p99  # noqa: F401 (re-exported)
 
 # HU levels a lesion blends towards, drawn per lesion (docs/lesion_intensities.md).
 HU_GGO = (-700.0, -330.0)
@@ -71,6 +75,16 @@ W_MIN = 0.1  # blend weight below which a voxel is left untouched and unmarked
 KINDS = ("NP", "CAP", "COVID-19")
 #: Of the cases with distractors, the share that gets one tumour-like mass instead of nodules.
 MASS_FRACTION = 0.4
+#: Share of the cases (any class) whose vessels get IV contrast, when the background has none.
+ENHANCE_FRACTION = 0.4
+#: Enhancement of blood over its unenhanced ~40 HU, drawn per case: venous to arterial phase.
+ENHANCE_HU = (80.0, 320.0)
+UNENHANCED_BLOOD_HU = 40.0
+NOISE_DEAD_ZONE_HU = 60.0
+#: A background is already enhanced when its lung vessels' 99th percentile is above this: the
+#: COVID-CT-MD scans measure 63-74 HU, the LIDC-IDRI and Lung-PET-CT-Dx ones 339-455 HU
+#: (in-lung voxels above -300 HU, lungs eroded by two voxels).
+ENHANCED_VESSEL_P99_HU = 200.0
 
 
 @dataclass
@@ -392,6 +406,24 @@ def solitary_mass(rng, ctx: _Context, side: int) -> list[_Paint]:
     return [_Paint("mass", side, sl, w, target, np.where(w > 0, 4, 0).astype(np.uint8), "replace")]
 
 
+def enhance_vessels(hu: np.ndarray, lung: np.ndarray, spacing, boost_hu: float) -> np.ndarray:
+    """Raise the lung's vessels as IV contrast would; ``hu`` float32, changed in place and returned.
+
+    A voxel's blood fraction is its excess over the local parenchyma level as a share of the
+    excess of unenhanced blood, so that a vessel fully inside a voxel gains ``boost_hu`` and one
+    the voxel only grazes gains in proportion (partial volume, thick slices included). Air and
+    parenchyma are left as they are; the hila's vessels within 3 mm of the lung go with them.
+    """
+    px = min(spacing[1:])
+    near = ndimage.binary_dilation(lung > 0, iterations=max(1, int(round(3.0 / px))))
+    parenchyma = ndimage.gaussian_filter(np.clip(hu, *PARENCHYMA_HU), (0, 3.0 / px, 3.0 / px))
+    # the dead zone keeps the parenchyma's noise from being amplified into the enhancement
+    excess = hu - parenchyma - NOISE_DEAD_ZONE_HU
+    fraction = np.clip(excess / (UNENHANCED_BLOOD_HU - parenchyma - NOISE_DEAD_ZONE_HU), 0.0, 1.0)
+    hu += (near * fraction * boost_hu).astype(np.float32)
+    return hu
+
+
 def _apply(hu: np.ndarray, paints: list[_Paint], spacing) -> np.ndarray:
     """Blend every lesion into ``hu`` (float32, in place) and return the lesion label volume."""
     lesion_mask = np.zeros(hu.shape, np.uint8)
@@ -435,6 +467,7 @@ def synthesize(
     *,
     severity: float | None = None,
     nodules: bool | None = None,
+    enhance: bool | None = None,
 ) -> Phantom:
     """Paint a ``kind`` ("NP", "CAP", "COVID-19") case into ``bg``.
 
@@ -442,7 +475,9 @@ def synthesize(
     HU on the background's canonical grid, the lung labels with the slices that hold a real
     lesion emptied (so that no slice of unknown class is labelled), the exact lesion mask
     (codes 1-4) and one record per painted lesion. An NP case is the background as it is,
-    with distractor nodules when ``nodules``.
+    with distractor nodules when ``nodules``. ``enhance`` gives the vessels IV contrast first
+    (default: :data:`ENHANCE_FRACTION` of the cases whose background has none, drawn from a stream
+    of its own so that a seed's lesions are the same either way).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -466,6 +501,11 @@ def synthesize(
         else:
             paints += nodule_cluster(rng, ctx, side, bronchocentric=False)
     hu = bg.hu.astype(np.float32)
+    contrast_rng = np.random.default_rng([seed, 1])
+    if enhance is None:
+        enhance = bool(contrast_rng.uniform() < ENHANCE_FRACTION) and _unenhanced(bg)
+    if enhance:
+        enhance_vessels(hu, ctx.lung, ctx.spacing, float(contrast_rng.uniform(*ENHANCE_HU)))
     lesion_mask = _apply(hu, paints, ctx.spacing)
     lesion_mask[ctx.lung == 0] = 0
     volume = CTVolume(
@@ -480,3 +520,7 @@ def synthesize(
         for p in paints
     ]
     return Phantom(volume=volume, lung_mask=ctx.lung, lesion_mask=lesion_mask, label=kind, lesions=records)
+
+
+def _unenhanced(bg: Background) -> bool:
+    return not bg.vessel_p99 > ENHANCED_VESSEL_P99_HU
