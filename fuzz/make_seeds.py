@@ -93,6 +93,34 @@ def _dicom_seeds(out: Path) -> None:
         write(j2k, "jpeg2000.dcm")
     except Exception as exc:  # the encoder plugin is optional
         print(f"no JPEG 2000 seed ({type(exc).__name__}: {exc})")
+    try:
+        from pydicom.uid import JPEGLSLossless
+
+        jls = ct(rows=32, cols=32)
+        jls.compress(JPEGLSLossless)
+        write(jls, "jpeg_ls.dcm")
+    except Exception as exc:  # pyjpegls is optional
+        print(f"no JPEG-LS seed ({type(exc).__name__}: {exc})")
+    # JPEG Lossless SV1 (COVID-CT-MD's transfer syntax): pydicom has no encoder for it, GDCM has;
+    # its codestream and pixel module go into the same CT header as the other seeds.
+    import SimpleITK as sitk
+
+    pixels = ((np.arange(32 * 32).reshape(32, 32) * 7) % 1400 - 1024).astype(np.int16)
+    tmp = out / "_gdcm_jpeg.dcm"
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(tmp))
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.Execute(sitk.GetImageFromArray(pixels))
+    encoded = pydicom.dcmread(tmp)
+    tmp.unlink()
+    jpeg = ct(rows=32, cols=32, syntax=encoded.file_meta.TransferSyntaxUID)
+    for keyword in ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData"):
+        setattr(jpeg, keyword, getattr(encoded, keyword))
+    jpeg.RescaleSlope = encoded.get("RescaleSlope", 1)
+    jpeg.RescaleIntercept = encoded.get("RescaleIntercept", 0)
+    write(jpeg, "jpeg_lossless_sv1.dcm")
 
 
 def _nifti_seeds(out: Path) -> None:

@@ -238,12 +238,15 @@ def test_gpu_run_folds_write_one_judge_per_fold(tmp_path):
     from napari_wscovid.models.registry import load_model
     from training.gpu_run import WSNetFold, main
 
-    fold = "name=foldB,minutes=0.1,holdout=smokeB,version=9.9.9-test"
+    fold = "name=foldB,minutes=0.1,holdout=smokeB,version=9.9.9-test,distractors=0.9,contrast=0"
     assert main(["train", "--smoke", "--out", str(tmp_path), "--steps", "", "--wsnet-fold", fold]) == 0
     report = json.loads((tmp_path / "gpu_run.json").read_text())
     assert set(report["steps"]) == {"wsnet:foldB"} and report["steps"]["wsnet:foldB"]["init"] is None
     _, info = load_model(tmp_path / "foldB" / "wsnet-3class.safetensors", device="cpu", cache=False)
     assert info["version"] == "9.9.9-test"
+    config = json.loads((tmp_path / "foldB" / "wsnet" / "config.json").read_text())
+    assert (config["synth_distractors"], config["synth_contrast"], config["synth_masses"]) == (0.9, 0.0, 0.4)
+    assert report["steps"]["wsnet:foldB"]["mix"] == {"synth_distractors": 0.9, "synth_contrast": 0.0}
     assert report["detect"]["wsnet-3class"]["device"] == "cpu"
     parsed = WSNetFold.parse("name=a,minutes=2,holdout=P001+normal001,init=wsnet-3class")
     assert parsed.holdout == "P001,normal001" and parsed.init == "wsnet-3class"
@@ -338,3 +341,18 @@ def test_contrast_is_drawn_for_a_share_of_cases_and_never_twice(background):
         np.array_equal(synthesize(enhanced, "NP", seed=s, nodules=False).volume.hu, enhanced.hu)
         for s in range(10)
     )
+
+
+def test_synth_stream_passes_its_mix_to_every_case(background):
+    """The trainers' --synth-distractors/--synth-masses/--synth-contrast reach synthesize."""
+    from training.datasets import SynthInRealSliceDataset
+
+    always = SynthInRealSliceDataset(
+        [background], synthesis={"distractor_fraction": 1.0, "mass_fraction": 1.0, "enhance_fraction": 0.0}
+    )
+    never = SynthInRealSliceDataset([background], synthesis={"distractor_fraction": 0.0})
+    for seed in range(4):
+        masses = [r["type"] for r in always._synthesize("NP", seed).lesions]
+        assert masses == ["mass"] or masses == [], masses  # a mass, unless no room was found
+        assert never._synthesize("NP", seed).lesions == []
+    assert any(always._synthesize("NP", s).lesions for s in range(4))

@@ -736,14 +736,20 @@ class SynthInRealSliceDataset(PhantomSliceDataset):
     ----------
     backgrounds : sequence of Background
         Only patients that may be trained on (or, for a test set, only held-out ones).
+    synthesis : dict
+        Options of :func:`training.synthesis.synthesize` for every case (``distractor_fraction``,
+        ``mass_fraction``, ``enhance_fraction``); its defaults when empty.
     classes, size, pool_per_class, refresh_every, seed, rank, balanced : see PhantomSliceDataset
     """
 
-    def __init__(self, backgrounds, classes: Sequence[str] = TASK_CLASSES["3class"], **kwargs):
+    def __init__(
+        self, backgrounds, classes: Sequence[str] = TASK_CLASSES["3class"], synthesis=None, **kwargs
+    ):
         backgrounds = list(backgrounds)
         if not backgrounds:
             raise ValueError("no backgrounds to paint into")
         self.backgrounds = backgrounds
+        self.synthesis = dict(synthesis or {})
         super().__init__(classes, phantom_fn=self._synthesize, **kwargs)
 
     def _background(self, seed: int):
@@ -752,7 +758,7 @@ class SynthInRealSliceDataset(PhantomSliceDataset):
     def _synthesize(self, kind: str, seed: int):
         from training.synthesis import synthesize
 
-        return synthesize(self._background(seed), kind, seed=int(seed % 2**63))
+        return synthesize(self._background(seed), kind, seed=int(seed % 2**63), **self.synthesis)
 
     def make_entry(self, kind: str, seed: int) -> _PoolEntry | None:
         entry = super().make_entry(kind, seed)

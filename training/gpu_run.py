@@ -113,6 +113,7 @@ def _train_wsnet(
     holdout: str,
     init: str | None = "wsnet-3class",
     version: str = "2.2.0-gpu",
+    mix: dict | None = None,
 ) -> dict:
     from training.train_classifier import TrainConfig, train
 
@@ -138,8 +139,13 @@ def _train_wsnet(
         export=str(out / "wsnet-3class.safetensors"),
         export_name="wsnet-3class",
         export_version=version,
+        **(mix or {}),
     )
     return train(cfg)
+
+
+#: A fold's names for the synthetic stream's mix (``TrainConfig`` fields).
+FOLD_MIX = {"distractors": "synth_distractors", "masses": "synth_masses", "contrast": "synth_contrast"}
 
 
 @dataclass(frozen=True)
@@ -147,8 +153,9 @@ class WSNetFold:
     """One extra WSNet run of the call: its own held-out patients, start and minutes.
 
     Written ``name=foldB,minutes=4,init=none,holdout=P001+normal001+LIDC-IDRI-0001`` on the command
-    line; its weights go to ``OUT/<name>/``. Several folds in one call give every real patient a
-    judge that never trained on it, from one device start.
+    line, optionally with the synthetic stream's mix (``distractors=0.6,masses=0.5,contrast=0``,
+    see :data:`FOLD_MIX`); its weights go to ``OUT/<name>/``. Several folds in one call give
+    every real patient a judge that never trained on it, from one device start.
     """
 
     name: str
@@ -156,16 +163,18 @@ class WSNetFold:
     holdout: str
     init: str | None = None
     version: str = "2.3.0-gpu"
+    mix: tuple[tuple[str, float], ...] = ()  # (TrainConfig field, value)
 
     @classmethod
     def parse(cls, text: str) -> WSNetFold:
         fields = dict(part.split("=", 1) for part in text.split(",") if part)
-        unknown = set(fields) - {"name", "minutes", "init", "holdout", "version"}
+        unknown = set(fields) - {"name", "minutes", "init", "holdout", "version", *FOLD_MIX}
         missing = {"name", "minutes", "holdout"} - set(fields)
         if unknown or missing:
             raise ValueError(
                 f"--wsnet-fold {text!r}: unknown {sorted(unknown)}, missing {sorted(missing)}"
-                " (name=...,minutes=...,holdout=A+B[,init=...|none][,version=...])"
+                " (name=...,minutes=...,holdout=A+B[,init=...|none][,version=...]"
+                "[,distractors=...][,masses=...][,contrast=...])"
             )
         init = fields.get("init", "none")
         return cls(
@@ -174,6 +183,7 @@ class WSNetFold:
             holdout=fields["holdout"].replace("+", ","),
             init=None if init.lower() == "none" else init,
             version=fields.get("version", cls.version),
+            mix=tuple((FOLD_MIX[k], float(fields[k])) for k in FOLD_MIX if k in fields),
         )
 
 
@@ -324,12 +334,21 @@ def run(
         fold_out = out / fold.name
         fold_holdout = "smokeB" if smoke else fold.holdout
         summary = _train_wsnet(
-            pack, fold_out, device, fold.minutes * minutes_scale, smoke, fold_holdout, fold.init, fold.version
+            pack,
+            fold_out,
+            device,
+            fold.minutes * minutes_scale,
+            smoke,
+            fold_holdout,
+            fold.init,
+            fold.version,
+            dict(fold.mix),
         )
         report["steps"][f"wsnet:{fold.name}"] = {
             "minutes": round((time.perf_counter() - start) / 60, 2),
             "holdout": fold_holdout,
             "init": fold.init,
+            "mix": dict(fold.mix),
             "steps": summary.get("steps"),
             "export": summary.get("export"),
         }

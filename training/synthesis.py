@@ -468,6 +468,9 @@ def synthesize(
     severity: float | None = None,
     nodules: bool | None = None,
     enhance: bool | None = None,
+    distractor_fraction: float = 0.25,
+    mass_fraction: float | None = None,
+    enhance_fraction: float | None = None,
 ) -> Phantom:
     """Paint a ``kind`` ("NP", "CAP", "COVID-19") case into ``bg``.
 
@@ -475,9 +478,11 @@ def synthesize(
     HU on the background's canonical grid, the lung labels with the slices that hold a real
     lesion emptied (so that no slice of unknown class is labelled), the exact lesion mask
     (codes 1-4) and one record per painted lesion. An NP case is the background as it is,
-    with distractor nodules when ``nodules``. ``enhance`` gives the vessels IV contrast first
-    (default: :data:`ENHANCE_FRACTION` of the cases whose background has none, drawn from a stream
-    of its own so that a seed's lesions are the same either way).
+    with distractor nodules when ``nodules`` (default: ``distractor_fraction`` of the cases, of
+    which ``mass_fraction``, else :data:`MASS_FRACTION`, get one tumour-like mass). ``enhance``
+    gives the vessels IV contrast first (default: ``enhance_fraction``, else
+    :data:`ENHANCE_FRACTION`, of the cases whose background has none, drawn from a stream of its
+    own so that a seed's lesions are the same either way).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -486,7 +491,7 @@ def synthesize(
         # from a trace to most of the lung; milder cases are the more common and the harder
         severity = float(rng.beta(1.3, 1.8))
     if nodules is None:
-        nodules = bool(rng.uniform() < 0.25)
+        nodules = bool(rng.uniform() < distractor_fraction)
     ctx = _Context(bg)
     if kind == "COVID-19":
         paints = covid_lesions(rng, ctx, severity)
@@ -496,14 +501,15 @@ def synthesize(
         paints = []
     if nodules:
         side = int(rng.integers(1, 3))
-        if rng.uniform() < MASS_FRACTION:
+        if rng.uniform() < (MASS_FRACTION if mass_fraction is None else mass_fraction):
             paints += solitary_mass(rng, ctx, side)
         else:
             paints += nodule_cluster(rng, ctx, side, bronchocentric=False)
     hu = bg.hu.astype(np.float32)
     contrast_rng = np.random.default_rng([seed, 1])
     if enhance is None:
-        enhance = bool(contrast_rng.uniform() < ENHANCE_FRACTION) and _unenhanced(bg)
+        share = ENHANCE_FRACTION if enhance_fraction is None else enhance_fraction
+        enhance = bool(contrast_rng.uniform() < share) and _unenhanced(bg)
     if enhance:
         enhance_vessels(hu, ctx.lung, ctx.spacing, float(contrast_rng.uniform(*ENHANCE_HU)))
     lesion_mask = _apply(hu, paints, ctx.spacing)

@@ -77,6 +77,11 @@ class SynthOptions:
     synth_weight: float = opt(3.0, "mixing weight of the synthetic-in-real stream (the others weigh 1)")
     phantom_weight: float = opt(1.0, "mixing weight of the phantom stream")
     synth_pool: int = opt(3, "synthetic-in-real cases kept per class and per loader worker")
+    synth_distractors: float = opt(
+        0.25, "share of synthetic cases given distractor nodules or a mass (any class)"
+    )
+    synth_masses: float = opt(0.4, "of the cases with distractors, the share given one tumour-like mass")
+    synth_contrast: float = opt(0.4, "share of synthetic cases on unenhanced lungs given IV contrast")
     synth_refresh: int = opt(96, "draws between replacing one pooled synthetic case (0: never)")
     synth_val_cases: int = opt(4, "synthetic cases per class in the validation set (training backgrounds)")
     synth_test_cases: int = opt(4, "synthetic cases per class in the test set (held-out backgrounds)")
@@ -282,6 +287,11 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
         train_bg = [b for b in every if b.patient_id not in holdout]
         test_bg = [b for b in every if b.patient_id in holdout]
         common = dict(size=cfg.input_size, pool_per_class=cfg.synth_pool)
+        mix = dict(
+            distractor_fraction=cfg.synth_distractors,
+            mass_fraction=cfg.synth_masses,
+            enhance_fraction=cfg.synth_contrast,
+        )
         train = SynthInRealSliceDataset(
             train_bg,
             classes,
@@ -289,9 +299,14 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
             seed=stream_seed(cfg.seed, 10, cfg.fold),
             rank=info.rank,
             balanced=True,
+            synthesis=mix,
             **common,
         )
-        val = SynthInRealSliceDataset(train_bg, classes, seed=stream_seed(cfg.seed, 11, cfg.fold), **common)
+        # validation draws the training mix; the held-out test keeps synthesize's defaults, so
+        # that runs with different mixes are scored on the same kind of cases
+        val = SynthInRealSliceDataset(
+            train_bg, classes, seed=stream_seed(cfg.seed, 11, cfg.fold), synthesis=mix, **common
+        )
         val = val.fixed_set(cfg.synth_val_cases)
         streams.append(train)
         probs.append(cfg.synth_weight)
