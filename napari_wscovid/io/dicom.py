@@ -624,6 +624,8 @@ def _read_with_gdcm(h: FileHeader):
             if keyword in ds.file_meta:
                 setattr(meta, keyword, ds.file_meta[keyword].value)
         ds.file_meta = meta
+        if ds.file_meta.get("TransferSyntaxUID") and ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            _check_encapsulated(ds, h.name)
         with tempfile.TemporaryDirectory(prefix="wscovid-gdcm-") as folder:
             copy = Path(folder) / "copy.dcm"
             ds.save_as(copy, enforce_file_format=True)
@@ -635,6 +637,43 @@ def _read_with_gdcm(h: FileHeader):
         raise
     except Exception as exc:  # pydicom could not parse or re-write it, or GDCM could not decode it
         raise CTLoadError(f"{h.name}: {_decode_error_text(exc)}") from exc
+
+
+#: JPEG and JPEG-LS start-of-frame markers (not DHT C4, JPG C8, DAC CC): precision, rows, columns.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def _check_encapsulated(ds, name: str) -> None:
+    """Refuse compressed pixel data whose framing GDCM would trust: a 1.3 kB JPEG Lossless file
+    whose fragment items were corrupt made GDCM allocate 3.1 GB (found by fuzzing). pydicom checks
+    the fragment items; the first JPEG frame's size must be the header's Rows x Columns."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+    except (ValueError, StopIteration) as exc:
+        raise CTLoadError(f"{name}: damaged compressed pixel data, {_decode_error_text(exc)}") from exc
+    size = _jpeg_frame_size(frame, name)
+    if size is not None and size != (int(ds.Rows), int(ds.Columns)):
+        raise CTLoadError(
+            f"{name}: the compressed image is {size[0]} x {size[1]} pixels but the header says "
+            f"{int(ds.Rows)} x {int(ds.Columns)}"
+        )
+
+
+def _jpeg_frame_size(frame: bytes, name: str) -> tuple[int, int] | None:
+    """(rows, columns) of a JPEG or JPEG-LS codestream's frame header; None for other codestreams."""
+    if frame[:2] != b"\xff\xd8":  # no SOI: JPEG 2000, RLE or damaged, decoded or refused elsewhere
+        return None
+    i = 2
+    while i + 9 <= len(frame) and frame[i] == 0xFF:
+        marker, length = frame[i + 1], int.from_bytes(frame[i + 2 : i + 4], "big")
+        if marker in _SOF_MARKERS:
+            return int.from_bytes(frame[i + 5 : i + 7], "big"), int.from_bytes(frame[i + 7 : i + 9], "big")
+        if marker == 0xDA or length < 2:  # scan data before any frame header, or a broken segment
+            break
+        i += 2 + length
+    raise CTLoadError(f"{name}: the JPEG codestream has no readable frame header")
 
 
 def _is_decoder_panic(exc: BaseException) -> bool:

@@ -26,6 +26,8 @@ CASES = Path(__file__).resolve().parents[1] / "data" / "fuzz_regressions"
         # an element after the pixel data made GDCM allocate 2 GB for a 1 kB file; pydicom cannot re-write
         # it either, so it is refused
         ("element_after_pixel_data_gdcm_2gb.dcm", "TypeError: encoding without a string argument"),
+        # JPEG Lossless (GDCM's to decode) with broken fragment items: GDCM took 3.1 GB for 1.3 kB
+        ("jpeg_fragments_gdcm_3gb.dcm", "damaged compressed pixel data, ValueError: Unexpected tag"),
         # a NIfTI header with a zero-length axis loaded as a (0, 3, 4) volume napari cannot show
         ("zero_length_axis.nii", "image of shape (0, 3, 4) has no voxels"),
     ],
@@ -66,3 +68,27 @@ def test_gdcm_gets_no_file_meta_element_it_could_misread():
     volume = load_ct(CASES / "file_meta_unknown_vr_gdcm_740mb.dcm")
     assert volume.hu.size == 128
     assert process.memory_info().rss - before < 200 * 2**20
+
+
+@pytest.mark.parametrize(("rows", "sof_rows", "reason"), [
+    (40, 32, "the compressed image is 32 x 32 pixels but the header says 40 x 32"),
+    (32, 60000, "the compressed image is 60000 x 32 pixels but the header says 32 x 32"),
+])  # fmt: skip
+def test_jpeg_frame_header_must_match_the_dicom_header(tmp_path, rows, sof_rows, reason):
+    """GDCM sizes its buffers from the codestream: a frame header that disagrees with Rows x
+    Columns is refused before GDCM reads the file."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    seed = Path(__file__).resolve().parents[2] / "fuzz" / "seeds" / "dicom" / "jpeg_lossless_sv1.dcm"
+    ds = pydicom.dcmread(seed)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = frame.index(b"\xff\xc3")
+    frame[sof + 5 : sof + 7] = sof_rows.to_bytes(2, "big")
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.Rows = rows
+    path = tmp_path / "lying.dcm"
+    ds.save_as(path)
+    with pytest.raises(CTLoadError, match="lying.dcm") as info:
+        load_ct(path)
+    assert reason in str(info.value)
