@@ -238,15 +238,15 @@ def test_gpu_run_folds_write_one_judge_per_fold(tmp_path):
     from napari_wscovid.models.registry import load_model
     from training.gpu_run import WSNetFold, main
 
-    fold = "name=foldB,minutes=0.1,holdout=smokeB,version=9.9.9-test,distractors=0.9,contrast=0"
+    fold = "name=foldB,minutes=0.1,holdout=smokeB,version=9.9.9-test,distractors=0.9,contrast=0.5"
     assert main(["train", "--smoke", "--out", str(tmp_path), "--steps", "", "--wsnet-fold", fold]) == 0
     report = json.loads((tmp_path / "gpu_run.json").read_text())
     assert set(report["steps"]) == {"wsnet:foldB"} and report["steps"]["wsnet:foldB"]["init"] is None
     _, info = load_model(tmp_path / "foldB" / "wsnet-3class.safetensors", device="cpu", cache=False)
     assert info["version"] == "9.9.9-test"
     config = json.loads((tmp_path / "foldB" / "wsnet" / "config.json").read_text())
-    assert (config["synth_distractors"], config["synth_contrast"], config["synth_masses"]) == (0.9, 0.0, 0.4)
-    assert report["steps"]["wsnet:foldB"]["mix"] == {"synth_distractors": 0.9, "synth_contrast": 0.0}
+    assert (config["synth_distractors"], config["synth_contrast"], config["synth_masses"]) == (0.9, 0.5, 0.4)
+    assert report["steps"]["wsnet:foldB"]["mix"] == {"synth_distractors": 0.9, "synth_contrast": 0.5}
     assert report["detect"]["wsnet-3class"]["device"] == "cpu"
     parsed = WSNetFold.parse("name=a,minutes=2,holdout=P001+normal001,init=wsnet-3class")
     assert parsed.holdout == "P001,normal001" and parsed.init == "wsnet-3class"
@@ -324,23 +324,22 @@ def test_contrast_raises_vessels_not_parenchyma_and_keeps_the_lesions(background
 
 
 def test_contrast_is_drawn_for_a_share_of_cases_and_never_twice(background):
-    from training.synthesis import ENHANCE_FRACTION, _unenhanced, synthesize
+    from training.synthesis import _unenhanced, synthesize
 
     assert _unenhanced(background)
-    dyed = [
-        not np.array_equal(synthesize(background, "NP", seed=s, nodules=False).volume.hu, background.hu)
-        for s in range(30)
-    ]
-    assert 0.15 * 30 <= sum(dyed) <= 0.7 * 30, (sum(dyed), ENHANCE_FRACTION)
+
+    def dyed(bg, seed, share):
+        case = synthesize(bg, "NP", seed=seed, nodules=False, enhance_fraction=share)
+        return not np.array_equal(case.volume.hu, bg.hu)
+
+    assert 0.15 * 30 <= sum(dyed(background, s, 0.4) for s in range(30)) <= 0.7 * 30
+    assert not any(dyed(background, s, 0.0) for s in range(10))  # off is off
     vessels = (background.lung > 0) & (background.hu > -300)
     enhanced = dataclasses.replace(
         background, hu=np.where(vessels, 400, background.hu).astype(np.int16), vessel_p99=None
     )
     assert not _unenhanced(enhanced)
-    assert all(
-        np.array_equal(synthesize(enhanced, "NP", seed=s, nodules=False).volume.hu, enhanced.hu)
-        for s in range(10)
-    )
+    assert not any(dyed(enhanced, s, 1.0) for s in range(10))
 
 
 def test_synth_stream_passes_its_mix_to_every_case(background):

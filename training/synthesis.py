@@ -17,10 +17,11 @@ Patterns (``lesion_mask`` codes as in :mod:`napari_wscovid.phantom`):
   it (air bronchograms).
 * **nodules (4)**: bronchocentric clusters of small nodules (tree-in-bud-like) with CAP; as
   distractors in any class, one to three solid nodules or one lobulated tumour-like mass.
-* **IV contrast**: a share of the cases, of every class alike, get their lung vessels enhanced
-  as an arterial or venous phase would (:func:`enhance_vessels`): the backgrounds of COVID-CT-MD
-  are unenhanced, those of LIDC-IDRI enhanced, and the held-out contrast scans were the folds'
-  wrong answers (docs/reliability.md).
+* **IV contrast** (an option, off by default): a share of the cases, of every class alike, get
+  their lung vessels enhanced as an arterial or venous phase would (:func:`enhance_vessels`): the
+  backgrounds of COVID-CT-MD are unenhanced, those of LIDC-IDRI enhanced, and the held-out
+  contrast scans were the 2.3.0 folds' wrong answers (docs/reliability.md). Trained with it, the
+  folds were no better on them (docs/heldout/gpu_folds_2.4.md).
 * **bronchopneumonia**: half of the CAP cases are many small patchy foci (ground glass, some
   consolidating) clustered in one or two pseudo-lobes, often of one lung, with tree-in-bud
   nodules; the other half lobar or segmental.
@@ -76,7 +77,9 @@ KINDS = ("NP", "CAP", "COVID-19")
 #: Of the cases with distractors, the share that gets one tumour-like mass instead of nodules.
 MASS_FRACTION = 0.4
 #: Share of the cases (any class) whose vessels get IV contrast, when the background has none.
-ENHANCE_FRACTION = 0.4
+#: Off by default: two GPU runs with 0.4 judged no better on the held-out real patients, the
+#: contrast scans included (docs/heldout/gpu_folds_2.4.md); ``--synth-contrast`` turns it on.
+ENHANCE_FRACTION = 0.0
 #: Enhancement of blood over its unenhanced ~40 HU, drawn per case: venous to arterial phase.
 ENHANCE_HU = (80.0, 320.0)
 UNENHANCED_BLOOD_HU = 40.0

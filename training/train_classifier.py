@@ -81,7 +81,7 @@ class SynthOptions:
         0.25, "share of synthetic cases given distractor nodules or a mass (any class)"
     )
     synth_masses: float = opt(0.4, "of the cases with distractors, the share given one tumour-like mass")
-    synth_contrast: float = opt(0.4, "share of synthetic cases on unenhanced lungs given IV contrast")
+    synth_contrast: float = opt(0.0, "share of synthetic cases on unenhanced lungs given IV contrast")
     synth_refresh: int = opt(96, "draws between replacing one pooled synthetic case (0: never)")
     synth_val_cases: int = opt(4, "synthetic cases per class in the validation set (training backgrounds)")
     synth_test_cases: int = opt(4, "synthetic cases per class in the test set (held-out backgrounds)")
