@@ -48,6 +48,19 @@ def plugin_slices(volume, n: int, net) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+def input_sources(net, n: int) -> dict[str, torch.Tensor]:
+    """The benchmarks' inputs: ``n + 2`` crude synthetic slices, ``n`` of the bundled sample and,
+    when ``../shared/data`` is present, ``n`` of the real CT P001."""
+    from napari_wscovid.io import load_ct
+
+    sources = {"crude synthetic": synthetic_batch(n + 2, 224, np.random.default_rng(0))[0]}
+    sources["bundled sample"] = plugin_slices(load_ct(str(REPO / "sample_data" / "phantom_covid")), n, net)
+    p001 = SHARED / "covid-ct-md" / "sample_data" / "COVID-19 subjects" / "P001"
+    if p001.is_dir():
+        sources["real CT P001"] = plugin_slices(load_ct(str(p001)), n, net)
+    return sources
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -58,14 +71,7 @@ def main() -> None:
     from napari_wscovid.models.registry import load_model
 
     net, info = load_model("default", device="cpu")
-    n = 2 if args.quick else 4
-    sources = {"crude synthetic": synthetic_batch(n + 2, 224, np.random.default_rng(0))[0]}
-    from napari_wscovid.io import load_ct
-
-    sources["bundled sample"] = plugin_slices(load_ct(str(REPO / "sample_data" / "phantom_covid")), n, net)
-    p001 = SHARED / "covid-ct-md" / "sample_data" / "COVID-19 subjects" / "P001"
-    if p001.is_dir():
-        sources["real CT P001"] = plugin_slices(load_ct(str(p001)), n, net)
+    sources = input_sources(net, 2 if args.quick else 4)
     print(f"model {info['name']} {info['version']}; reference: 256-point Gauss-Legendre; r of the joint map")
     print("| source | slice | target | r fixed 8 | r adaptive | steps | s fixed 8 | s adaptive |")
     print("|---|---|---|---|---|---|---|---|")

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ig_adaptive import REPO, SHARED, plugin_slices  # noqa: E402
-from bench_saliency import pearson, synthetic_batch  # noqa: E402
+from bench_ig_adaptive import input_sources  # noqa: E402
+from bench_saliency import pearson  # noqa: E402
 
 from napari_wscovid.models.wsnet import SCALES  # noqa: E402
 
@@ -111,16 +111,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_wscovid.io import load_ct
     from napari_wscovid.models.registry import load_model
 
     net, info = load_model("default", device="cpu")
-    n = args.slices
-    sources = {"crude synthetic": synthetic_batch(n + 2, 224, np.random.default_rng(0))[0]}
-    sources["bundled sample"] = plugin_slices(load_ct(str(REPO / "sample_data" / "phantom_covid")), n, net)
-    p001 = SHARED / "covid-ct-md" / "sample_data" / "COVID-19 subjects" / "P001"
-    if p001.is_dir():
-        sources["real CT P001"] = plugin_slices(load_ct(str(p001)), n, net)
+    sources = input_sources(net, args.slices)
     print(f"model {info['name']} {info['version']}; r of the joint map against 256-point Gauss-Legendre")
     print("| source | slice | points | r refined | r uniform | s refined | s uniform |")
     print("|---|---|---|---|---|---|---|")
