@@ -192,6 +192,9 @@ class PacsWidget(QWidget):
 
     def _fail(self, message: str) -> None:
         self._status.setText(message)
+        # the worker's `finished` comes after `errored`: the buttons must not lag the message
+        # (CI caught "cannot reach the PACS" shown while List was still disabled)
+        self._set_busy(False)
         show_error(message)
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt override)
