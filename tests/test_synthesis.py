@@ -7,6 +7,9 @@ cache is built the same way by ``python -m training.real_backgrounds``.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,6 +257,53 @@ def test_gpu_run_folds_write_one_judge_per_fold(tmp_path):
         WSNetFold.parse("name=a,minutes=2")
     with pytest.raises(ValueError, match="unknown"):
         WSNetFold.parse("name=a,minutes=2,holdout=P001,lr=3")
+
+
+def test_gpu_run_refuses_a_missing_start_or_unknown_patient_before_training(tmp_path):
+    """A fold whose start is a file of an earlier device run (gone in a fresh checkout), or a
+    held-out patient the pack lacks, is refused before any step trains (no device minute lost)."""
+    import json
+
+    from training.gpu_run import main
+
+    missing = "name=foldB,minutes=0.1,holdout=smokeB,init=runs/gone/wsnet-3class.safetensors"
+    with pytest.raises(ValueError, match="foldB: its start init=runs/gone"):
+        main(["train", "--smoke", "--out", str(tmp_path / "a"), "--wsnet-fold", missing])
+    assert not (tmp_path / "a" / "wsnet").exists()  # refused before WSNet's step began
+    pack = tmp_path / "pack"
+    (pack / "backgrounds").mkdir(parents=True)
+    (pack / "pack.json").write_text(json.dumps({"patients": ["P001", "cap001"]}))
+    typo = "name=foldA,minutes=0.1,holdout=cap01"
+    with pytest.raises(ValueError, match=r"\['cap01'\] are not in the pack"):
+        main(
+            ["train", "--pack", str(pack), "--out", str(tmp_path / "b"), "--steps", "", "--wsnet-fold", typo]
+        )
+    with pytest.raises(ValueError, match="names must differ"):
+        fold = "name=f,minutes=0.1,holdout=smokeB"
+        main(["train", "--smoke", "--out", str(tmp_path / "c"), "--wsnet-fold", fold, "--wsnet-fold", fold])
+
+
+def test_prepared_gpu_lease_script_runs_both_calls_as_smoke(tmp_path):
+    """scripts/gpu_lease.sh, the exact flow a lent device runs blind: call 2 starts from call 1's
+    fold B, and each call leaves in OUT what the held-out evaluation needs."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_lease.sh"
+    for call in ("call1", "call2"):
+        out = tmp_path / f"out_{call}"
+        out.mkdir()
+        env = {**os.environ, "SMOKE": "1", "OUT": str(out), "GPU_WORK": str(tmp_path)}
+        done = subprocess.run(
+            ["bash", str(script), call], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        folds = ("foldA", "foldB") if call == "call1" else ("foldB",)
+        for fold in folds:
+            names = {f.name for f in (out / fold).iterdir()}
+            assert names == {"wsnet-3class.safetensors", "metrics.json", "config.json"}, (fold, names)
+        assert (out / "gpu_run.json").is_file()
+    report = json.loads((tmp_path / "out_call2" / "gpu_run.json").read_text())
+    assert report["steps"]["wsnet:foldB"]["init"] == f"{tmp_path}/g/foldB/wsnet-3class.safetensors"
 
 
 @pytest.mark.real_data

@@ -282,6 +282,45 @@ def _time_detect(out: Path, device: str, smoke: bool) -> dict:
 STEPS = tuple(BUDGET_MINUTES)
 
 
+def _preflight(pack: Path, smoke: bool, holdout: str, steps: tuple[str, ...], folds: tuple[WSNetFold, ...]):
+    """Refuse, before any device minute is spent, a run that would fail or mislead half-way.
+
+    A fold's start that is missing (a file of an earlier device run, gone with a fresh checkout)
+    would otherwise fail only after the folds before it had trained; a mistyped held-out patient
+    would silently train on the patient it is meant to be judged on.
+    """
+    from napari_wscovid.models.registry import ModelLoadError, load_model
+
+    names = [fold.name for fold in folds]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--wsnet-fold names must differ (each writes OUT/<name>/): {names}")
+    for fold in folds:
+        if fold.init is None:
+            continue
+        try:
+            load_model(fold.init, device="cpu", cache=False)
+        except (ModelLoadError, KeyError, OSError, ValueError) as err:
+            raise ValueError(
+                f"--wsnet-fold {fold.name}: its start init={fold.init} cannot be loaded ({err}); "
+                "use a registered name (init=wsnet-3class), a file that is here, or init=none"
+            ) from err
+    if smoke:
+        return
+    listed = pack / "pack.json"
+    patients = set(json.loads(listed.read_text())["patients"]) if listed.is_file() else set()
+    if not patients:
+        raise ValueError(
+            f"{pack} is not a pack (no pack.json): build it with 'python -m training.gpu_run pack'"
+        )
+    wanted = [holdout] * bool(set(steps) & {"wsnet", "fecnn", "decovnet"}) + [f.holdout for f in folds]
+    for ids in wanted:
+        unknown = sorted({p.strip() for p in ids.split(",") if p.strip()} - patients)
+        if unknown:
+            raise ValueError(
+                f"held-out patient(s) {unknown} are not in the pack {pack} (it holds {sorted(patients)})"
+            )
+
+
 def run(
     pack: Path | None,
     out: Path,
@@ -305,6 +344,7 @@ def run(
         holdout = "smokeB"
     if (pack / "site").is_dir():
         sys.path.insert(0, str(pack / "site"))
+    _preflight(pack, smoke, holdout, steps, folds)
     budgets = {k: v * minutes_scale for k, v in BUDGET_MINUTES.items()}
     report = {"device": device, "torch": torch.__version__, "budget_min": budgets, "steps": {}}
     if device == "cuda":
