@@ -168,6 +168,47 @@ def test_solitary_mass_is_a_dense_distractor_not_pneumonia(background):
     assert set(names) == {"NP"}
 
 
+def test_juxtapleural_mass_bulges_from_the_lung_border(background):
+    """The tumour of Lung_Dx-A0001 sits against mediastinum and pleura; the juxtapleural mass is
+    centred on the lung's border (its dome in the lung, which it meets), the default one inside."""
+    from scipy import ndimage
+
+    from training.synthesis import _Context, solitary_mass, synthesize
+
+    ctx = _Context(background)
+    inside = ndimage.distance_transform_edt(ctx.lung > 0, sampling=ctx.spacing)
+
+    def border_share(paint) -> float:
+        full = np.zeros(ctx.lung.shape, bool)
+        full[paint.sl] = paint.weight > 0.5
+        return float((inside[full] <= 3.0).mean())  # of its voxels, those within 3 mm of the border
+
+    shares = {True: [], False: []}
+    for seed in range(6):
+        for juxta in (True, False):
+            paints = solitary_mass(np.random.default_rng(seed), ctx, side=2, juxtapleural=juxta)
+            shares[juxta] += [border_share(p) for p in paints]
+    assert shares[True] and shares[False]
+    assert min(shares[True]) > max(shares[False]), shares
+    # the option draws from its own stream: off (the default), every case is as it was
+    for seed in range(4):
+        plain = synthesize(background, "CAP", seed=seed, nodules=True, mass_fraction=1.0)
+        off = synthesize(
+            background, "CAP", seed=seed, nodules=True, mass_fraction=1.0, pleural_mass_fraction=0.0
+        )
+        assert np.array_equal(plain.volume.hu, off.volume.hu)
+    moved = [
+        not np.array_equal(
+            synthesize(background, "NP", seed=s, nodules=True, mass_fraction=1.0).lesion_mask,
+            synthesize(
+                background, "NP", seed=s, nodules=True, mass_fraction=1.0, pleural_mass_fraction=1.0
+            ).lesion_mask,
+        )
+        for s in range(4)
+    ]
+    assert any(moved)
+
+
 def synthesize_np(background, seed):
     from training.synthesis import synthesize
 

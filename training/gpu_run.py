@@ -145,7 +145,12 @@ def _train_wsnet(
 
 
 #: A fold's names for the synthetic stream's mix (``TrainConfig`` fields).
-FOLD_MIX = {"distractors": "synth_distractors", "masses": "synth_masses", "contrast": "synth_contrast"}
+FOLD_MIX = {
+    "distractors": "synth_distractors",
+    "masses": "synth_masses",
+    "pleural": "synth_pleural_masses",
+    "contrast": "synth_contrast",
+}
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ class WSNetFold:
     """One extra WSNet run of the call: its own held-out patients, start and minutes.
 
     Written ``name=foldB,minutes=4,init=none,holdout=P001+normal001+LIDC-IDRI-0001`` on the command
-    line, optionally with the synthetic stream's mix (``distractors=0.6,masses=0.5,contrast=0``,
+    line, optionally with the synthetic stream's mix (``distractors=0.6,masses=0.5,pleural=0.5,contrast=0``,
     see :data:`FOLD_MIX`); its weights go to ``OUT/<name>/``. Several folds in one call give
     every real patient a judge that never trained on it, from one device start.
     """
@@ -174,7 +179,7 @@ class WSNetFold:
             raise ValueError(
                 f"--wsnet-fold {text!r}: unknown {sorted(unknown)}, missing {sorted(missing)}"
                 " (name=...,minutes=...,holdout=A+B[,init=...|none][,version=...]"
-                "[,distractors=...][,masses=...][,contrast=...])"
+                "[,distractors=...][,masses=...][,pleural=...][,contrast=...])"
             )
         init = fields.get("init", "none")
         return cls(

@@ -76,6 +76,9 @@ W_MIN = 0.1  # blend weight below which a voxel is left untouched and unmarked
 KINDS = ("NP", "CAP", "COVID-19")
 #: Of the cases with distractors, the share that gets one tumour-like mass instead of nodules.
 MASS_FRACTION = 0.4
+#: Of the masses, the share centred on the lung's border (:func:`solitary_mass`): off by default
+#: until a run has judged it (``--synth-pleural-masses``, ``pleural=`` in a GPU fold).
+PLEURAL_MASS_FRACTION = 0.0
 #: Share of the cases (any class) whose vessels get IV contrast, when the background has none.
 #: Off by default: two GPU runs with 0.4 judged no better on the held-out real patients, the
 #: contrast scans included (docs/heldout/gpu_folds_2.4.md); ``--synth-contrast`` turns it on.
@@ -381,18 +384,26 @@ def nodule_cluster(rng, ctx: _Context, side: int, *, bronchocentric: bool) -> li
     return out
 
 
-def solitary_mass(rng, ctx: _Context, side: int) -> list[_Paint]:
-    """One solid, lobulated mass of 15-45 mm (a tumour): not pneumonia, a hard negative.
+def solitary_mass(rng, ctx: _Context, side: int, *, juxtapleural: bool = False) -> list[_Paint]:
+    """One solid, lobulated mass (a tumour): not pneumonia, a hard negative.
 
     Real non-pneumonia patients carry nodules and tumours (LIDC-IDRI, Lung-PET-CT-Dx); a stream
-    whose only dense round things are pneumonia teaches that every mass is CAP.
+    whose only dense round things are pneumonia teaches that every mass is CAP. Inside the lung
+    it is 15-45 mm across; ``juxtapleural`` centres a 24-64 mm one on the lung's border, so that
+    only its dome shows in the lung, as Lung_Dx-A0001's 5-6 cm tumour bulges from the mediastinum
+    and the posterior pleura, where the CAP stream's consolidation also meets the pleura.
     """
-    sel = (ctx.cmask == side) & (ctx.cdist > 10.0)
+    if juxtapleural:
+        sel = (ctx.cmask == side) & (ctx.cdist <= 4.0)
+        radius = rng.uniform(12.0, 32.0)
+    else:
+        sel = (ctx.cmask == side) & (ctx.cdist > 10.0)
+        radius = None
     c0 = _pick(rng, sel.astype(float))
     if c0 is None:
         return []
     centre = ctx.to_full(c0)
-    radius = rng.uniform(7.5, 22.5)
+    radius = rng.uniform(7.5, 22.5) if radius is None else radius
     sp = ctx.spacing
     sl = _box(centre, [1.6 * radius / v + 2 for v in sp], ctx.lung.shape)
     zz, yy, xx = _coords(sl, ctx.grid)
@@ -474,6 +485,7 @@ def synthesize(
     distractor_fraction: float = 0.25,
     mass_fraction: float | None = None,
     enhance_fraction: float | None = None,
+    pleural_mass_fraction: float | None = None,
 ) -> Phantom:
     """Paint a ``kind`` ("NP", "CAP", "COVID-19") case into ``bg``.
 
@@ -482,7 +494,8 @@ def synthesize(
     lesion emptied (so that no slice of unknown class is labelled), the exact lesion mask
     (codes 1-4) and one record per painted lesion. An NP case is the background as it is,
     with distractor nodules when ``nodules`` (default: ``distractor_fraction`` of the cases, of
-    which ``mass_fraction``, else :data:`MASS_FRACTION`, get one tumour-like mass). ``enhance``
+    which ``mass_fraction``, else :data:`MASS_FRACTION`, get one tumour-like mass, centred on the
+    lung's border in ``pleural_mass_fraction``, else :data:`PLEURAL_MASS_FRACTION`, of them). ``enhance``
     gives the vessels IV contrast first (default: ``enhance_fraction``, else
     :data:`ENHANCE_FRACTION`, of the cases whose background has none, drawn from a stream of its
     own so that a seed's lesions are the same either way).
@@ -505,7 +518,10 @@ def synthesize(
     if nodules:
         side = int(rng.integers(1, 3))
         if rng.uniform() < (MASS_FRACTION if mass_fraction is None else mass_fraction):
-            paints += solitary_mass(rng, ctx, side)
+            # its own stream: turning the option on leaves every other case as it was
+            pleural_share = PLEURAL_MASS_FRACTION if pleural_mass_fraction is None else pleural_mass_fraction
+            juxtapleural = bool(np.random.default_rng([seed, 2]).uniform() < pleural_share)
+            paints += solitary_mass(rng, ctx, side, juxtapleural=juxtapleural)
         else:
             paints += nodule_cluster(rng, ctx, side, bronchocentric=False)
     hu = bg.hu.astype(np.float32)

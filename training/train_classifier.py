@@ -81,6 +81,9 @@ class SynthOptions:
         0.25, "share of synthetic cases given distractor nodules or a mass (any class)"
     )
     synth_masses: float = opt(0.4, "of the cases with distractors, the share given one tumour-like mass")
+    synth_pleural_masses: float = opt(
+        0.0, "of the masses, the share centred on the lung's border (against pleura or mediastinum)"
+    )
     synth_contrast: float = opt(0.0, "share of synthetic cases on unenhanced lungs given IV contrast")
     synth_refresh: int = opt(96, "draws between replacing one pooled synthetic case (0: never)")
     synth_val_cases: int = opt(4, "synthetic cases per class in the validation set (training backgrounds)")
@@ -290,6 +293,7 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
         mix = dict(
             distractor_fraction=cfg.synth_distractors,
             mass_fraction=cfg.synth_masses,
+            pleural_mass_fraction=cfg.synth_pleural_masses,
             enhance_fraction=cfg.synth_contrast,
         )
         train = SynthInRealSliceDataset(
