@@ -446,3 +446,24 @@ def test_synth_stream_passes_its_mix_to_every_case(background):
         assert masses == ["mass"] or masses == [], masses  # a mass, unless no room was found
         assert never._synthesize("NP", seed).lesions == []
     assert any(always._synthesize("NP", s).lesions for s in range(4))
+
+
+def test_classify_heldout_counts_the_slices_detect_would_explain():
+    """scripts/classify_heldout.py stands in for boxes by the slices that would get saliency: the
+    same slices detect explains under saliency="positive"."""
+    import importlib.util
+
+    from napari_wscovid import detect
+    from napari_wscovid.phantom import make_phantom
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "classify_heldout.py"
+    spec = importlib.util.spec_from_file_location("classify_heldout", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    volume = make_phantom("COVID-19", n_slices=12, size=96, seed=5).volume
+    row = module.judge(volume, "tiny-test", "cpu")
+    full = detect(volume, model="tiny-test", device="cpu", saliency="positive")
+    assert row["positive_slices"] == len(full.saliency_slices) > 0
+    assert row["called"] == full.predicted_class and 0 < row["lung_slices"] <= 12
+    assert abs(sum(row["patient_probs"].values()) - 1.0) < 0.01
