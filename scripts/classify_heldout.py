@@ -39,6 +39,9 @@ def judge(volume, weights: str, device: str) -> dict:
         "positive_slices": int(len(positive)),
         "lung_slices": int(len(lung_idx)),
         "mean_p_np": None if negative is None else round(float(probs[lung_idx, negative].mean()), 3),
+        # per lung slice, for --out: where along the scan the positive slices lie
+        "lung_slice_index": lung_idx.tolist(),
+        "slice_probs": np.round(probs[lung_idx], 3).tolist(),
     }
 
 
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
         for weights in args.weights:
             row = {"patient": patient_id, "truth": patient.label, **judge(volume, weights, args.device)}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("lung_slice_index", "slice_probs")}))
     print(
         "\n| patient | truth | weights | called | P(NP) / P(CAP) / P(COVID-19) "
         "| positive slices | mean slice P(NP) |"
