@@ -47,6 +47,26 @@ def calibration_temperature(info: dict) -> float:
     return float(info.get("temperature") or 1.0)
 
 
+def patient_np_offset(info: dict) -> float:
+    """Log-odds added to the patient's NP probability before the call (0 when none was fitted).
+
+    The top-k rule judges a patient on its most abnormal slices, so an NP patient is called NP
+    only when even those look normal to the network. Weights may carry an offset fitted on
+    synthetic patients painted into their own training backgrounds
+    (``python -m training.patient_rule``), which re-balances that call; it never sees a held-out
+    patient.
+    """
+    value = float(info.get("patient_np_offset") or 0.0)
+    return value if math.isfinite(value) else 0.0
+
+
+def slice_np_offset(info: dict) -> float:
+    """Log-odds added to a slice's NP probability when choosing the "positive" slices to explain
+    (0 when none was fitted; fitted like :func:`patient_np_offset`, on synthetic lesion slices)."""
+    value = float(info.get("slice_np_offset") or 0.0)
+    return value if math.isfinite(value) else 0.0
+
+
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """Quantise maps in [0, 1] to uint8."""
     return np.rint(np.clip(values, 0.0, 1.0) * MAP_LEVELS).astype(np.uint8)
@@ -69,8 +89,14 @@ def lung_slices(lung_mask: np.ndarray, spacing: tuple[float, float, float]) -> n
     return np.flatnonzero(area_mm2 >= MIN_LUNG_AREA_MM2)
 
 
-def patient_probabilities(slice_probs: np.ndarray, classes: tuple[str, ...]) -> tuple[np.ndarray, str]:
-    """Aggregate (z, K) slice probabilities (NaN rows = no lung) into (K,) patient probabilities."""
+def patient_probabilities(
+    slice_probs: np.ndarray, classes: tuple[str, ...], np_offset: float = 0.0
+) -> tuple[np.ndarray, str]:
+    """Aggregate (z, K) slice probabilities (NaN rows = no lung) into (K,) patient probabilities.
+
+    ``np_offset`` (see :func:`patient_np_offset`) multiplies the NP probability of the aggregate
+    by ``exp(np_offset)`` before renormalising, a prior shift of the patient call.
+    """
     valid = slice_probs[~np.isnan(slice_probs).any(1)]
     if len(valid) == 0:
         return np.full(len(classes), np.nan, dtype=np.float32), "no lung slice"
@@ -80,7 +106,13 @@ def patient_probabilities(slice_probs: np.ndarray, classes: tuple[str, ...]) -> 
     negative = classes.index(NEGATIVE_CLASS)
     most_abnormal = np.argsort(valid[:, negative])[:k]
     rule = f"mean of the {k} lung slices with the lowest {NEGATIVE_CLASS} probability"
-    return valid[most_abnormal].mean(0).astype(np.float32), rule
+    patient = valid[most_abnormal].mean(0)
+    if np_offset:
+        patient = patient.copy()
+        patient[negative] *= math.exp(np_offset)
+        patient = patient / patient.sum()
+        rule += f", {NEGATIVE_CLASS} odds times {math.exp(np_offset):.3g} (fitted on synthetic patients)"
+    return patient.astype(np.float32), rule
 
 
 def model_input_kwargs(volume: CTVolume, lung_mask: np.ndarray, size: int, normalisation=None) -> dict:
@@ -113,12 +145,18 @@ def batches(indices: Iterable[int], size: int) -> Generator[np.ndarray, None, No
 
 
 def slices_to_explain(
-    scope: str, slices, slice_probs: np.ndarray, classes: tuple[str, ...], lung_idx: np.ndarray
+    scope: str,
+    slices,
+    slice_probs: np.ndarray,
+    classes: tuple[str, ...],
+    lung_idx: np.ndarray,
+    np_offset: float = 0.0,
 ) -> np.ndarray:
     """The lung slices that get saliency and boxes under ``scope`` (one of :data:`SALIENCY_SCOPES`).
 
-    "positive" = the slices whose most probable class is not :data:`NEGATIVE_CLASS` (every lung
-    slice for a task without it); "slices" = the lung slices among ``slices``.
+    "positive" = the slices whose most probable class is not :data:`NEGATIVE_CLASS` once its
+    probability is multiplied by ``exp(np_offset)`` (:func:`slice_np_offset`; every lung slice for
+    a task without it); "slices" = the lung slices among ``slices``.
     """
     if scope not in SALIENCY_SCOPES:
         raise ValueError(f"saliency must be one of {SALIENCY_SCOPES}, got {scope!r}")
@@ -132,7 +170,9 @@ def slices_to_explain(
     if NEGATIVE_CLASS not in classes:
         return lung_idx
     negative = classes.index(NEGATIVE_CLASS)
-    return lung_idx[np.argmax(slice_probs[lung_idx], axis=1) != negative]
+    probs = np.array(slice_probs[lung_idx], dtype=float)
+    probs[:, negative] *= math.exp(np_offset)
+    return lung_idx[np.argmax(probs, axis=1) != negative]
 
 
 def classify_slices(

@@ -22,12 +22,14 @@ import numpy as np
 
 def judge(volume, weights: str, device: str) -> dict:
     from napari_wscovid import detect
-    from napari_wscovid.stages import slices_to_explain
+    from napari_wscovid.stages import slice_np_offset, slices_to_explain
 
     result = detect(volume, model=weights, device=device, saliency="none")
     probs = np.asarray(result.slice_probs)
     lung_idx = np.flatnonzero(np.isfinite(probs).all(1))
-    positive = slices_to_explain("positive", None, probs, tuple(result.classes), lung_idx)
+    positive = slices_to_explain(
+        "positive", None, probs, tuple(result.classes), lung_idx, slice_np_offset(result.model_info)
+    )
     negative = list(result.classes).index("NP") if "NP" in result.classes else None
     return {
         "weights": weights,

@@ -97,7 +97,6 @@ def test_recalibrate_writes_a_copy_with_the_fitted_temperature(tmp_path):
         recalibrate(tmp_path / "w.safetensors", tmp_path / "config.json", tmp_path / "w-cal.safetensors")
 
 
-
 def _report_of_overconfident_patients(n_patients=3, n_slices=200, seed=0) -> dict:
     """CAP patients whose slices (infected: CAP, clean: NP) are called at 0.95 but right 60% of
     the time."""
@@ -109,8 +108,12 @@ def _report_of_overconfident_patients(n_patients=3, n_slices=200, seed=0) -> dic
         probs = np.full((n_slices, 3), 0.025)
         probs[np.arange(n_slices), called] = 0.95
         patients.append(
-            {"patient": f"p{i}", "truth": "CAP", "classes": ["NP", "CAP", "COVID-19"],
-             "slices": {"probs": probs.tolist(), "infected": infected.tolist()}}  # fmt: skip
+            {
+                "patient": f"p{i}",
+                "truth": "CAP",
+                "classes": ["NP", "CAP", "COVID-19"],
+                "slices": {"probs": probs.tolist(), "infected": infected.tolist()},
+            }  # fmt: skip
         )
     return {"real": patients}
 
@@ -121,3 +124,121 @@ def test_leave_one_patient_out_temperature_softens_overconfident_slices():
     refit = leave_one_patient_out_temperature(_report_of_overconfident_patients())
     assert all(fold["temperature"] > 1.5 for fold in refit["folds"])
     assert refit["ece_before"] > 0.3 and refit["ece_leave_one_patient_out"] < 0.1
+
+
+def test_patient_np_offset_shifts_the_call_and_nothing_else():
+    from napari_wscovid.stages import patient_probabilities
+
+    classes = ("NP", "CAP", "COVID-19")
+    # a normal lung whose most abnormal slices still lean to CAP
+    probs = np.array([[0.6, 0.3, 0.1]] * 30 + [[0.2, 0.5, 0.3]] * 10)
+    plain, rule = patient_probabilities(probs, classes)
+    assert classes[int(np.argmax(plain))] == "CAP" and "odds" not in rule
+    shifted, rule = patient_probabilities(probs, classes, np_offset=np.log(4.0))
+    assert classes[int(np.argmax(shifted))] == "NP" and "odds times 4" in rule
+    assert shifted.sum() == pytest.approx(1.0)
+    # CAP : COVID-19 stays as it was; only the NP odds move
+    assert shifted[1] / shifted[2] == pytest.approx(plain[1] / plain[2], rel=1e-5)
+
+
+def test_fit_np_offset_separates_synthetic_patients_in_the_middle():
+    from training.patient_rule import fit_np_offset
+
+    classes = ("NP", "CAP", "COVID-19")
+
+    def patient(truth, p_np, ill="CAP"):
+        row = [p_np, 0.0, 0.0]
+        row[classes.index(ill)] = 1 - p_np
+        return {"truth": truth, "slice_probs": [row] * 20}
+
+    # NP patients' worst slices at P(NP) 0.2-0.3, ill ones at 0.01-0.02: called ill without an offset
+    rows = [patient("NP", 0.2), patient("NP", 0.3), patient("CAP", 0.02), patient("CAP", 0.01)]
+    rows += [patient("COVID-19", 0.01, "COVID-19"), patient("COVID-19", 0.02, "COVID-19")]
+    fit = fit_np_offset(rows, classes)
+    assert fit["balanced_accuracy_without"] == pytest.approx(2 / 3)
+    assert fit["balanced_accuracy"] == 1.0
+    # NP called from odds 0.25 * e^o > 0.75, ill kept while 0.02 / 0.98 * e^o < 1: o in (1.39, 3.89)
+    lo, hi = fit["best_range"]
+    assert lo == pytest.approx(1.39, abs=0.02) and hi == pytest.approx(3.89, abs=0.02)
+    assert fit["offset"] == pytest.approx((lo + hi) / 2, abs=0.01)
+    with pytest.raises(ValueError, match="two of"):
+        fit_np_offset([r for r in rows if r["truth"] == "NP"], classes)
+
+
+def test_detect_applies_the_offset_the_weights_carry_and_refuses_a_bad_one(tmp_path):
+    from napari_wscovid import detect
+    from napari_wscovid.models.registry import ModelLoadError, load_model
+    from napari_wscovid.phantom import make_phantom
+    from training.calibrate import copy_with_metadata
+
+    ph = make_phantom("COVID-19", n_slices=8, size=96, seed=0)
+    plain_file = _tiny(tmp_path / "plain.safetensors", temperature=3.0)
+    calls = {}
+    for offset in (-20, 20):
+        out = tmp_path / f"offset{offset}.safetensors"
+        copy_with_metadata(plain_file, out, {"patient_np_offset": offset})
+        _, info = load_model(out, device="cpu", cache=False)
+        assert info["patient_np_offset"] == offset and info["temperature"] == 3.0  # the rest kept
+        r = detect(ph.volume, model=str(out), saliency="none", lung_mask=ph.lung_mask)
+        calls[offset] = r.predicted_class
+        assert "fitted on synthetic patients" in r.patient_rule
+    assert calls[20] == "NP" and calls[-20] != "NP"
+    # the slice offset decides which slices are explained
+    explained = {}
+    for offset in (-20, 20):
+        out = tmp_path / f"slices{offset}.safetensors"
+        copy_with_metadata(plain_file, out, {"slice_np_offset": offset})
+        r = detect(ph.volume, model=str(out), saliency="positive", lung_mask=ph.lung_mask, ig_steps=2)
+        explained[offset] = len(r.saliency_slices)
+    lung_slices = int(np.isfinite(r.slice_probs).all(1).sum())
+    assert explained == {-20: lung_slices, 20: 0}
+    for key, bad in (("patient_np_offset", "nan"), ("slice_np_offset", 21)):
+        with pytest.raises(ModelLoadError, match=f"bad.safetensors: {key[:-10]} NP offset"):
+            load_model(_tiny(tmp_path / "bad.safetensors", **{key: bad}), device="cpu", cache=False)
+
+
+def test_fit_slice_offset_balances_lesion_and_clean_slices():
+    from training.patient_rule import fit_slice_offset, np_margins
+
+    classes = ("NP", "CAP", "COVID-19")
+    # clean slices at P(NP) 0.2 (margin log 4 = 1.39), lesion slices at 0.01 (margin 4.6)
+    row = {
+        "truth": "CAP",
+        "slice_probs": [[0.2, 0.8, 0.0]] * 30 + [[0.01, 0.99, 0.0]] * 10 + [[0.5, 0.5, 0.0]],
+        "slice_lesion": [0] * 30 + [1] * 10 + [-1],  # the last one is too little to say: left out
+    }
+    margins, lesion = np_margins([row], classes)
+    assert len(margins) == 40 and lesion.sum() == 10
+    fit = fit_slice_offset([row], classes)
+    assert fit["without"]["specificity"] == 0.0 and fit["without"]["sensitivity"] == 1.0
+    assert fit["with"]["specificity"] == 1.0 and fit["with"]["sensitivity"] == 1.0
+    lo, hi = fit["best_range"]
+    assert lo == pytest.approx(1.39, abs=0.02) and hi == pytest.approx(4.59, abs=0.02)
+
+
+def test_slices_to_explain_follows_the_slice_offset():
+    from napari_wscovid.stages import slices_to_explain
+
+    classes = ("NP", "CAP", "COVID-19")
+    probs = np.array([[0.2, 0.8, 0.0], [0.01, 0.0, 0.99], [0.9, 0.1, 0.0]])
+    lung = np.arange(3)
+    assert slices_to_explain("positive", None, probs, classes, lung).tolist() == [0, 1]
+    assert slices_to_explain("positive", None, probs, classes, lung, np_offset=2.0).tolist() == [1]
+    assert slices_to_explain("all", None, probs, classes, lung, np_offset=2.0).tolist() == [0, 1, 2]
+
+
+def test_a_metadata_only_copy_carries_the_feature_reference(tmp_path):
+    from napari_wscovid.models.registry import load_model
+    from napari_wscovid.reliability import FeatureReference, reference_path
+    from training.calibrate import copy_with_metadata
+
+    weights = _tiny(tmp_path / "w.safetensors")
+    _, info = load_model(weights, device="cpu", cache=False)
+    FeatureReference(np.zeros(4), np.eye(4), 3.0, info["sha256"], "trained on bgA").save(
+        reference_path(weights)
+    )
+    sha = copy_with_metadata(weights, tmp_path / "w2.safetensors", {"patient_np_offset": 1.0}, version="2")
+    carried = FeatureReference.load(reference_path(tmp_path / "w2.safetensors"), sha)
+    assert carried.threshold == 3.0 and carried.description.startswith("trained on bgA")
+    _, info2 = load_model(tmp_path / "w2.safetensors", device="cpu", cache=False)
+    assert info2["version"] == "2" and info2["sha256"] == sha != info["sha256"]

@@ -8,6 +8,7 @@ and the plugin divides the logits by it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -44,25 +45,73 @@ def recalibrate(
     validation data. The copy keeps every other metadata field; an existing ``out`` is replaced
     only with ``overwrite``.
     """
-    import safetensors
-
-    from napari_wscovid.models.registry import load_model, save_model
+    from napari_wscovid.models.registry import load_model
     from training.evaluation.heldout import load_training_config
     from training.train_classifier import DistInfo, build_data, calibrate_on
 
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{Path(out).name} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = load_training_config(config)
-    net, info = load_model(str(weights), device="cpu", cache=False)
+    net, _ = load_model(str(weights), device="cpu", cache=False)
     data = build_data(cfg, tuple(net.config.classes), DistInfo())
     temperature, calibration = calibrate_on(net, data.val, "cpu", cfg.eval_batch_size)
+    copy_with_metadata(
+        weights, out, {"temperature": temperature, "calibration": calibration}, overwrite=overwrite
+    )
+    return temperature
+
+
+def copy_with_metadata(
+    weights: str | Path,
+    out: str | Path,
+    updates: dict,
+    *,
+    version: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a copy of the ``weights`` file with ``updates`` in its metadata; return its SHA-256.
+
+    Every other metadata field (training data, temperature, model card fields) is kept; the tensors
+    are written as loaded; ``version`` replaces the version when given. An existing ``out`` is
+    replaced only with ``overwrite``.
+    """
+    import safetensors
+
+    from napari_wscovid.models.registry import load_model, save_model
+
+    net, info = load_model(str(weights), device="cpu", cache=False)
     with safetensors.safe_open(str(weights), framework="pt") as handle:
         meta = dict(handle.metadata() or {})
+        # float16 files stay float16; a float32 file is not rounded on the way
+        half = all(handle.get_slice(k).get_dtype() != "F32" for k in handle.keys())
     keep = {k: v for k, v in meta.items() if k not in ("name", "version", "config", "architecture", "format")}
-    keep["temperature"] = temperature
-    keep["calibration"] = calibration
-    save_model(net, out, name=info["name"], version=info["version"], extra_metadata=keep, overwrite=overwrite)
-    return temperature
+    keep.update(updates)
+    sha = save_model(
+        net,
+        out,
+        name=info["name"],
+        version=version or info["version"],
+        extra_metadata=keep,
+        half=half,
+        overwrite=overwrite,
+    )
+    _carry_feature_reference(Path(weights), Path(out), info["sha256"], sha)
+    return sha
+
+
+def _carry_feature_reference(weights: Path, out: Path, old_sha: str, new_sha: str) -> None:
+    """The tensors are unchanged, so the reliability check's feature reference beside ``weights``
+    still describes them: write it beside ``out``, tied to the copy's SHA-256."""
+    from napari_wscovid.reliability import FeatureReference, reference_path
+
+    source = reference_path(weights)
+    if not source.exists() or reference_path(out) == source:
+        return
+    reference = FeatureReference.load(source, old_sha)
+    note = f" (carried to a metadata-only copy, SHA-256 {new_sha[:12]}...)"
+    dataclasses.replace(reference, weights_sha256=new_sha, description=reference.description + note).save(
+        reference_path(out)
+    )
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,9 @@ from napari_wscovid.stages import (
     lung_slices,
     lung_volume_ml,
     model_input_kwargs,
+    patient_np_offset,
     patient_probabilities,
+    slice_np_offset,
     slices_to_explain,
     to_uint8,
 )
@@ -222,11 +224,11 @@ def detect_iter(
         temperature=calibration_temperature(info),
     )
     timings["classification"] = time.perf_counter() - start
-    patient_probs, rule = patient_probabilities(slice_probs, classes)
+    patient_probs, rule = patient_probabilities(slice_probs, classes, patient_np_offset(info))
 
     explained = positive_class(classes)
     target = classes.index(explained)
-    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx)
+    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info))
 
     start = time.perf_counter()
     heat_volume = np.zeros(volume.shape, dtype=np.uint8)

@@ -27,8 +27,10 @@ from napari_wscovid.stages import (
     lung_slices,
     lung_volume_ml,
     model_input_kwargs,
+    patient_np_offset,
     patient_probabilities,
     relay,
+    slice_np_offset,
     slices_to_explain,
 )
 
@@ -96,7 +98,7 @@ def detect_iter(
     )
     timings["classification"] = time.perf_counter() - start
 
-    patient_probs, rule = patient_probabilities(slice_probs, classes)
+    patient_probs, rule = patient_probabilities(slice_probs, classes, patient_np_offset(info))
     shown_class = explain_class or (
         classes[int(np.nanargmax(patient_probs))] if np.isfinite(patient_probs).all() else classes[0]
     )
@@ -110,7 +112,7 @@ def detect_iter(
     cam_lowres.clear()  # the low-resolution maps of every class are no longer needed
     timings["cams"] = time.perf_counter() - start
 
-    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx)
+    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info))
     saliency_maps: dict[str, np.ndarray] = {}
     boxes: list[Box] = []
     involvement: dict = {}

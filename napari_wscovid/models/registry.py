@@ -143,6 +143,23 @@ def _temperature(meta: Mapping, path: Path) -> float:
     return value
 
 
+def _np_offset(meta: Mapping, path: Path, key: str) -> float:
+    """An NP log-odds offset stored with the weights (``patient_np_offset``, ``slice_np_offset``;
+    0 when there is none)."""
+    raw = meta.get(key)
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    # |offset| <= 20 (odds times 5e8): anything larger is a corrupt field, not a calibration
+    if not (math.isfinite(value) and abs(value) <= 20.0):
+        what = key.replace("_np_offset", "")
+        raise ModelLoadError(f"{path.name}: {what} NP offset {raw!r} is not a number in [-20, 20]")
+    return value
+
+
 def _normalisation(entry: Mapping | None, meta: Mapping, path: Path):
     """The intensity normalisation stored with the weights (a name, or a dict as JSON), checked
     now: a bad one found at load names the file, one found at detection would not (fuzzing)."""
@@ -265,6 +282,8 @@ def load_model(
     normalisation = _normalisation(entry, meta, path)
     info = {
         "temperature": _temperature(meta, path),
+        "patient_np_offset": _np_offset(meta, path, "patient_np_offset"),
+        "slice_np_offset": _np_offset(meta, path, "slice_np_offset"),
         "name": (entry or {}).get("name") or meta.get("name") or path.stem,
         "version": (entry or {}).get("version") or meta.get("version") or "unknown",
         "sha256": actual,
