@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_wscovid.architectures import NEGATIVE_CLASS
 from napari_wscovid.quality import QCFlag
+from napari_wscovid.stages import slice_np_offset
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +142,12 @@ def model_fit_checks(
                     "which this model's answers on held-out patients were often wrong",
                 )
             )
-        spread = _slice_disagreement(result.slice_probs, int(probs.argmax()))
+        spread = _slice_disagreement(
+            result.slice_probs,
+            int(probs.argmax()),
+            tuple(result.classes),
+            slice_np_offset(getattr(result, "model_info", None) or {}),
+        )
         if spread is not None:
             # a value, not a flag: a patient with few lesion slices has most slices clean
             values["slices_disagreeing"] = round(spread, 4)
@@ -164,10 +171,16 @@ def model_fit_checks(
     return flags, values
 
 
-def _slice_disagreement(slice_probs: np.ndarray, patient_class: int) -> float | None:
-    """Fraction of the classified slices whose top class is not the patient's."""
+def _slice_disagreement(
+    slice_probs: np.ndarray, patient_class: int, classes: tuple[str, ...] = (), np_offset: float = 0.0
+) -> float | None:
+    """Fraction of the classified slices whose top class is not the patient's (a slice's NP odds
+    shifted by the weights' slice offset, as when its slices are chosen for explaining)."""
     probs = np.asarray(slice_probs, float)
     rows = probs[np.isfinite(probs).all(axis=1)] if probs.ndim == 2 else probs[:0]
     if not len(rows):
         return None
+    if np_offset and NEGATIVE_CLASS in classes:
+        rows = rows.copy()
+        rows[:, classes.index(NEGATIVE_CLASS)] *= np.exp(np_offset)
     return float(np.mean(rows.argmax(axis=1) != patient_class))

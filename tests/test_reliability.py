@@ -149,3 +149,13 @@ def test_a_display_image_is_out_of_distribution(shared_data):
         pytest.skip(f"{shared_data / 'ucsd-covid-ct'} holds no PNG")
     run = detect(load_ct(str(pngs[0])), saliency="none", device="cpu")
     assert "out_of_distribution" in {f["name"] for f in run.qc} and run.status == "needs_review"
+
+
+def test_slice_disagreement_reads_slices_as_the_explained_ones_are_chosen():
+    from napari_wscovid.reliability import _slice_disagreement
+
+    classes = ("NP", "CAP", "COVID-19")
+    # a patient called NP whose slices lean to CAP at P(NP) 0.3: all disagree without the offset
+    probs = np.array([[0.3, 0.7, 0.0]] * 8 + [[0.01, 0.99, 0.0]] * 2)
+    assert _slice_disagreement(probs, 0, classes) == 1.0
+    assert _slice_disagreement(probs, 0, classes, np_offset=1.0) == pytest.approx(0.2)
