@@ -129,15 +129,21 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def _meta_number(meta: Mapping, key: str, default: float) -> tuple[float, object]:
+    """A number stored as text in the weights' metadata (``default`` when absent, NaN when not a
+    number), and the raw text for the error message."""
+    raw = meta.get(key)
+    if raw is None:
+        return default, raw
+    try:
+        return float(raw), raw
+    except ValueError:
+        return float("nan"), raw
+
+
 def _temperature(meta: Mapping, path: Path) -> float:
     """The calibration temperature stored with the weights (1 when there is none)."""
-    raw = meta.get("temperature")
-    if raw is None:
-        return 1.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
+    value, raw = _meta_number(meta, "temperature", 1.0)
     if not (math.isfinite(value) and value > 0):
         raise ModelLoadError(f"{path.name}: calibration temperature {raw!r} is not a positive number")
     return value
@@ -146,13 +152,7 @@ def _temperature(meta: Mapping, path: Path) -> float:
 def _np_offset(meta: Mapping, path: Path, key: str) -> float:
     """An NP log-odds offset stored with the weights (``patient_np_offset``, ``slice_np_offset``;
     0 when there is none)."""
-    raw = meta.get(key)
-    if raw is None:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
+    value, raw = _meta_number(meta, key, 0.0)
     # |offset| <= 20 (odds times 5e8): anything larger is a corrupt field, not a calibration
     if not (math.isfinite(value) and abs(value) <= 20.0):
         what = key.replace("_np_offset", "")
