@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_wscovid.architectures import NEGATIVE_CLASS
 from napari_wscovid.quality import QCFlag
-from napari_wscovid.stages import slice_np_offset
+from napari_wscovid.stages import shift_np_odds, slice_np_offset
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +179,5 @@ def _slice_disagreement(
     rows = probs[np.isfinite(probs).all(axis=1)] if probs.ndim == 2 else probs[:0]
     if not len(rows):
         return None
-    if np_offset and NEGATIVE_CLASS in classes:
-        rows = rows.copy()
-        rows[:, classes.index(NEGATIVE_CLASS)] *= np.exp(np_offset)
+    rows = shift_np_odds(rows, classes, np_offset)
     return float(np.mean(rows.argmax(axis=1) != patient_class))

@@ -56,15 +56,27 @@ def patient_np_offset(info: dict) -> float:
     (``python -m training.patient_rule``), which re-balances that call; it never sees a held-out
     patient.
     """
-    value = float(info.get("patient_np_offset") or 0.0)
-    return value if math.isfinite(value) else 0.0
+    return _info_offset(info, "patient_np_offset")
 
 
 def slice_np_offset(info: dict) -> float:
     """Log-odds added to a slice's NP probability when choosing the "positive" slices to explain
     (0 when none was fitted; fitted like :func:`patient_np_offset`, on synthetic lesion slices)."""
-    value = float(info.get("slice_np_offset") or 0.0)
+    return _info_offset(info, "slice_np_offset")
+
+
+def _info_offset(info: dict, key: str) -> float:
+    value = float(info.get(key) or 0.0)
     return value if math.isfinite(value) else 0.0
+
+
+def shift_np_odds(probs: np.ndarray, classes: tuple[str, ...], np_offset: float) -> np.ndarray:
+    """A float copy of ``probs`` (..., K) with the NP column times ``exp(np_offset)``, not
+    renormalised: the arg-max is the call under the shifted prior (unchanged without an NP class)."""
+    shifted = np.array(probs, dtype=float)
+    if np_offset and NEGATIVE_CLASS in classes:
+        shifted[..., classes.index(NEGATIVE_CLASS)] *= math.exp(np_offset)
+    return shifted
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
@@ -108,9 +120,8 @@ def patient_probabilities(
     rule = f"mean of the {k} lung slices with the lowest {NEGATIVE_CLASS} probability"
     patient = valid[most_abnormal].mean(0)
     if np_offset:
-        patient = patient.copy()
-        patient[negative] *= math.exp(np_offset)
-        patient = patient / patient.sum()
+        patient = shift_np_odds(patient, classes, np_offset)
+        patient /= patient.sum()
         rule += f", {NEGATIVE_CLASS} odds times {math.exp(np_offset):.3g} (fitted on synthetic patients)"
     return patient.astype(np.float32), rule
 
@@ -169,10 +180,8 @@ def slices_to_explain(
         return lung_idx[np.isin(lung_idx, requested)]
     if NEGATIVE_CLASS not in classes:
         return lung_idx
-    negative = classes.index(NEGATIVE_CLASS)
-    probs = np.array(slice_probs[lung_idx], dtype=float)
-    probs[:, negative] *= math.exp(np_offset)
-    return lung_idx[np.argmax(probs, axis=1) != negative]
+    probs = shift_np_odds(slice_probs[lung_idx], classes, np_offset)
+    return lung_idx[np.argmax(probs, axis=1) != classes.index(NEGATIVE_CLASS)]
 
 
 def classify_slices(

@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from napari_wscovid.architectures import NEGATIVE_CLASS
-from napari_wscovid.stages import patient_probabilities
+from napari_wscovid.stages import patient_probabilities, shift_np_odds
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def synthetic_patients(
                         "slice_lesion": [flag.get(int(z), -1) for z in lung],
                     }
                 )
-                log.info("synthetic %s in %s: %d lung slices", kind, bg.patient_id, len(probs))
+                log.info("synthetic %s in %s: %d lung slices", kind, bg.patient_id, len(lung))
     return rows
 
 
@@ -100,9 +99,14 @@ def balanced_accuracy(calls: list[str], truths: list[str]) -> float:
 
 def calls_at(aggregates: np.ndarray, classes: tuple[str, ...], offset: float) -> list[str]:
     """Patient calls from unshifted (n, K) patient probabilities with the NP odds times exp(offset)."""
-    shifted = np.array(aggregates, dtype=float)
-    shifted[:, classes.index(NEGATIVE_CLASS)] *= math.exp(offset)
-    return [classes[i] for i in shifted.argmax(1)]
+    return [classes[i] for i in shift_np_odds(aggregates, classes, offset).argmax(1)]
+
+
+def patient_aggregates(rows: list[dict], classes: tuple[str, ...]) -> np.ndarray:
+    """(n, K) unshifted patient probabilities of ``rows`` under the plugin's patient rule."""
+    return np.array(
+        [patient_probabilities(np.asarray(r["slice_probs"], float), classes)[0] for r in rows], dtype=float
+    )
 
 
 def fit_np_offset(rows: list[dict], classes: tuple[str, ...]) -> dict:
@@ -114,9 +118,7 @@ def fit_np_offset(rows: list[dict], classes: tuple[str, ...]) -> dict:
     truths = [r["truth"] for r in rows]
     if set(truths) - set(classes) or len(set(truths)) < 2:
         raise ValueError(f"need patients of at least two of {classes}, got {sorted(set(truths))}")
-    aggregates = np.array(
-        [patient_probabilities(np.asarray(r["slice_probs"], float), classes)[0] for r in rows], dtype=float
-    )
+    aggregates = patient_aggregates(rows, classes)
     scores = np.array([balanced_accuracy(calls_at(aggregates, classes, o), truths) for o in OFFSET_GRID])
     return {
         **_middle_of_best(scores),
@@ -187,9 +189,7 @@ def fit_slice_offset(rows: list[dict], classes: tuple[str, ...]) -> dict:
 def check_calls(rows: list[dict], classes: tuple[str, ...], offset: float) -> dict:
     """Balanced accuracy and (truth, call) counts of the patient calls without and with ``offset``."""
     truths = [r["truth"] for r in rows]
-    aggregates = np.array(
-        [patient_probabilities(np.asarray(r["slice_probs"], float), classes)[0] for r in rows], dtype=float
-    )
+    aggregates = patient_aggregates(rows, classes)
     out = {}
     for name, value in (("without", 0.0), ("with", offset)):
         calls = calls_at(aggregates, classes, value)
