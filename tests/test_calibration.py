@@ -242,3 +242,9 @@ def test_a_metadata_only_copy_carries_the_feature_reference(tmp_path):
     assert carried.threshold == 3.0 and carried.description.startswith("trained on bgA")
     _, info2 = load_model(tmp_path / "w2.safetensors", device="cpu", cache=False)
     assert info2["version"] == "2" and info2["sha256"] == sha != info["sha256"]
+    # a reference already beside the target is not replaced without overwrite (nor are the weights)
+    reference_path(tmp_path / "w3.safetensors").write_bytes(b"someone's reference")
+    with pytest.raises(FileExistsError, match="w3.reference.safetensors exists"):
+        copy_with_metadata(weights, tmp_path / "w3.safetensors", {"patient_np_offset": 1.0})
+    assert not (tmp_path / "w3.safetensors").exists()
+    assert reference_path(tmp_path / "w3.safetensors").read_bytes() == b"someone's reference"

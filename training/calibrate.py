@@ -72,13 +72,17 @@ def copy_with_metadata(
     """Write a copy of the ``weights`` file with ``updates`` in its metadata; return its SHA-256.
 
     Every other metadata field (training data, temperature, model card fields) is kept; the tensors
-    are written as loaded; ``version`` replaces the version when given. An existing ``out`` is
-    replaced only with ``overwrite``.
+    are written as loaded; ``version`` replaces the version when given. An existing ``out``, or
+    feature reference beside it, is replaced only with ``overwrite``.
     """
     import safetensors
 
     from napari_wscovid.models.registry import load_model, save_model
+    from napari_wscovid.reliability import reference_path
 
+    carried = reference_path(out)
+    if reference_path(weights).exists() and carried.exists() and not overwrite:
+        raise FileExistsError(f"{carried.name} exists; pass overwrite=True (--overwrite) to replace it")
     net, info = load_model(str(weights), device="cpu", cache=False)
     with safetensors.safe_open(str(weights), framework="pt") as handle:
         meta = dict(handle.metadata() or {})
