@@ -252,6 +252,8 @@ def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) ->
         len(result.boxes),
         out,
     )
+    if result.explain_note:
+        logger.info("%s", result.explain_note)
     return 0
 
 
@@ -287,6 +289,7 @@ def summary_dict(result, volume) -> dict:
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "n_boxes": len(result.boxes),
         "saliency_slices": list(result.saliency_slices),
+        "explain_note": result.explain_note,
         # steps per explained slice: chosen by the completeness check unless --ig-steps was given
         "ig_steps": list(result.ig_steps),
         "n_lesions": len(result.lesions),

@@ -162,12 +162,16 @@ def slices_to_explain(
     classes: tuple[str, ...],
     lung_idx: np.ndarray,
     np_offset: float = 0.0,
+    patient_class: str | None = None,
 ) -> np.ndarray:
     """The lung slices that get saliency and boxes under ``scope`` (one of :data:`SALIENCY_SCOPES`).
 
     "positive" = the slices whose most probable class is not :data:`NEGATIVE_CLASS` once its
     probability is multiplied by ``exp(np_offset)`` (:func:`slice_np_offset`; every lung slice for
-    a task without it); "slices" = the lung slices among ``slices``.
+    a task without it), and none when ``patient_class`` (the patient call) is
+    :data:`NEGATIVE_CLASS`: Hu et al. localise lesions in CT called COVID-19 or CAP, and boxes on a
+    patient called NP contradict the call (measured on held-out real NP lungs: 56 and 25 boxes,
+    ``docs/heldout/patient_rule.md``). "slices" = the lung slices among ``slices``.
     """
     if scope not in SALIENCY_SCOPES:
         raise ValueError(f"saliency must be one of {SALIENCY_SCOPES}, got {scope!r}")
@@ -180,8 +184,24 @@ def slices_to_explain(
         return lung_idx[np.isin(lung_idx, requested)]
     if NEGATIVE_CLASS not in classes:
         return lung_idx
+    if patient_class == NEGATIVE_CLASS:
+        return np.array([], dtype=int)
     probs = shift_np_odds(slice_probs[lung_idx], classes, np_offset)
     return lung_idx[np.argmax(probs, axis=1) != classes.index(NEGATIVE_CLASS)]
+
+
+def explain_note(scope: str, patient_class: str | None, n_explained: int) -> str:
+    """Why a run explained no slice, in words for the user ("" when it explained some)."""
+    if n_explained or scope == "none":
+        return ""
+    if scope == "positive" and patient_class == NEGATIVE_CLASS:
+        return (
+            f"No lesion boxes: the patient is called {NEGATIVE_CLASS}. Choose 'all slices' or "
+            "'current slice only' to see the network's saliency anyway."
+        )
+    if scope == "positive":
+        return f"No lesion boxes: every lung slice is called {NEGATIVE_CLASS}."
+    return "No lesion boxes: none of the chosen slices holds lung."
 
 
 def classify_slices(

@@ -183,11 +183,11 @@ def test_detect_applies_the_offset_the_weights_carry_and_refuses_a_bad_one(tmp_p
         calls[offset] = r.predicted_class
         assert "fitted on synthetic patients" in r.patient_rule
     assert calls[20] == "NP" and calls[-20] != "NP"
-    # the slice offset decides which slices are explained
+    # the slice offset decides which slices of a patient called ill are explained
     explained = {}
     for offset in (-20, 20):
         out = tmp_path / f"slices{offset}.safetensors"
-        copy_with_metadata(plain_file, out, {"slice_np_offset": offset})
+        copy_with_metadata(plain_file, out, {"slice_np_offset": offset, "patient_np_offset": -20})
         r = detect(ph.volume, model=str(out), saliency="positive", lung_mask=ph.lung_mask, ig_steps=2)
         explained[offset] = len(r.saliency_slices)
     lung_slices = int(np.isfinite(r.slice_probs).all(1).sum())
@@ -225,6 +225,47 @@ def test_slices_to_explain_follows_the_slice_offset():
     assert slices_to_explain("positive", None, probs, classes, lung).tolist() == [0, 1]
     assert slices_to_explain("positive", None, probs, classes, lung, np_offset=2.0).tolist() == [1]
     assert slices_to_explain("all", None, probs, classes, lung, np_offset=2.0).tolist() == [0, 1, 2]
+
+
+def test_a_patient_called_np_gets_no_positive_slices_unless_asked():
+    from napari_wscovid.stages import explain_note, slices_to_explain
+
+    classes = ("NP", "CAP", "COVID-19")
+    probs = np.array([[0.2, 0.8, 0.0], [0.01, 0.0, 0.99], [0.9, 0.1, 0.0]])
+    lung = np.arange(3)
+    assert slices_to_explain("positive", None, probs, classes, lung, patient_class="NP").size == 0
+    assert slices_to_explain("positive", None, probs, classes, lung, patient_class="CAP").tolist() == [0, 1]
+    # the user's explicit scopes are not gated by the call
+    assert slices_to_explain("all", None, probs, classes, lung, patient_class="NP").tolist() == [0, 1, 2]
+    assert slices_to_explain("slices", [2], probs, classes, lung, patient_class="NP").tolist() == [2]
+    assert "called NP" in explain_note("positive", "NP", 0)
+    assert explain_note("positive", "NP", 3) == "" and explain_note("none", "NP", 0) == ""
+    assert "every lung slice" in explain_note("positive", "CAP", 0)
+
+
+def test_detect_boxes_nothing_on_a_patient_called_np_but_explains_an_asked_class(tmp_path):
+    from napari_wscovid import detect
+    from napari_wscovid.phantom import make_phantom
+    from training.calibrate import copy_with_metadata
+
+    ph = make_phantom("COVID-19", n_slices=8, size=96, seed=0)
+    plain_file = _tiny(tmp_path / "plain.safetensors")
+    # every slice positive (slice offset -20), the patient called NP (patient offset +20)
+    out = tmp_path / "np.safetensors"
+    copy_with_metadata(plain_file, out, {"patient_np_offset": 20, "slice_np_offset": -20})
+    r = detect(ph.volume, model=str(out), saliency="positive", lung_mask=ph.lung_mask, ig_steps=2)
+    assert r.predicted_class == "NP"
+    assert r.saliency_slices == () and r.boxes == [] and "called NP" in r.explain_note
+    asked = detect(
+        ph.volume,
+        model=str(out),
+        saliency="positive",
+        lung_mask=ph.lung_mask,
+        ig_steps=2,
+        explain_class="COVID-19",
+    )
+    lung_slices = int(np.isfinite(asked.slice_probs).all(1).sum())
+    assert len(asked.saliency_slices) == lung_slices and asked.explain_note == ""
 
 
 def test_a_metadata_only_copy_carries_the_feature_reference(tmp_path):

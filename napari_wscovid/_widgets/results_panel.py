@@ -33,6 +33,8 @@ def summary_text(result: DetectionResult) -> str:
     total = result.involvement.get("total_percent") if result.involvement else None
     if total is not None and math.isfinite(float(total)):
         lines.append(f"Involvement: {float(total):.1f} % of lung")
+    if result.explain_note:
+        lines.append(result.explain_note)
     lines.append(f"Device: {result.device}")
     info = result.model_info or {}
     lines.append(f"Model: {info.get('name') or 'unnamed'} {info.get('version') or ''}".rstrip())

@@ -35,6 +35,7 @@ from napari_wscovid.stages import (
     batches,
     calibration_temperature,
     classify_slices,
+    explain_note,
     lung_slices,
     lung_volume_ml,
     model_input_kwargs,
@@ -228,7 +229,10 @@ def detect_iter(
 
     explained = positive_class(classes)
     target = classes.index(explained)
-    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info))
+    called = classes[int(np.argmax(patient_probs))] if np.isfinite(patient_probs).all() else None
+    explain_idx = slices_to_explain(
+        saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info), patient_class=called
+    )
 
     start = time.perf_counter()
     heat_volume = np.zeros(volume.shape, dtype=np.uint8)
@@ -296,6 +300,7 @@ def detect_iter(
         lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
         saliency_slices=tuple(int(z) for z in explain_idx),
         patient_rule=rule,
+        explain_note=explain_note(saliency, called, len(explain_idx)),
         lesions=lesions,
         lesion_types=lesion_types,
     )

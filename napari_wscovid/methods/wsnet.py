@@ -24,6 +24,7 @@ from napari_wscovid.stages import (
     Progress,
     calibration_temperature,
     classify_slices,
+    explain_note,
     lung_slices,
     lung_volume_ml,
     model_input_kwargs,
@@ -112,7 +113,12 @@ def detect_iter(
     cam_lowres.clear()  # the low-resolution maps of every class are no longer needed
     timings["cams"] = time.perf_counter() - start
 
-    explain_idx = slices_to_explain(saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info))
+    # An explicitly asked class is explained whatever the call; otherwise a patient called NP
+    # gets no boxes (stages.slices_to_explain).
+    called = None if explain_class is not None else shown_class
+    explain_idx = slices_to_explain(
+        saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info), patient_class=called
+    )
     saliency_maps: dict[str, np.ndarray] = {}
     boxes: list[Box] = []
     involvement: dict = {}
@@ -161,6 +167,7 @@ def detect_iter(
         saliency_slices=tuple(int(i) for i in explain_idx),
         ig_steps=steps_used,
         patient_rule=rule,
+        explain_note=explain_note(saliency, called, len(explain_idx)),
         explained_class=shown_class,
         slice_features=np.concatenate(features) if features else None,
     )

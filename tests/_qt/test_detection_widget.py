@@ -271,6 +271,8 @@ def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     w._model_combo.setCurrentText("tiny-test")
     w._device_combo.setCurrentIndex(1)  # CPU
     w._ig_steps.setValue(4)
+    # every lung slice: "positive slices" explains none when the tiny network calls the patient NP
+    w._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("all"))
     run_and_wait(w, qtbot, timeout=60000)
     assert errors == []
     assert {"lung mask", "joint saliency", "lesion boxes"} <= names(viewer)
@@ -291,6 +293,18 @@ def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     # (the tiny random network's joint map can be all zero on a slice; its per-level maps are not)
     assert viewer.layers["IG conv5"].data[lung_slice].max() > 0
     assert all(viewer.layers["IG conv5"].data[z].max() == 0 for z in range(12) if z != lung_slice)
+
+
+def test_a_run_that_explained_nothing_says_why(widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot):
+    import dataclasses
+
+    note = "No lesion boxes: the patient is called NP. Choose 'all slices' to see the saliency anyway."
+    fake_pipeline.result = dataclasses.replace(
+        fake_result, saliency={}, boxes=[], saliency_slices=(), explain_note=note
+    )
+    run_and_wait(widget, qtbot)
+    assert note in widget._results._summary.text()
+    assert "joint saliency" not in names(viewer)
 
 
 def test_fecnn_result_shows_its_map_and_lesion_types(
