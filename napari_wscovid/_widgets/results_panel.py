@@ -44,7 +44,8 @@ def summary_text(result: DetectionResult) -> str:
 #: Shown under every result: what this is, and where its measured performance is.
 RESEARCH_NOTICE = (
     "Research software, not a diagnosis: on held-out real CT the default model was right on 2 of 3 "
-    "patients and still boxes normal lungs. See the model card in the README for its measured performance."
+    "patients and called a lung tumour CAP, with boxes. See the model card in the README for its measured "
+    "performance."
 )
 STATUS_TITLES = {
     "needs_review": "Needs review: the scan may be why the answer is wrong",
