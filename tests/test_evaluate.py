@@ -107,6 +107,25 @@ def test_slices_to_explain_follow_the_plugin_rule_and_the_cap():
     assert slices_to_explain(probs, CLASSES, limit=None)[0].tolist() == [1, 2, 3, 5, 6, 7, 8]
 
 
+def test_slices_to_explain_follow_the_slice_offset_and_the_patient_call():
+    from training.evaluation.detect_cases import _why_not_explained
+
+    probs = np.full((6, 3), np.nan)
+    probs[1:6] = [0.3, 0.7, 0.0]  # positive without an offset, NP with odds x e^2
+    probs[5] = [0.01, 0.0, 0.99]  # positive either way
+    assert slices_to_explain(probs, CLASSES, limit=None)[0].tolist() == [1, 2, 3, 4, 5]
+    assert slices_to_explain(probs, CLASSES, limit=None, np_offset=2.0)[0].tolist() == [5]
+    chosen, positive = slices_to_explain(probs, CLASSES, limit=None, patient_class="NP")
+    assert chosen.size == 0 and positive == 0
+    assert _why_not_explained([0, 1, 5], probs, CLASSES, np_offset=2.0) == {
+        "not classified (no lung found)": 1,
+        "patient called NP": 0,
+        "predicted NP": 1,
+        "beyond the per-volume cap": 1,
+    }
+    assert _why_not_explained([1, 5], probs, CLASSES, patient_class="NP")["patient called NP"] == 2
+
+
 def test_a_patient_level_method_gets_na_slice_metrics_and_its_own_boxes_scored(monkeypatch):
     from napari_wscovid.results import Box, DetectionResult
 
@@ -130,7 +149,7 @@ def test_a_patient_level_method_gets_na_slice_metrics_and_its_own_boxes_scored(m
         )
 
     monkeypatch.setattr("napari_wscovid.pipeline.detect", fake_detect)
-    monkeypatch.setattr(detect_cases, "model_architecture", lambda *_: "decovnet-zheng2020")
+    monkeypatch.setattr(detect_cases, "model_info", lambda *_: {"architecture": "decovnet-zheng2020"})
     settings = Settings(models=["x"], out=Path("."), n_boot=20)
     summary = summarise([run_case(case, volume, "x", settings)], settings, volumetric=True)
     assert summary["slice"] is None and summary["covid_vs_rest_slice_auc"] is None
@@ -168,7 +187,7 @@ def test_a_slice_method_is_scored_on_the_slices_it_explained(monkeypatch):
         )
 
     monkeypatch.setattr("napari_wscovid.pipeline.detect", fake_detect)
-    monkeypatch.setattr(detect_cases, "model_architecture", lambda *_: "fecnn-wu2021")
+    monkeypatch.setattr(detect_cases, "model_info", lambda *_: {"architecture": "fecnn-wu2021"})
     settings = Settings(models=["x"], out=Path("."), n_boot=20)
     outcome = run_case(case, volume, "x", settings)
     assert outcome.unexplained["predicted NP"] == 1

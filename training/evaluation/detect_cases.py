@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from napari_wscovid.architectures import NEGATIVE_CLASS, WSNET
+from napari_wscovid.stages import slice_np_offset
 from training.evaluation.heldout import Case, HeldOut
 from training.evaluation.settings import Settings
 from training.localisation import MatchCounts, component_rects, match_slice
@@ -44,12 +45,21 @@ class Outcome:
     error: str | None = None
 
 
-def slices_to_explain(slice_probs: np.ndarray, classes: Sequence[str], limit: int | None) -> tuple:
-    """The plugin's default saliency slices (classified, not predicted NP), at most ``limit`` of
-    them evenly spread over the volume: ``(chosen, number predicted positive)``."""
-    rows = np.flatnonzero(np.isfinite(slice_probs).all(1))
-    if NEGATIVE_CLASS in classes:
-        rows = rows[np.argmax(slice_probs[rows], axis=1) != list(classes).index(NEGATIVE_CLASS)]
+def slices_to_explain(
+    slice_probs: np.ndarray,
+    classes: Sequence[str],
+    limit: int | None,
+    *,
+    np_offset: float = 0.0,
+    patient_class: str | None = None,
+) -> tuple:
+    """The plugin's default saliency slices (``stages.slices_to_explain`` "positive": classified,
+    not predicted NP under the weights' slice offset, none when the patient is called NP), at most
+    ``limit`` of them evenly spread over the volume: ``(chosen, number predicted positive)``."""
+    from napari_wscovid.stages import slices_to_explain as plugin_rule
+
+    classified = np.flatnonzero(np.isfinite(slice_probs).all(1))
+    rows = plugin_rule("positive", None, slice_probs, tuple(classes), classified, np_offset, patient_class)
     n_positive = len(rows)
     if limit is not None and len(rows) > limit:
         # The centres of ``limit`` equal runs, so the partial-lung first and last slices are not
@@ -99,14 +109,33 @@ def _by_slice(boxes) -> dict[int, list]:
     return out
 
 
-def _why_not_explained(slices: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
-    """Why WSNet explained none of these lesion slices: no lung found, predicted NP, or the cap."""
-    reasons = {"not classified (no lung found)": 0, "predicted NP": 0, "beyond the per-volume cap": 0}
+def _why_not_explained(
+    slices: Sequence[int],
+    probs: np.ndarray,
+    classes: Sequence[str],
+    np_offset: float = 0.0,
+    patient_class: str | None = None,
+) -> dict[str, int]:
+    """Why WSNet explained none of these lesion slices: no lung found, the patient called NP, the
+    slice predicted NP (under the weights' slice offset), or the cap."""
+    from napari_wscovid.stages import shift_np_odds
+
+    reasons = {
+        "not classified (no lung found)": 0,
+        "patient called NP": 0,
+        "predicted NP": 0,
+        "beyond the per-volume cap": 0,
+    }
     negative = list(classes).index(NEGATIVE_CLASS) if NEGATIVE_CLASS in classes else None
     for z in slices:
         if not np.isfinite(probs[z]).all():
             reasons["not classified (no lung found)"] += 1
-        elif negative is not None and int(np.argmax(probs[z])) == negative:
+        elif negative is not None and patient_class == NEGATIVE_CLASS:
+            reasons["patient called NP"] += 1
+        elif (
+            negative is not None
+            and int(np.argmax(shift_np_odds(probs[z], tuple(classes), np_offset))) == negative
+        ):
             reasons["predicted NP"] += 1
         else:
             reasons["beyond the per-volume cap"] += 1
@@ -136,11 +165,12 @@ def check_models(models: Sequence[str], device: str, classes: Sequence[str]) -> 
     return infos
 
 
-def model_architecture(model: str, device: str) -> str:
-    """The architecture of a registry name or weights file (the registry caches the loaded model)."""
+def model_info(model: str, device: str) -> dict:
+    """The info of a registry name or weights file (the registry caches the loaded model)."""
     from napari_wscovid.models.registry import load_model
 
-    return load_model(model, device=device)[1]["architecture"]
+    return load_model(model, device=device)[1]
+
 
 
 def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
@@ -149,7 +179,8 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     from napari_wscovid.boxes import boxes_from_saliency
 
     outcome = Outcome(case)
-    architecture = model_architecture(model, settings.device)
+    info = model_info(model, settings.device)
+    architecture = info["architecture"]
     # WSNet is timed without saliency and explains chosen slices below; another method makes its
     # maps and boxes in its one default run (FeCNN on the slices it calls positive).
     saliency = {"saliency": "none"} if architecture == WSNET else {}
@@ -169,6 +200,11 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     if case.lesion_mask.shape != tuple(volume.shape):
         raise ValueError(f"{case.name}: lesion mask {case.lesion_mask.shape} but volume {volume.shape}")
     spacing_yx = tuple(volume.spacing[1:])
+    # the plugin's rule for the slices to explain: the weights' slice offset and the patient call
+    rule = {
+        "np_offset": slice_np_offset(info),
+        "patient_class": result.predicted_class if np.isfinite(result.patient_probs).all() else None,
+    }
     if architecture != WSNET:
         # Another method makes its boxes in the same call: scored on the slices it explained
         # (FeCNN: those predicted not NP), or on every lung slice when it names none (DeCoVNet).
@@ -179,13 +215,15 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
         if result.saliency_slices:
             slices = np.asarray(result.saliency_slices, dtype=int)
             outcome.counts, missed = score_boxes(case, boxes, slices, spacing_yx, settings)
-            outcome.unexplained = _why_not_explained(missed, probs, outcome.classes)
+            outcome.unexplained = _why_not_explained(missed, probs, outcome.classes, **rule)
         else:
             slices = np.flatnonzero(np.asarray(result.lung_mask).reshape(volume.shape[0], -1).any(1))
             outcome.counts, missed = score_boxes(case, boxes, slices, spacing_yx, settings)
             outcome.unexplained = {"outside the lung mask": len(missed)}
         return outcome
-    chosen, outcome.n_positive = slices_to_explain(probs, outcome.classes, settings.explain_per_volume)
+    chosen, outcome.n_positive = slices_to_explain(
+        probs, outcome.classes, settings.explain_per_volume, **rule
+    )
     boxes = {scale: {} for scale in CAM_SCALES}
     boxes["joint"] = {}
     if len(chosen):
@@ -221,7 +259,7 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
         for b in explained.boxes:
             boxes.setdefault(b.source, {}).setdefault(int(b.slice), []).append(b)
     outcome.counts, missed = score_boxes(case, boxes, chosen, spacing_yx, settings)
-    outcome.unexplained = _why_not_explained(missed, probs, outcome.classes)
+    outcome.unexplained = _why_not_explained(missed, probs, outcome.classes, **rule)
     return outcome
 
 

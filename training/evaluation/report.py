@@ -84,7 +84,8 @@ def describe_limits(settings: Settings, heldout: HeldOut) -> list[str]:
 
     limits = [
         f"Saliency (integrated gradients, {settings.ig_steps or DEFAULT_IG_STEPS} steps) only on at most "
-        f"{settings.explain_per_volume} slices per volume, evenly spread over those predicted not NP; "
+        f"{settings.explain_per_volume} slices per volume, evenly spread over those the plugin explains "
+        "(predicted not NP under the weights' slice offset; none when the patient is called NP); "
         "lesions on other slices are listed as 'not scored' with the reason, not counted as misses.",
     ]
     if "covid-ct-md" in heldout.cases:
