@@ -217,6 +217,11 @@ class DetectionWidget(QWidget):
         self._scope_combo = QComboBox()
         for label, value in SALIENCY_SCOPES:
             self._scope_combo.addItem(label, value)
+        self._scope_combo.setToolTip(
+            "Slices that get saliency and boxes. Positive slices: those the network calls COVID-19 or "
+            "CAP, none when it calls the patient NP. All slices: every lung slice, whatever the call. "
+            "Current slice only: the slice in view, when you stop on it."
+        )
         self._ig_steps = QSpinBox()
         self._ig_steps.setRange(0, 512)
         self._ig_steps.setSpecialValueText("auto")  # 0 = chosen per slice by the completeness check
