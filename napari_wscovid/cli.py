@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     det.add_argument("--series", default=None, help="series key or index when the folder holds several")
     det.add_argument(
-        "--saliency", default="positive", choices=("positive", "all", "none"), help="slices to explain"
+        "--saliency",
+        default="positive",
+        choices=("positive", "all", "none"),
+        help="slices to explain: those called COVID-19 or CAP (none when the patient is called NP), "
+        "every lung slice, or none",
     )
     det.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps")
     det.add_argument(
