@@ -190,10 +190,18 @@ def slices_to_explain(
     return lung_idx[np.argmax(probs, axis=1) != classes.index(NEGATIVE_CLASS)]
 
 
-def explain_note(scope: str, patient_class: str | None, n_explained: int) -> str:
+def patient_call(patient_probs: np.ndarray, classes: tuple[str, ...]) -> str | None:
+    """The most probable class of the patient, or None when there is none (no lung slice)."""
+    probs = np.asarray(patient_probs, dtype=float)
+    return classes[int(np.argmax(probs))] if probs.size and np.isfinite(probs).all() else None
+
+
+def explain_note(scope: str, patient_class: str | None, n_explained: int, n_lung_slices: int) -> str:
     """Why a run explained no slice, in words for the user ("" when it explained some)."""
     if n_explained or scope == "none":
         return ""
+    if not n_lung_slices:
+        return "No lesion boxes: no slice holds enough lung to be classified."
     if scope == "positive" and patient_class == NEGATIVE_CLASS:
         return (
             f"No lesion boxes: the patient is called {NEGATIVE_CLASS}. Choose 'all slices' or "

@@ -238,9 +238,10 @@ def test_a_patient_called_np_gets_no_positive_slices_unless_asked():
     # the user's explicit scopes are not gated by the call
     assert slices_to_explain("all", None, probs, classes, lung, patient_class="NP").tolist() == [0, 1, 2]
     assert slices_to_explain("slices", [2], probs, classes, lung, patient_class="NP").tolist() == [2]
-    assert "called NP" in explain_note("positive", "NP", 0)
-    assert explain_note("positive", "NP", 3) == "" and explain_note("none", "NP", 0) == ""
-    assert "every lung slice" in explain_note("positive", "CAP", 0)
+    assert "called NP" in explain_note("positive", "NP", 0, 3)
+    assert explain_note("positive", "NP", 3, 3) == "" and explain_note("none", "NP", 0, 3) == ""
+    assert "every lung slice" in explain_note("positive", "CAP", 0, 3)
+    assert "no slice holds enough lung" in explain_note("positive", None, 0, 0)
 
 
 def test_detect_boxes_nothing_on_a_patient_called_np_but_explains_an_asked_class(tmp_path):

@@ -39,6 +39,7 @@ from napari_wscovid.stages import (
     lung_slices,
     lung_volume_ml,
     model_input_kwargs,
+    patient_call,
     patient_np_offset,
     patient_probabilities,
     slice_np_offset,
@@ -229,7 +230,7 @@ def detect_iter(
 
     explained = positive_class(classes)
     target = classes.index(explained)
-    called = classes[int(np.argmax(patient_probs))] if np.isfinite(patient_probs).all() else None
+    called = patient_call(patient_probs, classes)
     explain_idx = slices_to_explain(
         saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info), patient_class=called
     )
@@ -300,7 +301,7 @@ def detect_iter(
         lung_volume_ml=lung_volume_ml(lung_mask, volume.spacing),
         saliency_slices=tuple(int(z) for z in explain_idx),
         patient_rule=rule,
-        explain_note=explain_note(saliency, called, len(explain_idx)),
+        explain_note=explain_note(saliency, called, len(explain_idx), len(lung_idx)),
         lesions=lesions,
         lesion_types=lesion_types,
     )

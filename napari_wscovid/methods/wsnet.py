@@ -28,6 +28,7 @@ from napari_wscovid.stages import (
     lung_slices,
     lung_volume_ml,
     model_input_kwargs,
+    patient_call,
     patient_np_offset,
     patient_probabilities,
     relay,
@@ -100,9 +101,8 @@ def detect_iter(
     timings["classification"] = time.perf_counter() - start
 
     patient_probs, rule = patient_probabilities(slice_probs, classes, patient_np_offset(info))
-    shown_class = explain_class or (
-        classes[int(np.nanargmax(patient_probs))] if np.isfinite(patient_probs).all() else classes[0]
-    )
+    called = patient_call(patient_probs, classes)
+    shown_class = explain_class or called or classes[0]
     shown = classes.index(shown_class)
 
     start = time.perf_counter()
@@ -115,9 +115,9 @@ def detect_iter(
 
     # An explicitly asked class is explained whatever the call; otherwise a patient called NP
     # gets no boxes (stages.slices_to_explain).
-    called = None if explain_class is not None else shown_class
+    gate = None if explain_class is not None else called
     explain_idx = slices_to_explain(
-        saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info), patient_class=called
+        saliency, slices, slice_probs, classes, lung_idx, slice_np_offset(info), patient_class=gate
     )
     saliency_maps: dict[str, np.ndarray] = {}
     boxes: list[Box] = []
@@ -167,7 +167,7 @@ def detect_iter(
         saliency_slices=tuple(int(i) for i in explain_idx),
         ig_steps=steps_used,
         patient_rule=rule,
-        explain_note=explain_note(saliency, called, len(explain_idx)),
+        explain_note=explain_note(saliency, gate, len(explain_idx), len(lung_idx)),
         explained_class=shown_class,
         slice_features=np.concatenate(features) if features else None,
     )

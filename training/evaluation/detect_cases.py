@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from napari_wscovid.architectures import NEGATIVE_CLASS, WSNET
-from napari_wscovid.stages import slice_np_offset
+from napari_wscovid.stages import patient_call, slice_np_offset
 from training.evaluation.heldout import Case, HeldOut
 from training.evaluation.settings import Settings
 from training.localisation import MatchCounts, component_rects, match_slice
@@ -118,7 +118,7 @@ def _why_not_explained(
 ) -> dict[str, int]:
     """Why WSNet explained none of these lesion slices: no lung found, the patient called NP, the
     slice predicted NP (under the weights' slice offset), or the cap."""
-    from napari_wscovid.stages import shift_np_odds
+    from napari_wscovid.stages import slices_to_explain as plugin_rule
 
     reasons = {
         "not classified (no lung found)": 0,
@@ -126,16 +126,14 @@ def _why_not_explained(
         "predicted NP": 0,
         "beyond the per-volume cap": 0,
     }
-    negative = list(classes).index(NEGATIVE_CLASS) if NEGATIVE_CLASS in classes else None
+    classified = np.flatnonzero(np.isfinite(probs).all(1))
+    positive = set(plugin_rule("positive", None, probs, tuple(classes), classified, np_offset).tolist())
     for z in slices:
         if not np.isfinite(probs[z]).all():
             reasons["not classified (no lung found)"] += 1
-        elif negative is not None and patient_class == NEGATIVE_CLASS:
+        elif NEGATIVE_CLASS in classes and patient_class == NEGATIVE_CLASS:
             reasons["patient called NP"] += 1
-        elif (
-            negative is not None
-            and int(np.argmax(shift_np_odds(probs[z], tuple(classes), np_offset))) == negative
-        ):
+        elif z not in positive:
             reasons["predicted NP"] += 1
         else:
             reasons["beyond the per-volume cap"] += 1
@@ -172,7 +170,6 @@ def model_info(model: str, device: str) -> dict:
     return load_model(model, device=device)[1]
 
 
-
 def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     """Detect on one case with one model; explain some slices and score boxes where masks exist."""
     from napari_wscovid import detect
@@ -203,7 +200,7 @@ def run_case(case: Case, volume, model: str, settings: Settings) -> Outcome:
     # the plugin's rule for the slices to explain: the weights' slice offset and the patient call
     rule = {
         "np_offset": slice_np_offset(info),
-        "patient_class": result.predicted_class if np.isfinite(result.patient_probs).all() else None,
+        "patient_class": patient_call(result.patient_probs, tuple(result.classes)),
     }
     if architecture != WSNET:
         # Another method makes its boxes in the same call: scored on the slices it explained
