@@ -7,6 +7,7 @@ user presses "Run detection", so the plugin menu opens fast.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from importlib import import_module
@@ -138,12 +139,24 @@ def volume_from_layer(layer) -> CTVolume:
     return volume
 
 
+_collected_after_imports = False
+
+
 def _default_detect_iter(volume, **kwargs):
     """The core's ``detect_iter``, imported on first use: torch loads when a run starts, not
     when the dock opens."""
+    global _collected_after_imports
     from napari_wscovid.pipeline import detect_iter
 
-    return (yield from detect_iter(volume, **kwargs))
+    result = yield from detect_iter(volume, **kwargs)
+    if not _collected_after_imports:
+        # The first run's imports (torch, scikit-image, ...) add ~300,000 long-lived objects, and
+        # Python's full collection of them then struck at some later moment: a 380-620 ms freeze
+        # while the reader scrolled (benchmarks/bench_ui_stall.py). Done here, in the worker, it
+        # falls inside the first run, which already waits on napari creating its layers.
+        _collected_after_imports = True
+        gc.collect()
+    return result
 
 
 def _default_explain_more(volume, result, slices, **kwargs):
@@ -792,13 +805,8 @@ class DetectionWidget(QWidget):
             layer.metadata = kwargs["metadata"]
             layer.feature_defaults = kwargs["feature_defaults"]
             L.set_transform(layer, kwargs)
-            if layer.nshapes:
-                layer.selected_data = set(range(layer.nshapes))
-                layer.remove_selected()
-            if boxes:
-                layer.add(L.boxes_to_rectangles(boxes), shape_type="rectangle")
-            layer.features = L.box_features(boxes)
-            L.refresh_box_colors(layer)
+            layer.selected_data = set()
+            L.replace_boxes(layer, boxes)
 
     def _refresh_box_list(self, event=None) -> None:
         layer = self._boxes_layer()

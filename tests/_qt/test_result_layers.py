@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
+from napari.utils.colormaps.standardize_color import transform_color
 
 from napari_wscovid._widgets import layers as L
 from napari_wscovid.io.boxes_io import boxes_to_rectangles
@@ -132,3 +134,29 @@ def test_merge_keeps_user_boxes(fake_result):
     assert origins.count("edited") == 1 and origins.count("added") == 1
     # the new detection under the edited box is dropped; the others replace the old detections
     assert origins.count("detected") == 2
+
+
+def test_replace_boxes_holds_exactly_the_new_boxes_and_tells_listeners_once(
+    viewer, small_volume, fake_result
+):
+    layer, tracker = _tracked_layer(viewer, small_volume, fake_result.boxes)
+    seen = {"data": 0, "features": 0, "set_data": 0}
+    for name in seen:
+        getattr(layer.events, name).connect(lambda event, name=name: seen.__setitem__(name, seen[name] + 1))
+    one = fake_result.boxes[1]
+    edited = dataclasses.replace(fake_result.boxes[0], class_name="CAP", origin="edited")
+    for boxes in ([edited, one], [one, edited, *fake_result.boxes[2:], one], []):
+        for name in seen:
+            seen[name] = 0
+        with tracker.paused():  # as the dock does: a replacement is not the annotator's edit
+            L.replace_boxes(layer, boxes)
+        assert [b.as_dict() for b in L.layer_boxes(layer)] == [b.as_dict() for b in boxes]
+        colors, widths = L.box_styles(
+            [b.class_name for b in boxes], [b.origin for b in boxes], layer.metadata["classes"]
+        )
+        if boxes:
+            np.testing.assert_allclose(layer.edge_color, transform_color(colors), atol=1e-6)
+            np.testing.assert_allclose(layer.edge_width, widths)
+            assert list(layer.text.values) == [b.class_name for b in boxes]
+        # the events held back during the change come once, after it, and the layer is redrawn
+        assert seen["data"] == 1 and seen["features"] == 1 and seen["set_data"] >= 1
