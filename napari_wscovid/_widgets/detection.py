@@ -718,8 +718,12 @@ class DetectionWidget(QWidget):
 
             tuples.append(lesion_points_layer(result, volume))
         for data, layer_kwargs, layer_type in tuples:
-            L.upsert_layer(self._viewer, data, layer_kwargs, layer_type)
+            new = L.find_layer(self._viewer, layer_kwargs["name"], layer_type) is None
+            layer = L.upsert_layer(self._viewer, data, layer_kwargs, layer_type, colorbar=False)
             yield
+            if new and layer.visible:  # a hidden map keeps napari's default: no bar
+                L.show_colorbar(layer)
+                yield
         L.remove_stale_result_layers(self._viewer, [t[1]["name"] for t in tuples])
         self._result, self._result_ct, self._result_volume, self._result_scope = (
             result,

@@ -106,6 +106,9 @@ def test_run_builds_layers_and_panel(widget, viewer, ct_layer, fake_pipeline, fa
     assert "Research software" in widget._results._notice.text()
     assert "Involvement" in widget._results._summary.toolTip()
     assert viewer.layers["lung mask"].contour == L.LUNG_CONTOUR  # an outline: the fill hid density
+    # the shown map says what its colours mean; hidden ones keep napari's default (no bar)
+    assert viewer.layers["joint saliency"].colorbar.visible
+    assert not viewer.layers["IG conv3"].colorbar.visible
     assert "COVID-19" in widget._results._summary.text() and "12.5 %" in widget._results._summary.text()
     assert widget._results._table.rowCount() == 3
     assert [b.score for b in widget._results.boxes] == sorted(
