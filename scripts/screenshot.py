@@ -9,6 +9,8 @@ layers), waits for it, shows a slice with boxes and saves the whole window.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +29,8 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=0, help="0: chosen per slice (the default)")
     parser.add_argument("--path", default=None, help="a CT to open instead of the bundled sample")
     args = parser.parse_args()
+    # this machine's own autosaves of the sample must not stop the run with a "restore?" question
+    os.environ["WSCOVID_AUTOSAVE_DIR"] = tempfile.mkdtemp(prefix="wscovid-screenshot-autosave-")
 
     viewer = napari.Viewer(title="napari-wscovid")
     viewer.window._qt_window.resize(1600, 1000)
