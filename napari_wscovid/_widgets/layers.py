@@ -523,7 +523,7 @@ def replace_boxes(layer, boxes: list[Box]) -> None:
 
     Removing every shape and adding the new ones, then setting features and colours, redrew the
     layer and recomputed the viewer's dims over every layer at each step: 90-110 ms of a frozen
-    viewer for 24 boxes on a 2-core CPU, against 45-75 ms this way (benchmarks/bench_ui_stall.py).
+    viewer for 24 boxes on a 2-core CPU, against 40-56 ms this way (benchmarks/bench_ui_stall.py).
     The events held back during the change are sent once after it; pause the layer's
     :class:`BoxEditTracker` around the call, or it takes them for the annotator's edits.
     """
