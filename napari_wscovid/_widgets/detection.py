@@ -809,7 +809,6 @@ class DetectionWidget(QWidget):
             layer.metadata = kwargs["metadata"]
             layer.feature_defaults = kwargs["feature_defaults"]
             L.set_transform(layer, kwargs)
-            layer.selected_data = set()
             L.replace_boxes(layer, boxes)
 
     def _refresh_box_list(self, event=None) -> None:

@@ -303,7 +303,7 @@ def upsert_layer(viewer, data, kwargs: dict, layer_type: str, *, colorbar: bool 
 
     Re-using the layer keeps its position in the layer list and the visibility
     and opacity the user chose. ``colorbar=False`` leaves a new map's colour bar to the caller
-    (:func:`show_colorbar`): napari takes 130-150 ms to build one, on top of the 200-250 ms it
+    (:func:`show_colorbar`): napari takes 130-150 ms to build one, on top of the 200-290 ms it
     takes to add the layer, and the dock does the two in separate turns of the event loop.
     """
     from napari.layers import Layer
@@ -532,6 +532,9 @@ def replace_boxes(layer, boxes: list[Box]) -> None:
     # napari's own refresh blocker (private, hence the fallback): without it each assignment
     # below still re-slices the layer and redraws its thumbnail, events or not
     no_refresh = getattr(layer, "_block_refresh", contextlib.nullcontext)
+    # napari's data setter clears the selection too, but silently under the blocker below: the
+    # shapes controls would go on showing a selection of boxes that are gone
+    layer.selected_data = set()
     with layer.events.blocker_all(), no_refresh():
         # a type per shape: napari's setter cannot extend a single type string
         layer.data = (boxes_to_rectangles(boxes), ["rectangle"] * len(boxes)) if boxes else []
