@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     det.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps")
     det.add_argument(
+        "--explain-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop starting new slices' saliency after this long (most abnormal slices first); "
+        "summary.json lists the slices left in unexplained_slices. WSNet only: DeCoVNet and FeCNN "
+        "explain within their forward pass",
+    )
+    det.add_argument(
         "--lung-method",
         default=None,
         choices=LUNG_METHODS,
@@ -216,8 +225,11 @@ def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) ->
         from napari_wscovid.models.registry import load_model
 
         load_model(model, device=args.device, sha256=args.sha256)  # verifies and caches
+    from napari_wscovid.stages import Deadline
+
     gen = detect_iter(
         volume,
+        stop_explaining=None if args.explain_budget is None else Deadline(args.explain_budget),
         model=model,
         device=args.device,
         saliency=args.saliency,
@@ -293,6 +305,8 @@ def summary_dict(result, volume) -> dict:
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "n_boxes": len(result.boxes),
         "saliency_slices": list(result.saliency_slices),
+        # chosen for saliency but not explained: the run was stopped early (--explain-budget)
+        "unexplained_slices": list(result.unexplained_slices),
         "explain_note": result.explain_note,
         # steps per explained slice: chosen by the completeness check unless --ig-steps was given
         "ig_steps": list(result.ig_steps),

@@ -39,7 +39,7 @@ from napari_wscovid.stages import (  # noqa: F401
 logger = logging.getLogger(__name__)
 
 #: Parameters of a method's ``detect_iter`` that the pipeline fills, not the caller.
-_PIPELINE_ARGS = {"volume", "net", "info", "lung_mask", "torch_device", "timings"}
+_PIPELINE_ARGS = {"volume", "net", "info", "lung_mask", "torch_device", "timings", "stop_explaining"}
 
 
 def method_module(architecture: str):
@@ -93,6 +93,7 @@ def detect_iter(
     device: str = "auto",
     lung_mask: np.ndarray | None = None,
     lung_method: str | None = None,
+    stop_explaining=None,
     **options,
 ) -> Generator[Progress, None, DetectionResult]:
     """Run the detection on ``volume``, yielding progress; returns a :class:`DetectionResult`.
@@ -104,7 +105,11 @@ def detect_iter(
     (WSNet: ``saliency``, ``slices``, ``explain_class``, ``ig_steps``, ``ig_method``,
     ``min_box_area_mm2``, ``batch_size``, ``saliency_batch_size``; see :func:`method_options`);
     one the method does not take raises ``ValueError`` before any work is done, and ``None``
-    means the method's default.
+    means the method's default. ``stop_explaining`` (a :class:`threading.Event` or
+    :class:`~napari_wscovid.stages.Deadline`) is a signal, not an option: a method with a
+    slice-by-slice explanation stage (WSNet's integrated gradients) starts no further slice once
+    it is set and lists the slices left in ``unexplained_slices``; DeCoVNet and FeCNN explain
+    within their forward pass and have nothing to stop.
     """
     import torch
 
@@ -159,7 +164,10 @@ def detect_iter(
         )
     timings["model_load"] = time.perf_counter() - start
 
-    result = yield from method_module(architecture).detect_iter(
+    method = method_module(architecture)
+    if stop_explaining is not None and "stop_explaining" in inspect.signature(method.detect_iter).parameters:
+        options["stop_explaining"] = stop_explaining
+    result = yield from method.detect_iter(
         volume, net, info, lung_mask=lung_mask, torch_device=torch_device, timings=timings, **options
     )
     from napari_wscovid.quality import quality_checks, scan_status

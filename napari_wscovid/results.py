@@ -83,6 +83,8 @@ class DetectionResult:
     ig_steps: tuple[int, ...] = ()  # integrated-gradients steps used on each of saliency_slices
     patient_rule: str = ""  # how slice probabilities became patient probabilities
     explain_note: str = ""  # why no slice was explained, for the user ("" when some were)
+    # slices chosen for explanation but left unexplained because the run was told to stop early
+    unexplained_slices: tuple[int, ...] = ()
     # Methods other than Hu et al.'s fill these: lesion peaks with their types (Wu et al.), and
     # what the lesion types are ({"k": int, "names": [...], "centres": array, ...}).
     lesions: list[Lesion] = field(default_factory=list)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable
 
 import numpy as np
@@ -188,6 +189,35 @@ def slices_to_explain(
         return np.array([], dtype=int)
     probs = shift_np_odds(slice_probs[lung_idx], classes, np_offset)
     return lung_idx[np.argmax(probs, axis=1) != classes.index(NEGATIVE_CLASS)]
+
+
+def abnormality(slice_probs: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """How abnormal each slice looks, for ordering: ``1 - P(NP)``, or the largest class probability
+    for a task without :data:`NEGATIVE_CLASS`; slices without a probability (no lung) rank last."""
+    probs = np.asarray(slice_probs, dtype=float)
+    if NEGATIVE_CLASS in classes:
+        score = 1.0 - probs[:, classes.index(NEGATIVE_CLASS)]
+    else:
+        score = probs.max(axis=1) if probs.size else np.zeros(len(probs))
+    return np.where(np.isfinite(score), score, -np.inf)
+
+
+class Deadline:
+    """A stop signal (``is_set()``, as :class:`threading.Event`) that sets itself ``seconds`` after
+    it is first asked, so that a budget given for the explanation counts from the explanation's
+    start, not from the lung step."""
+
+    def __init__(self, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"a time budget must be a finite number of seconds >= 0, got {seconds!r}")
+        self.seconds = float(seconds)
+        self._started: float | None = None
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        return now - self._started >= self.seconds
 
 
 def patient_call(patient_probs: np.ndarray, classes: tuple[str, ...]) -> str | None:

@@ -197,3 +197,12 @@ def test_headless_core_detects_without_napari_qt_or_captum(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     # 8 slices of 5 mm are a slab: the summary says how far to trust the answer, and why
     assert summary["status"] == "needs_review" and "slab" in {f["name"] for f in summary["qc"]}
+
+
+def test_cli_explain_budget_zero_explains_nothing_and_says_which_slices_are_left(phantom_file, tmp_path):
+    out = tmp_path / "res"
+    args = ["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q"]
+    assert main([*args, "--saliency", "all", "--ig-steps", "2", "--explain-budget", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["saliency_slices"] == [] and summary["n_boxes"] == 0
+    assert len(summary["unexplained_slices"]) > 0 and "stopped early" in summary["explain_note"]

@@ -280,3 +280,72 @@ def test_detection_that_would_not_fit_in_memory_is_refused_before_any_work(monke
     expected = r"8 x 64 x 64 CT needs about 0\.5 GiB .* 0\.1 GiB is free"
     with pytest.raises(pipeline.NotEnoughMemory, match=expected):
         next(steps)  # refused before the lung step reports anything
+
+
+class _StopAfter:
+    """A stop signal that lets ``batches`` batches start, then is set."""
+
+    def __init__(self, batches: int):
+        self.left = batches
+
+    def is_set(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def test_explaining_goes_most_abnormal_first_and_a_stop_keeps_the_same_maps(phantom, tiny_result):
+    """Stopped after one batch, the run has explained the most abnormal pair of slices, with the
+    very maps and boxes a full run gives them."""
+    from napari_wscovid.explain.saliency import explain_slices
+    from napari_wscovid.models.registry import load_model
+    from napari_wscovid.stages import abnormality, run_to_end
+
+    net, _ = load_model("tiny-test", device="cpu")
+    chosen = np.asarray(tiny_result.saliency_slices)
+    probs = tiny_result.slice_probs.copy()
+    probs[chosen[-1]] = (0.05, 0.05, 0.9)  # the last slice is the most abnormal by far
+    kwargs = dict(
+        net=net, lung_mask=phantom.lung_mask, slice_probs=probs,
+        classes=tiny_result.classes, ig_steps=4, batch_size=2,
+    )  # fmt: skip
+    full = run_to_end(explain_slices(phantom.volume, chosen, **kwargs))
+    part = run_to_end(explain_slices(phantom.volume, chosen, stop=_StopAfter(1), **kwargs))
+    pairs = [chosen[i : i + 2] for i in range(0, len(chosen), 2)]
+    score = abnormality(probs[chosen], tiny_result.classes)
+    best = max(range(len(pairs)), key=lambda i: score[2 * i : 2 * i + 2].max())
+    assert best == len(pairs) - 1  # so that index order would not pass
+    assert part["slices"].tolist() == pairs[best].tolist()
+    assert full["slices"].tolist() == chosen.tolist()
+    rows = np.isin(chosen, part["slices"])
+    for name, maps in part["saliency"].items():
+        np.testing.assert_array_equal(maps, full["saliency"][name][rows], err_msg=name)
+    np.testing.assert_array_equal(part["ig_steps"], full["ig_steps"][rows])
+    kept = [b.as_dict() for b in full["boxes"] if b.slice in part["slices"]]
+    assert [b.as_dict() for b in part["boxes"]] == kept
+    assert [b.slice for b in full["boxes"]] == sorted(b.slice for b in full["boxes"])  # slice order
+
+
+def test_a_run_stopped_before_explaining_lists_the_slices_left(phantom, tiny_result):
+    from napari_wscovid.stages import Deadline
+
+    r = detect(
+        phantom.volume, model="tiny-test", saliency="all", lung_mask=phantom.lung_mask, ig_steps=4,
+        stop_explaining=Deadline(0),
+    )  # fmt: skip
+    assert r.saliency_slices == () and r.saliency == {} and r.boxes == []
+    assert r.unexplained_slices == tiny_result.saliency_slices
+    assert f"of the {len(r.unexplained_slices)} slices to explain" in r.explain_note
+    np.testing.assert_array_equal(r.slice_probs, tiny_result.slice_probs)  # the answer is whole
+
+
+def test_deadline_counts_from_its_first_question():
+    from napari_wscovid.stages import Deadline
+
+    deadline = Deadline(0.05)
+    time.sleep(0.1)  # not yet asked: the lung step and classification do not count
+    assert not deadline.is_set()
+    time.sleep(0.06)
+    assert deadline.is_set()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="time budget"):
+            Deadline(bad)

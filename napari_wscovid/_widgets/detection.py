@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import threading
 import time
 from importlib import import_module
 from pathlib import Path
@@ -211,6 +212,7 @@ class DetectionWidget(QWidget):
         self._run_params: dict = {}
         self._explained: set[int] = set()
         self._pending_slice: int | None = None
+        self._stop_explaining: threading.Event | None = None  # set by "Show now" during a run
 
         self._ct_combo = _RefreshingCombo(self._refresh_ct_layers)
         self._model_combo = _RefreshingCombo(self._refresh_models)
@@ -250,6 +252,12 @@ class DetectionWidget(QWidget):
         self._run_btn = QPushButton("Run detection")
         self._cancel_btn = QPushButton("Cancel")
         self._cancel_btn.setEnabled(False)
+        self._show_now_btn = QPushButton("Show now")
+        self._show_now_btn.setEnabled(False)
+        self._show_now_btn.setToolTip(
+            "Explain no further slice: show the result with the slices explained so far (the most "
+            "abnormal go first). The others are explained when you stop on them."
+        )
         self._progress = QProgressBar()
         self._progress.setRange(0, 1)
         self._progress.setValue(0)
@@ -293,6 +301,7 @@ class DetectionWidget(QWidget):
         form.addRow("Min box area", self._min_area)
         buttons = QHBoxLayout()
         buttons.addWidget(self._run_btn)
+        buttons.addWidget(self._show_now_btn)
         buttons.addWidget(self._cancel_btn)
         class_row = QHBoxLayout()
         class_row.addWidget(self._class_combo)
@@ -314,6 +323,7 @@ class DetectionWidget(QWidget):
 
         self._run_btn.clicked.connect(self._on_run_clicked)
         self._cancel_btn.clicked.connect(self._on_cancel_clicked)
+        self._show_now_btn.clicked.connect(self._on_show_now_clicked)
         self._export_btn.clicked.connect(self._on_export_clicked)
         self._import_btn.clicked.connect(self._on_import_clicked)
         self._send_btn.clicked.connect(self._on_send_clicked)
@@ -575,6 +585,8 @@ class DetectionWidget(QWidget):
         }
         self._run_started = time.perf_counter()
         self._worker_finished = False
+        self._stop_explaining = threading.Event()
+        kwargs["stop_explaining"] = self._stop_explaining
         self._set_running(True)
         self._status.setText("Starting…")
         self._worker = create_worker(
@@ -600,9 +612,18 @@ class DetectionWidget(QWidget):
         self._worker.quit()
         self._status.setText("Cancelling…")
 
+    def _on_show_now_clicked(self) -> None:
+        if self._worker is None or self._stop_explaining is None:
+            return
+        self._stop_explaining.set()
+        self._show_now_btn.setEnabled(False)
+        self._status.setText("Finishing with the slices explained so far…")
+
     def _set_running(self, running: bool) -> None:
         self._run_btn.setEnabled(not running)
         self._cancel_btn.setEnabled(running)
+        # only a run that explains slices one by one has something to stop early
+        self._show_now_btn.setEnabled(running and self._run_scope in ("positive", "all"))
         if running:
             self._progress.setRange(0, 0)  # busy until the first progress report
 
@@ -664,6 +685,11 @@ class DetectionWidget(QWidget):
     def _shown(self, result: DetectionResult) -> None:
         seconds = time.perf_counter() - self._run_started
         self._status.setText(f"Done in {seconds:.1f} s: {result.predicted_class}.")
+        if result.unexplained_slices:
+            self._status.setText(
+                f"{self._status.text()} {len(result.unexplained_slices)} slices not explained yet: "
+                "stop on one to explain it."
+            )
         self._run_succeeded = True
         if self._rerun_note:
             self._status.setText(f"{self._status.text()} {self._rerun_note}")
@@ -696,7 +722,7 @@ class DetectionWidget(QWidget):
         self._progress.setRange(0, 1)
         # a finished run shows a full bar; a cancelled or failed one an empty bar
         self._progress.setValue(1 if self._run_succeeded else 0)
-        if self._result is not None and self._result_scope == "current":
+        if self._explains_on_demand():
             self._slice_timer.start()  # explain the slice in view now that the run is over
 
     # ------------------------------------------------------------------ results -> layers
@@ -708,7 +734,7 @@ class DetectionWidget(QWidget):
         shown = result
         if not is_integrated_gradients_method(result):
             scope = "none"  # DeCoVNet and FeCNN explain themselves with their own maps
-        if scope == "current" and not result.saliency:
+        if (scope == "current" or result.unexplained_slices) and not result.saliency:
             # Empty maps, filled slice by slice as the user scrolls.
             empty = {name: np.zeros(volume.shape, np.uint8) for name in (*L.SALIENCY_LEVELS, "joint")}
             shown = dataclasses.replace(result, saliency=empty)
@@ -852,8 +878,21 @@ class DetectionWidget(QWidget):
         self._results.set_current_slice(index)
         self._position.setText(self._position_text(index))
         self._show_reviewed(index)
-        if self._result is not None and self._result_scope == "current":
+        if self._explains_on_demand(index):
             self._slice_timer.start()
+
+    def _explains_on_demand(self, index: int | None = None) -> bool:
+        """Whether a slice gets its saliency when the reader stops on it: any slice under "current
+        slice only", and those a run stopped early ("Show now") left unexplained. Without
+        ``index``: whether the current result has any such slice."""
+        result = self._result
+        if result is None:
+            return False
+        if self._result_scope == "current":
+            return True
+        if index is None:
+            return bool(result.unexplained_slices)
+        return index in result.unexplained_slices
 
     def _orient_head_up(self, event=None) -> None:
         """Coronal and sagittal views with the head at the top, as radiologists read them.
@@ -903,10 +942,12 @@ class DetectionWidget(QWidget):
 
     # ------------------------------------------------------------------ current-slice saliency
     def _explain_current_slice(self) -> None:
-        if self._result is None or self._result_scope != "current" or self._worker is not None:
+        if self._result is None or self._worker is not None:
             return
         index = self._current_slice()
         if index < 0 or index in self._explained or index == self._pending_slice:
+            return
+        if not self._explains_on_demand(index):
             return
         if self._result.lung_mask[index].max() == 0:
             self._explained.add(index)  # nothing to explain outside the lungs
@@ -939,7 +980,7 @@ class DetectionWidget(QWidget):
     def _on_slice_worker_finished(self) -> None:
         self._pending_slice = None
         self._slice_worker = None
-        if self._result is not None and self._result_scope == "current":
+        if self._explains_on_demand():
             # The view may have moved on while this slice was computed.
             self._slice_timer.start()
 

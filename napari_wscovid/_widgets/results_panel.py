@@ -32,7 +32,13 @@ def summary_text(result: DetectionResult) -> str:
     lines.append(f"Lung volume: {result.lung_volume_ml:.0f} mL")
     total = result.involvement.get("total_percent") if result.involvement else None
     if total is not None and math.isfinite(float(total)):
-        lines.append(f"Involvement: {float(total):.1f} % of lung")
+        if result.unexplained_slices:  # the slices not explained may hold more
+            lines.append(
+                f"Involvement: at least {float(total):.1f} % of lung "
+                f"({len(result.unexplained_slices)} slices not explained)"
+            )
+        else:
+            lines.append(f"Involvement: {float(total):.1f} % of lung")
     if result.explain_note:
         lines.append(result.explain_note)
     lines.append(f"Device: {result.device}")

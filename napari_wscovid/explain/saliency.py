@@ -36,13 +36,21 @@ def explain_slices(
     min_box_area_mm2: float = 20.0,
     batch_size: int = 2,
     prep_kwargs: dict | None = None,
+    stop=None,
 ) -> Generator[Progress, None, dict]:
     """Integrated-gradients saliency and boxes for some slices, as a progress generator.
 
-    Returns ``{"saliency": {name: (n, y, x) uint8}, "masks": (n, y, x) bool, "boxes": [Box],
-    "ig_steps": (n,) int}``. Without ``ig_steps`` the steps are chosen per slice by the
-    completeness check (:func:`~napari_wscovid.explain.integrated_gradients.adaptive_multiscale_saliency`);
-    with it, every slice gets that many.
+    Returns ``{"slices": (n,) int, "saliency": {name: (n, y, x) uint8}, "masks": (n, y, x) bool,
+    "boxes": [Box], "ig_steps": (n,) int}`` for the ``n`` slices explained, in the order of
+    ``slice_indices``. The slices go through in batches of ``batch_size`` consecutive ones, the
+    most abnormal batch first (:func:`~napari_wscovid.stages.abnormality`), and ``stop`` (anything
+    with ``is_set()``: a :class:`threading.Event`, a :class:`~napari_wscovid.stages.Deadline`) is
+    asked before each batch: once set, no further batch starts, and what is returned covers the
+    slices explained by then, the ones a reader looks at first.
+
+    Without ``ig_steps`` the steps are chosen per slice by the completeness check
+    (:func:`~napari_wscovid.explain.integrated_gradients.adaptive_multiscale_saliency`); with it,
+    every slice gets that many.
     The maps shown are magnitudes: each scale's |IG| divided by its largest value on the slice,
     and the joint map = the product of the three, divided by its own maximum on the slice. The
     boxes come from the unquantised product, which equals the paper's |joint| up to a per-slice
@@ -59,6 +67,7 @@ def explain_slices(
         multiscale_saliency,
     )
     from napari_wscovid.preprocess import maps_to_slice, prepare_slices
+    from napari_wscovid.stages import abnormality
 
     ig_method = ig_method or DEFAULT_IG_METHOD
     prep_kwargs = prep_kwargs or model_input_kwargs(volume, lung_mask, int(net.config.input_size))
@@ -70,7 +79,14 @@ def explain_slices(
     boxes: list[Box] = []
     steps_used = np.zeros(n, dtype=int)
     done, started = 0, time.perf_counter()
-    for batch in batches(range(n), batch_size):
+    # Batches hold consecutive slices, as before the ordering, so each slice's maps are the same
+    # numbers whether or not the run is stopped; only the order of the batches follows abnormality.
+    priority = abnormality(slice_probs[indices], classes) if n else np.zeros(0)
+    ordered = sorted(batches(range(n), batch_size), key=lambda rows: -float(priority[rows].max()))
+    explained_rows: list[int] = []
+    for batch in ordered:
+        if stop is not None and stop.is_set():
+            break
         z = indices[batch]
         x, crops = prepare_slices(volume.hu, lung_mask, z, **prep_kwargs)
         probs = slice_probs[z]
@@ -106,9 +122,18 @@ def explain_slices(
                 score=float(slice_probs[zi, int(target)]),
                 min_area_mm2=min_box_area_mm2,
             )
+        explained_rows += batch.tolist()
         done += len(batch)
-        yield done, n, f"Explaining slices{_time_left(started, done, n)}"
-    return {"saliency": out, "masks": masks, "boxes": boxes, "ig_steps": steps_used}
+        yield done, n, f"Explaining slices, most abnormal first{_time_left(started, done, n)}"
+    rows = np.sort(np.asarray(explained_rows, dtype=int))
+    row_of = {int(z): r for r, z in enumerate(indices)}
+    return {
+        "slices": indices[rows],
+        "saliency": {name: maps[rows] for name, maps in out.items()} if len(rows) < n else out,
+        "masks": masks[rows] if len(rows) < n else masks,
+        "boxes": sorted(boxes, key=lambda b: row_of[b.slice]),  # slice order, as the slices were given
+        "ig_steps": steps_used[rows],
+    }
 
 
 def _time_left(started: float, done: int, total: int) -> str:

@@ -55,11 +55,15 @@ def detect_iter(
     min_box_area_mm2: float = 20.0,
     batch_size: int = 16,
     saliency_batch_size: int = 2,
+    stop_explaining=None,
 ) -> Generator[Progress, None, DetectionResult]:
     """Classify the lung slices, build the CAM volumes, explain the chosen slices.
 
     ``saliency`` is one of :data:`~napari_wscovid.stages.SALIENCY_SCOPES`; ``explain_class``
     the class whose CAMs, saliency and boxes are made (the predicted one by default).
+    The slices are explained most abnormal first; once ``stop_explaining`` (a
+    :class:`threading.Event` or :class:`~napari_wscovid.stages.Deadline`) is set no further slice
+    starts, and the result lists the chosen slices left unexplained in ``unexplained_slices``.
     """
     from napari_wscovid.models.wsnet import inference_copy
 
@@ -139,17 +143,23 @@ def detect_iter(
                 min_box_area_mm2=min_box_area_mm2,
                 batch_size=saliency_batch_size,
                 prep_kwargs=prep_kwargs,
+                stop=stop_explaining,
             ),
             stage=2,
             stages=4,
         )
         timings["saliency_and_boxes"] = time.perf_counter() - start
-        saliency_maps = {name: np.zeros(volume.shape, dtype=np.uint8) for name in SALIENCY_LAYERS}
-        for name in SALIENCY_LAYERS:
-            saliency_maps[name][explain_idx] = explained["saliency"][name]
+        chosen, explain_idx = explain_idx, explained["slices"]
+        unexplained = np.setdiff1d(chosen, explain_idx)
+        if len(explain_idx):
+            saliency_maps = {name: np.zeros(volume.shape, dtype=np.uint8) for name in SALIENCY_LAYERS}
+            for name in SALIENCY_LAYERS:
+                saliency_maps[name][explain_idx] = explained["saliency"][name]
+            involvement = _involvement(explained["masks"], explain_idx, lung_mask)
         boxes = explained["boxes"]
         steps_used = tuple(int(v) for v in explained["ig_steps"])
-        involvement = _involvement(explained["masks"], explain_idx, lung_mask)
+    else:
+        unexplained = np.array([], dtype=int)
 
     yield 3, 4, "Finishing"
     return DetectionResult(
@@ -167,7 +177,9 @@ def detect_iter(
         saliency_slices=tuple(int(i) for i in explain_idx),
         ig_steps=steps_used,
         patient_rule=rule,
-        explain_note=explain_note(saliency, gate, len(explain_idx), len(lung_idx)),
+        explain_note=_stopped_note(len(explain_idx), len(unexplained))
+        or explain_note(saliency, gate, len(explain_idx), len(lung_idx)),
+        unexplained_slices=tuple(int(i) for i in unexplained),
         explained_class=shown_class,
         slice_features=np.concatenate(features) if features else None,
     )
@@ -208,6 +220,16 @@ def explain_more(
             min_box_area_mm2=min_box_area_mm2,
             prep_kwargs=prep_kwargs,
         )
+    )
+
+
+def _stopped_note(n_explained: int, n_left: int) -> str:
+    """What a run stopped early explained, in words for the user ("" when it was not stopped)."""
+    if not n_left:
+        return ""
+    return (
+        f"Explaining was stopped early: saliency and boxes cover the {n_explained} most abnormal of "
+        f"the {n_explained + n_left} slices to explain; the other {n_left} have none yet."
     )
 
 

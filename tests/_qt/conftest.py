@@ -110,7 +110,9 @@ class FakePipeline:
         ig_steps=None,
         min_box_area_mm2=20.0,
         lung_method=None,
+        stop_explaining=None,
     ):
+        self.stop_explaining = stop_explaining
         self.calls.append(
             {
                 "model": model,

@@ -262,6 +262,59 @@ def test_current_slice_scope_explains_on_demand(
     assert calls == [[4], [6]]
 
 
+def test_show_now_stops_explaining_and_the_rest_is_explained_on_demand(
+    widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot
+):
+    """ "Show now" sets the signal the run was given; a result that left slices unexplained gets
+    saliency layers (empty there), says so, and explains those slices when the reader stops on one,
+    never a slice it explained already."""
+    import dataclasses
+
+    calls = []
+
+    def fake_explain(volume, result, slices, **kwargs):
+        calls.append(list(slices))
+        yield 0, 1, "explaining"
+        n, (ny, nx) = len(slices), volume.shape[1:]
+        maps = {k: np.full((n, ny, nx), 200, np.uint8) for k in ("conv3", "conv4", "conv5", "joint")}
+        return {"saliency": maps, "boxes": [Box(slices[0], 2, 2, 6, 6, "COVID-19", 0.7)]}
+
+    widget._explain_more = fake_explain
+    fake_pipeline.steps, fake_pipeline.delay = 100, 0.02
+    fake_pipeline.result = dataclasses.replace(
+        fake_result,
+        saliency={},
+        boxes=[],
+        saliency_slices=(),
+        unexplained_slices=(3, 5),
+        involvement={"total_percent": 0.0},
+    )
+    assert not widget._show_now_btn.isEnabled()
+    widget._run_btn.click()
+    qtbot.waitUntil(lambda: widget._progress.maximum() == 100, timeout=5000)
+    assert widget._show_now_btn.isEnabled()
+    widget._show_now_btn.click()
+    assert fake_pipeline.stop_explaining.is_set() and not widget._show_now_btn.isEnabled()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=10000)
+    assert "2 slices not explained yet" in widget._status.text()
+    assert "at least 0.0 % of lung (2 slices not explained)" in widget._results._summary.text()
+    assert viewer.layers["joint saliency"].data.max() == 0
+    widget._go_to_slice(4)  # not among the unexplained: nothing to do
+    qtbot.wait(400)
+    assert calls == []
+    widget._go_to_slice(5)
+    qtbot.waitUntil(lambda: 5 in widget._explained, timeout=5000)
+    assert viewer.layers["joint saliency"].data[5].max() == 200
+    assert [b.slice for b in L.layer_boxes(viewer.layers["lesion boxes"])] == [5]
+    assert calls == [[5]]
+    # a run on "current slice only" explains on its own: nothing to stop early
+    widget._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
+    widget._run_btn.click()
+    assert not widget._show_now_btn.isEnabled()
+    widget._cancel_btn.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=5000)
+
+
 def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     from napari_wscovid._reader import ct_layer_data
     from napari_wscovid.phantom import make_phantom
