@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     coh.add_argument("--saliency", default="positive", choices=("positive", "all", "none"))
     coh.add_argument("--lung-method", default=None, choices=LUNG_METHODS)
     coh.add_argument(
+        "--explain-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="per study: stop starting new slices' saliency after this long (most abnormal first)",
+    )
+    coh.add_argument(
         "--labels", default=None, help="CSV study_or_source,class: ROC and confusion in the report"
     )
     coh.add_argument("--overwrite", action="store_true", help="recompute studies already complete")
@@ -171,7 +178,11 @@ def _cohort(args) -> int:
         ) from exc
     labels = read_labels(args.labels) if args.labels else None
     options = CohortOptions(
-        model=args.model, device=args.device, saliency=args.saliency, lung_method=args.lung_method
+        model=args.model,
+        device=args.device,
+        saliency=args.saliency,
+        lung_method=args.lung_method,
+        explain_budget_s=args.explain_budget,
     )
     bar = tqdm(total=0, disable=args.quiet, unit="study")
 

@@ -62,6 +62,8 @@ class CohortOptions:
     saliency: str = "positive"
     lung_method: str | None = None
     min_box_area_mm2: float = 20.0
+    # seconds of saliency per study, most abnormal slices first (None: every chosen slice)
+    explain_budget_s: float | None = None
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -116,6 +118,7 @@ def run_study(root: str, source: str, out: str, options: dict, threads: int = 1)
     from napari_wscovid import load_ct
     from napari_wscovid.cli import summary_dict, write_results
     from napari_wscovid.pipeline import detect_iter, run_to_end
+    from napari_wscovid.stages import Deadline
 
     torch.set_num_threads(max(1, int(threads)))
     start = time.perf_counter()
@@ -124,7 +127,10 @@ def run_study(root: str, source: str, out: str, options: dict, threads: int = 1)
     try:
         volume = load_ct(str(Path(root) / source))
         row["series_key"] = volume.series_key
-        result = run_to_end(detect_iter(volume, **{k: v for k, v in options.items() if k != "model_sha256"}))
+        kwargs = {k: v for k, v in options.items() if k not in ("model_sha256", "explain_budget_s")}
+        if options.get("explain_budget_s") is not None:
+            kwargs["stop_explaining"] = Deadline(float(options["explain_budget_s"]))
+        result = run_to_end(detect_iter(volume, **kwargs))
         tmp.mkdir(parents=True)
         write_results(result, volume, tmp)
         record = {"source": source, "options": options, "model_sha256": result.model_info.get("sha256")}

@@ -13,7 +13,7 @@ slices of the same two patients, so that patient, scanner and noise are shared.
   cannot be told apart.
 * **Figure** ``docs/synthesis_real_vs_synthetic.png``: real lesions (top) beside synthetic ones.
 
-    python scripts/synthesis_realism.py --backgrounds runs/backgrounds --out docs
+    python -m scripts.synthesis_realism --backgrounds runs/backgrounds --out docs
 """
 
 from __future__ import annotations

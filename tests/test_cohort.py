@@ -159,3 +159,19 @@ def test_external_scheduler_matches_local_and_survives_a_killed_worker(cohort_ro
     for row in b.values():
         if row["status"] == "ok":
             assert (remote / row["study"] / "summary.json").is_file()
+
+
+def test_a_study_s_saliency_budget_is_kept_and_recorded(cohort_root, tmp_path):
+    """``--explain-budget``: each study stops explaining after its budget (0 here: none) and
+    lists the slices left; the budget is one of the options a re-run compares."""
+    import json
+
+    from napari_wscovid.cohort import STUDY_RECORD, CohortOptions, run_study
+
+    options = CohortOptions(model="tiny-test", saliency="all", explain_budget_s=0.0).as_dict()
+    row = run_study(str(cohort_root), "b.nii.gz", str(tmp_path), options)
+    assert row["status"] == "ok", row
+    summary = json.loads((tmp_path / row["study"] / "summary.json").read_text())
+    assert summary["saliency_slices"] == [] and len(summary["unexplained_slices"]) > 0
+    record = json.loads((tmp_path / row["study"] / STUDY_RECORD).read_text())
+    assert record["options"]["explain_budget_s"] == 0.0
