@@ -256,7 +256,8 @@ class DetectionWidget(QWidget):
         self._show_now_btn.setEnabled(False)
         self._show_now_btn.setToolTip(
             "Explain no further slice: show the result with the slices explained so far (the most "
-            "abnormal go first). The others are explained when you stop on them."
+            "abnormal go first). The others are explained when you stop on them. For Hu et al.'s "
+            "network; DeCoVNet and FeCNN explain within their forward pass and just finish."
         )
         self._progress = QProgressBar()
         self._progress.setRange(0, 1)
