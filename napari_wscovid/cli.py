@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="stop starting new slices' saliency after this long (most abnormal slices first); "
+        help="end the saliency stage after this long (most abnormal slices first; the slices in "
+        "progress then are dropped, within a fraction of a second); "
         "summary.json lists the slices left in unexplained_slices. WSNet only: DeCoVNet and FeCNN "
         "explain within their forward pass",
     )
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="per study: stop starting new slices' saliency after this long (most abnormal first)",
+        help="per study: end the saliency stage after this long (most abnormal slices first)",
     )
     coh.add_argument(
         "--labels", default=None, help="CSV study_or_source,class: ROC and confusion in the report"

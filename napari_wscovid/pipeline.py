@@ -107,9 +107,9 @@ def detect_iter(
     one the method does not take raises ``ValueError`` before any work is done, and ``None``
     means the method's default. ``stop_explaining`` (a :class:`threading.Event` or
     :class:`~napari_wscovid.stages.Deadline`) is a signal, not an option: a method with a
-    slice-by-slice explanation stage (WSNet's integrated gradients) starts no further slice once
-    it is set and lists the slices left in ``unexplained_slices``; DeCoVNet and FeCNN explain
-    within their forward pass and have nothing to stop.
+    slice-by-slice explanation stage (WSNet's integrated gradients) ends it once it is set (the
+    slices in progress dropped whole) and lists the slices left in ``unexplained_slices``;
+    DeCoVNet and FeCNN explain within their forward pass and have nothing to stop.
     """
     import torch
 

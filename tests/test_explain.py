@@ -215,3 +215,23 @@ def test_adaptive_steps_meet_completeness_or_stop_at_the_cap(net, x):
         np.testing.assert_allclose(maps["conv4"][i].numpy(), attr["conv4"][0].sum(0).numpy(), rtol=1e-9)
     # a rough start that fails completeness is refined: at least one input needed more than 2 steps
     assert steps.max() > 2
+
+
+def test_a_stop_set_during_the_path_raises_instead_of_returning_part_of_it():
+    from napari_wscovid.explain.integrated_gradients import ExplanationStopped, multiscale_saliency
+    from napari_wscovid.models.wsnet import WSNet, tiny_config
+
+    class StopAfter:
+        def __init__(self, calls):
+            self.left = calls
+
+        def is_set(self):
+            self.left -= 1
+            return self.left < 0
+
+    net = WSNet(tiny_config()).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with pytest.raises(ExplanationStopped):
+        multiscale_saliency(net, x, 1, steps=4, internal_batch_size=1, stop=StopAfter(2))
+    maps = multiscale_saliency(net, x, 1, steps=4, internal_batch_size=1, stop=StopAfter(4))
+    assert maps["joint"].shape == (1, 64, 64)  # four passes, none stopped

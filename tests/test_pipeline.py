@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -283,17 +284,19 @@ def test_detection_that_would_not_fit_in_memory_is_refused_before_any_work(monke
 
 
 class _StopAfter:
-    """A stop signal that lets ``batches`` batches start, then is set."""
+    """A stop signal that answers "not yet" ``calls`` times, then "stop"."""
 
-    def __init__(self, batches: int):
-        self.left = batches
+    def __init__(self, calls: int):
+        self.left = calls
 
     def is_set(self) -> bool:
         self.left -= 1
         return self.left < 0
 
 
-def test_explaining_goes_most_abnormal_first_and_a_stop_keeps_the_same_maps(phantom, tiny_result):
+def test_explaining_goes_most_abnormal_first_and_a_stop_keeps_the_same_maps(
+    phantom, tiny_result, monkeypatch
+):
     """Stopped after one batch, the run has explained the most abnormal pair of slices, with the
     very maps and boxes a full run gives them."""
     from napari_wscovid.explain.saliency import explain_slices
@@ -309,7 +312,11 @@ def test_explaining_goes_most_abnormal_first_and_a_stop_keeps_the_same_maps(phan
         classes=tiny_result.classes, ig_steps=4, batch_size=2,
     )  # fmt: skip
     full = run_to_end(explain_slices(phantom.volume, chosen, **kwargs))
-    part = run_to_end(explain_slices(phantom.volume, chosen, stop=_StopAfter(1), **kwargs))
+    stop = threading.Event()
+    running = explain_slices(phantom.volume, chosen, stop=stop, **kwargs)
+    next(running)  # the first batch is done
+    stop.set()
+    part = run_to_end(running)
     pairs = [chosen[i : i + 2] for i in range(0, len(chosen), 2)]
     score = abnormality(probs[chosen], tiny_result.classes)
     best = max(range(len(pairs)), key=lambda i: score[2 * i : 2 * i + 2].max())
@@ -323,6 +330,15 @@ def test_explaining_goes_most_abnormal_first_and_a_stop_keeps_the_same_maps(phan
     kept = [b.as_dict() for b in full["boxes"] if b.slice in part["slices"]]
     assert [b.as_dict() for b in part["boxes"]] == kept
     assert [b.slice for b in full["boxes"]] == sorted(b.slice for b in full["boxes"])  # slice order
+    # set between two forward passes of a batch's path (one path point per pass here): that batch
+    # is dropped whole
+    import importlib
+
+    # (the package exports a function of the module's name: the module itself is imported by path)
+    ig_module = importlib.import_module("napari_wscovid.explain.integrated_gradients")
+    monkeypatch.setattr(ig_module, "_PIXELS_PER_BATCH", 64 * 64)
+    cut = run_to_end(explain_slices(phantom.volume, chosen, stop=_StopAfter(2), **kwargs))
+    assert cut["slices"].tolist() == [] and cut["boxes"] == [] and len(cut["saliency"]["joint"]) == 0
 
 
 def test_a_run_stopped_before_explaining_lists_the_slices_left(phantom, tiny_result):

@@ -41,6 +41,11 @@ from napari_wscovid.models.wsnet import SCALES, WSNet
 
 logger = logging.getLogger(__name__)
 
+
+class ExplanationStopped(Exception):
+    """Raised between two forward batches of path points once the caller's ``stop`` is set: the
+    inputs in progress are dropped whole, never returned with part of their path summed."""
+
 IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 # Chosen with benchmarks/bench_saliency.py on the full-size net (224 x 224, 2-core CPU), trained
@@ -158,6 +163,7 @@ def path_integrals(
     baseline: torch.Tensor | None = None,
     internal_batch_size: int | None = None,
     prepared: bool = False,
+    stop=None,
 ) -> dict[str, torch.Tensor]:
     """Integrated gradients of several scales' scores from one shared forward per batch.
 
@@ -179,6 +185,9 @@ def path_integrals(
         Path points per forward pass; by default about four 224 x 224 images' worth.
     prepared
         True when ``model`` already comes from :func:`prepare_model` (saves the copy).
+    stop
+        Anything with ``is_set()``; asked before each forward batch, and once set the call raises
+        :class:`ExplanationStopped`.
 
     Returns
     -------
@@ -196,10 +205,10 @@ def path_integrals(
     with torch.inference_mode(False), torch.enable_grad():
         net = model if prepared else prepare_model(model)
         x = x.clone() if x.is_inference() else x.detach()
-        return _path_sums(net, x, target, tuple(scales), steps, method, baseline, internal_batch_size)
+        return _path_sums(net, x, target, tuple(scales), steps, method, baseline, internal_batch_size, stop)
 
 
-def _path_sums(net, x, target, scales, steps, method, baseline, internal_batch_size):
+def _path_sums(net, x, target, scales, steps, method, baseline, internal_batch_size, stop=None):
     n = x.shape[0]
     base = torch.zeros_like(x) if baseline is None else torch.broadcast_to(baseline.to(x), x.shape)
     delta = x - base
@@ -212,6 +221,8 @@ def _path_sums(net, x, target, scales, steps, method, baseline, internal_batch_s
     batch = internal_batch_size or max(1, _PIXELS_PER_BATCH // (x.shape[-1] * x.shape[-2]))
     sums = {s: torch.zeros_like(x) for s in scales}
     for start in range(0, total, batch):
+        if stop is not None and stop.is_set():
+            raise ExplanationStopped
         idx = torch.arange(start, min(start + batch, total))
         step_idx, item_idx = idx // n, idx % n
         a = torch.as_tensor(alphas[step_idx.numpy()], dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
@@ -368,6 +379,7 @@ def multiscale_saliency(
     scales: Sequence[str] = SCALES,
     baseline: torch.Tensor | None = None,
     internal_batch_size: int | None = None,
+    stop=None,
 ) -> dict[str, torch.Tensor]:
     """Per-scale integrated gradients and their pixel-wise product.
 
@@ -375,6 +387,8 @@ def multiscale_saliency(
     ----------
     model, x, target, steps, method, baseline, internal_batch_size
         As in :func:`integrated_gradients`.
+    stop
+        As in :func:`path_integrals`.
     scales
         Scales to attribute; the joint map multiplies all of them.
 
@@ -393,6 +407,7 @@ def multiscale_saliency(
         method=method,
         baseline=baseline,
         internal_batch_size=internal_batch_size,
+        stop=stop,
     )
     maps = {s: a.sum(dim=1).contiguous() for s, a in per_scale.items()}
     maps["joint"] = math.prod(maps[s] for s in scales)
@@ -435,13 +450,14 @@ def adaptive_multiscale_saliency(
     max_steps: int = ADAPTIVE_MAX_STEPS,
     tolerance: float = ADAPTIVE_TOLERANCE,
     scales: Sequence[str] = SCALES,
+    stop=None,
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """:func:`multiscale_saliency` with the number of steps chosen per input by completeness.
 
     Each input starts at ``start_steps``; inputs whose completeness error
     (:func:`convergence_delta`) exceeds ``tolerance`` on any scale are recomputed with twice
     the steps, up to ``max_steps`` (logged when still above it). Returns the maps and the
-    steps used per input.
+    steps used per input; ``stop`` as in :func:`path_integrals`.
     """
     with torch.inference_mode(False), torch.enable_grad():
         net = prepare_model(model)
@@ -457,13 +473,14 @@ def adaptive_multiscale_saliency(
                 # midpoints (2j - 1) / 2m, so the doubled sum costs m new points, not 2m.
                 mid = path_integrals(
                     net, x[todo], targets[todo], tuple(scales), steps=steps // 2, method="riemann_middle",
-                    prepared=True,
+                    prepared=True, stop=stop,
                 )  # fmt: skip
                 part = {s: 0.5 * (attributions[s][todo] + mid[s]) for s in scales}
             else:
                 part = path_integrals(
-                    net, x[todo], targets[todo], tuple(scales), steps=steps, method=method, prepared=True
-                )
+                    net, x[todo], targets[todo], tuple(scales), steps=steps, method=method, prepared=True,
+                    stop=stop,
+                )  # fmt: skip
             for scale in scales:
                 attributions[scale][todo] = part[scale]
             steps_used[todo.cpu().numpy()] = steps

@@ -45,8 +45,8 @@ def explain_slices(
     ``slice_indices``. The slices go through in batches of ``batch_size`` consecutive ones, the
     most abnormal batch first (:func:`~napari_wscovid.stages.abnormality`), and ``stop`` (anything
     with ``is_set()``: a :class:`threading.Event`, a :class:`~napari_wscovid.stages.Deadline`) is
-    asked before each batch: once set, no further batch starts, and what is returned covers the
-    slices explained by then, the ones a reader looks at first.
+    asked before each forward pass of path points: once set, the batch in progress is dropped and
+    what is returned covers the slices explained by then, the ones a reader looks at first.
 
     Without ``ig_steps`` the steps are chosen per slice by the completeness check
     (:func:`~napari_wscovid.explain.integrated_gradients.adaptive_multiscale_saliency`); with it,
@@ -63,6 +63,7 @@ def explain_slices(
     from napari_wscovid.boxes import boxes_from_saliency, saliency_mask
     from napari_wscovid.explain.integrated_gradients import (
         DEFAULT_IG_METHOD,
+        ExplanationStopped,
         adaptive_multiscale_saliency,
         multiscale_saliency,
     )
@@ -95,11 +96,16 @@ def explain_slices(
         else:
             targets = np.argmax(probs, axis=1)
         inputs, target_t = torch.from_numpy(x).to(device), torch.as_tensor(targets, device=device)
-        if ig_steps:
-            maps = multiscale_saliency(net, inputs, target_t, steps=ig_steps, method=ig_method)
-            steps_used[batch] = ig_steps
-        else:
-            maps, steps_used[batch] = adaptive_multiscale_saliency(net, inputs, target_t, method=ig_method)
+        try:
+            if ig_steps:
+                maps = multiscale_saliency(net, inputs, target_t, steps=ig_steps, method=ig_method, stop=stop)
+                steps_used[batch] = ig_steps
+            else:
+                maps, steps_used[batch] = adaptive_multiscale_saliency(
+                    net, inputs, target_t, method=ig_method, stop=stop
+                )
+        except ExplanationStopped:
+            break  # the slices in progress are dropped whole: their maps would be part of a path
         lung = lung_mask[z] > 0
         scaled = {}
         for scale in SALIENCY_LAYERS[:3]:

@@ -62,8 +62,9 @@ def detect_iter(
     ``saliency`` is one of :data:`~napari_wscovid.stages.SALIENCY_SCOPES`; ``explain_class``
     the class whose CAMs, saliency and boxes are made (the predicted one by default).
     The slices are explained most abnormal first; once ``stop_explaining`` (a
-    :class:`threading.Event` or :class:`~napari_wscovid.stages.Deadline`) is set no further slice
-    starts, and the result lists the chosen slices left unexplained in ``unexplained_slices``.
+    :class:`threading.Event` or :class:`~napari_wscovid.stages.Deadline`) is set the stage ends
+    (the slices in progress dropped whole), and the result lists the chosen slices left
+    unexplained in ``unexplained_slices``.
     """
     from napari_wscovid.models.wsnet import inference_copy
 
