@@ -11,9 +11,7 @@ and how long the worker took to hand the result back. Run it alone on the machin
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import tempfile
 import time
 
 
@@ -23,17 +21,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--after", type=int, default=2, help="slices explained before the click")
     args = parser.parse_args(argv)
-    # this machine's own autosaves must not stop the run with a "restore?" question
-    os.environ["WSCOVID_AUTOSAVE_DIR"] = tempfile.mkdtemp(prefix="wscovid-bench-autosave-")
-
-    import napari
+    from _dock import sample_viewer_with_dock
     from qtpy.QtWidgets import QApplication
 
-    viewer = napari.Viewer(show=False)
-    viewer.open_sample("napari-wscovid", "covid_phantom")
-    _, dock = viewer.window.add_plugin_dock_widget("napari-wscovid", "Run detection")
-    dock._model_combo.setCurrentText(args.model)
-    dock._scope_combo.setCurrentIndex(dock._scope_combo.findData("positive"))
+    viewer, dock = sample_viewer_with_dock(args.model, "positive")
     returned: list[float] = []
     dock_done = dock._on_detection_done
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 
@@ -27,18 +26,11 @@ def main(argv=None) -> int:
         help="sample the GUI thread's stack during stalls and print where the time went",
     )
     args = parser.parse_args(argv)
-    # this machine's own autosaves must not stop the run with a "restore?" question
-    os.environ["WSCOVID_AUTOSAVE_DIR"] = tempfile.mkdtemp(prefix="wscovid-bench-autosave-")
-
-    import napari
+    from _dock import sample_viewer_with_dock
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    viewer = napari.Viewer(show=False)
-    viewer.open_sample("napari-wscovid", "covid_phantom")
-    _, dock = viewer.window.add_plugin_dock_widget("napari-wscovid", "Run detection")
-    dock._model_combo.setCurrentText(args.model)
-    dock._scope_combo.setCurrentIndex(dock._scope_combo.findData(args.saliency))
+    viewer, dock = sample_viewer_with_dock(args.model, args.saliency)
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(10)

@@ -233,19 +233,25 @@ def test_plot_and_box_list_navigate(widget, viewer, ct_layer, fake_pipeline, qtb
     assert plot.slice_at(6) == 0 and plot.slice_at(194) == plot.n_slices - 1
 
 
-def test_current_slice_scope_explains_on_demand(
-    widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot, monkeypatch
-):
-    calls = []
+def fake_slice_explanation(calls: list):
+    """Stands in for the on-demand explanation: maps of 200 and one box on the slice, each call
+    recorded in ``calls``."""
 
-    def fake_explain(volume, result, slices, **kwargs):
+    def explain(volume, result, slices, **kwargs):
         calls.append(list(slices))
         yield 0, 1, "explaining"
         n, (ny, nx) = len(slices), volume.shape[1:]
         maps = {k: np.full((n, ny, nx), 200, np.uint8) for k in ("conv3", "conv4", "conv5", "joint")}
         return {"saliency": maps, "boxes": [Box(slices[0], 2, 2, 6, 6, "COVID-19", 0.7)]}
 
-    widget._explain_more = fake_explain
+    return explain
+
+
+def test_current_slice_scope_explains_on_demand(
+    widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot, monkeypatch
+):
+    calls = []
+    widget._explain_more = fake_slice_explanation(calls)
     fake_pipeline.result = type(fake_result)(**{**fake_result.__dict__, "saliency": {}, "boxes": []})
     widget._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
     widget._go_to_slice(4)
@@ -271,15 +277,7 @@ def test_show_now_stops_explaining_and_the_rest_is_explained_on_demand(
     import dataclasses
 
     calls = []
-
-    def fake_explain(volume, result, slices, **kwargs):
-        calls.append(list(slices))
-        yield 0, 1, "explaining"
-        n, (ny, nx) = len(slices), volume.shape[1:]
-        maps = {k: np.full((n, ny, nx), 200, np.uint8) for k in ("conv3", "conv4", "conv5", "joint")}
-        return {"saliency": maps, "boxes": [Box(slices[0], 2, 2, 6, 6, "COVID-19", 0.7)]}
-
-    widget._explain_more = fake_explain
+    widget._explain_more = fake_slice_explanation(calls)
     fake_pipeline.steps, fake_pipeline.delay = 100, 0.02
     fake_pipeline.result = dataclasses.replace(
         fake_result,
