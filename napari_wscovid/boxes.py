@@ -171,6 +171,23 @@ def involvement(masks: np.ndarray, lung_mask: np.ndarray) -> dict:
     return {"per_slice_percent": per_slice.astype(np.float64), "total_percent": total}
 
 
+def involvement_with(current: dict, slices, masks: np.ndarray, lung_mask: np.ndarray) -> dict:
+    """:func:`involvement` once the saliency masks of ``slices`` (``(len(slices), y, x)`` bool,
+    explained after the run) are put in: the other slices keep their percentages."""
+    lung = np.asarray(lung_mask) != 0
+    if not current or "per_slice_percent" not in current:
+        current = involvement(np.zeros(lung.shape, bool), lung)
+    per_slice = np.array(current["per_slice_percent"], dtype=np.float64)
+    lung_per_slice = lung.reshape(len(lung), -1).sum(1)
+    for z, mask in zip(slices, np.asarray(masks, dtype=bool), strict=True):
+        if lung_per_slice[z]:
+            per_slice[z] = 100.0 * float((mask & lung[z]).sum()) / lung_per_slice[z]
+    total_lung = int(lung_per_slice.sum())
+    hits = np.nansum(per_slice * lung_per_slice) / 100.0
+    total = 100.0 * float(hits) / total_lung if total_lung else 0.0
+    return {"per_slice_percent": per_slice, "total_percent": total}
+
+
 def box_to_mm(box: Box, volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
     """The box's two corners in patient LPS mm, ``(z, y, x)`` order.
 

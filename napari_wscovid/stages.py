@@ -242,6 +242,21 @@ def explain_note(scope: str, patient_class: str | None, n_explained: int, n_lung
     return "No lesion boxes: none of the chosen slices holds lung."
 
 
+def stopped_note(n_explained: int, n_left: int) -> str:
+    """What a run stopped early explained, in words for the user ("" when nothing is left)."""
+    if not n_left:
+        return ""
+    if not n_explained:
+        return (
+            f"Explaining was stopped before any slice: none of the {n_left} slices to explain has "
+            "saliency or boxes yet."
+        )
+    return (
+        f"Explaining was stopped early: saliency and boxes cover the {n_explained} most abnormal of "
+        f"the {n_explained + n_left} slices to explain; the other {n_left} have none yet."
+    )
+
+
 def classify_slices(
     forward: Callable,
     volume: CTVolume,

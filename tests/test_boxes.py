@@ -149,3 +149,22 @@ def test_rerun_merge_respects_rejected_edited_and_added_boxes():
     assert [(b.slice, b.x0) for b in added] == [(4, 0)]  # slice 2's detection was there before
     shown, rej = split_rejected(merged + rejected)
     assert shown == merged and rej == rejected
+
+
+def test_involvement_with_slices_explained_later_equals_involvement_of_all_at_once():
+    from napari_wscovid.boxes import involvement, involvement_with
+
+    rng = np.random.default_rng(4)
+    lung = np.zeros((5, 20, 20), np.uint8)
+    lung[1:4, 3:17, 3:17] = 1
+    masks = rng.random(lung.shape) < 0.3
+    first = np.zeros_like(masks)
+    first[1] = masks[1]
+    partial = involvement(first, lung)
+    later = involvement_with(partial, [2, 3], masks[[2, 3]], lung)
+    whole = involvement(masks, lung)
+    assert later["total_percent"] == pytest.approx(whole["total_percent"])
+    np.testing.assert_allclose(later["per_slice_percent"], whole["per_slice_percent"])
+    assert involvement_with({}, [1, 2, 3], masks[1:4], lung)["total_percent"] == pytest.approx(
+        whole["total_percent"]
+    )

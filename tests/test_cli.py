@@ -205,4 +205,4 @@ def test_cli_explain_budget_zero_explains_nothing_and_says_which_slices_are_left
     assert main([*args, "--saliency", "all", "--ig-steps", "2", "--explain-budget", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["saliency_slices"] == [] and summary["n_boxes"] == 0
-    assert len(summary["unexplained_slices"]) > 0 and "stopped early" in summary["explain_note"]
+    assert len(summary["unexplained_slices"]) > 0 and "stopped before any slice" in summary["explain_note"]

@@ -213,6 +213,8 @@ class DetectionWidget(QWidget):
         self._explained: set[int] = set()
         self._pending_slice: int | None = None
         self._stop_explaining: threading.Event | None = None  # set by "Show now" during a run
+        # after "Show now": the slices the run left are explained in the background until Cancel
+        self._fill_left = False
 
         self._ct_combo = _RefreshingCombo(self._refresh_ct_layers)
         self._model_combo = _RefreshingCombo(self._refresh_models)
@@ -609,6 +611,10 @@ class DetectionWidget(QWidget):
 
     def _on_cancel_clicked(self) -> None:
         if self._worker is None:
+            if self._slice_worker is not None:  # the slices left, explained in the background
+                self._fill_left = False
+                self._stop_slice_worker()
+                self._status.setText("Stopped explaining the slices left; stop on one to explain it.")
             return
         self._worker.quit()
         self._status.setText("Cancelling…")
@@ -738,7 +744,9 @@ class DetectionWidget(QWidget):
         if (scope == "current" or result.unexplained_slices) and not result.saliency:
             # Empty maps, filled slice by slice as the user scrolls.
             empty = {name: np.zeros(volume.shape, np.uint8) for name in (*L.SALIENCY_LEVELS, "joint")}
-            shown = dataclasses.replace(result, saliency=empty)
+            # the result holds the maps the layers show, so that slices explained later are in
+            # what it exports (the lesion region of a DICOM SEG) as on screen
+            result = shown = dataclasses.replace(result, saliency=empty)
         tuples = L.result_layer_data(shown, kwargs, geometry=geometry, series_key=key)
         if result.lesions:
             from napari_wscovid._widgets.lesion_layer import lesion_points_layer
@@ -759,6 +767,7 @@ class DetectionWidget(QWidget):
             scope,
         )
         self._explained = set(result.saliency_slices) if scope != "current" else set()
+        self._fill_left = bool(result.unexplained_slices)
         # A re-run respects every correction of the user's on this CT: their edited and added boxes
         # stay and no detection comes back where they deleted one or moved it away.
         current = L.layer_reading(self._boxes_layer(geometry))
@@ -943,46 +952,90 @@ class DetectionWidget(QWidget):
 
     # ------------------------------------------------------------------ current-slice saliency
     def _explain_current_slice(self) -> None:
+        """Explain the slice in view when it is waiting for it, else (after "Show now") the most
+        abnormal slice the run left, in the background, one at a time."""
         if self._result is None or self._worker is not None:
             return
         index = self._current_slice()
-        if index < 0 or index in self._explained or index == self._pending_slice:
-            return
-        if not self._explains_on_demand(index):
-            return
-        if self._result.lung_mask[index].max() == 0:
-            self._explained.add(index)  # nothing to explain outside the lungs
+        wanted = None
+        if index >= 0 and index not in self._explained and self._explains_on_demand(index):
+            if self._result.lung_mask[index].max() == 0:
+                self._explained.add(index)  # nothing to explain outside the lungs
+            else:
+                wanted = index
+        if wanted is None:
+            if self._slice_worker is not None:
+                return  # a slice of those left is under way: let it finish
+            wanted = self._next_slice_left()
+            if wanted is None:
+                return
+        if wanted == self._pending_slice:
             return
         # The user moved on: the previous slice's answer is no longer wanted.
         self._stop_slice_worker()
-        self._pending_slice = index
-        self._status.setText(f"Explaining slice {index}…")
+        self._pending_slice = wanted
+        left = len(self._slices_left())
+        self._status.setText(
+            f"Explaining slice {wanted}…"
+            if wanted == index
+            else f"Explaining the slices left, most abnormal first: slice {wanted}, {left} left "
+            "(Cancel stops; any slice you stop on goes first)"
+        )
         result = self._result
-        self._slice_worker = create_worker(
+        worker = create_worker(
             _guarded,
             self._explain_more,
             self._result_volume,
             result,
-            [index],
+            [wanted],
             **self._run_params,
-            _connect={
-                "returned": lambda out: self._on_slices_explained(out, [index], result),
-                "errored": self._on_slice_errored,
-                "finished": self._on_slice_worker_finished,
-            },
+            _start_thread=False,
         )
+        worker.returned.connect(lambda out: self._on_slices_explained(out, [wanted], result))
+        worker.errored.connect(self._on_slice_errored)
+        # tied to this worker: a stopped one finishing later must not forget its successor
+        worker.finished.connect(lambda: self._on_slice_worker_finished(worker))
+        self._slice_worker = worker
+        self._cancel_btn.setEnabled(True)
+        worker.start()
+
+    def _slices_left(self) -> list[int]:
+        """The slices a run stopped early left unexplained and not explained since, in the order
+        they are explained: most abnormal first. Empty when the reader stopped this (Cancel)."""
+        result = self._result
+        if result is None or not self._fill_left or self._result_scope == "current":
+            return []
+        left = [z for z in result.unexplained_slices if z not in self._explained]
+        if not left:
+            return []
+        from napari_wscovid.stages import abnormality
+
+        score = abnormality(result.slice_probs[left], result.classes)
+        return [left[i] for i in np.argsort(-score, kind="stable")]
+
+    def _next_slice_left(self) -> int | None:
+        left = self._slices_left()
+        return left[0] if left else None
 
     def _stop_slice_worker(self) -> None:
         if self._slice_worker is not None:
             self._slice_worker.quit()
             self._slice_worker = None
             self._pending_slice = None
+        if self._worker is None and not self._closed and _qt_alive(self):
+            self._cancel_btn.setEnabled(False)
 
-    def _on_slice_worker_finished(self) -> None:
+    def _on_slice_worker_finished(self, worker=None) -> None:
+        if worker is not None and worker is not self._slice_worker:
+            return  # stopped earlier, and perhaps already replaced
         self._pending_slice = None
         self._slice_worker = None
+        if self._gone():
+            return
+        if self._worker is None:
+            self._cancel_btn.setEnabled(False)
         if self._explains_on_demand():
-            # The view may have moved on while this slice was computed.
+            # The view may have moved on while this slice was computed; or more are left.
             self._slice_timer.start()
 
     def _on_slice_errored(self, exc: Exception) -> None:
@@ -997,8 +1050,11 @@ class DetectionWidget(QWidget):
             if layer is None:
                 continue
             maps = np.asarray(maps)
+            kept = result.saliency.get(name)
             for i, z in enumerate(slices):
                 layer.data[z] = maps[i]
+                if kept is not None and kept is not layer.data:
+                    kept[z] = maps[i]
             if name == "joint":
                 layer.contrast_limits = L.saliency_limits(np.asarray(layer.data))
             layer.refresh()
@@ -1023,7 +1079,31 @@ class DetectionWidget(QWidget):
             )
             self._replace_boxes(layer, existing + keep_new, kwargs)
             self._refresh_box_list()
+        self._record_explained(result, slices, out)
         self._status.setText(f"Slice {', '.join(map(str, slices))} explained.")
+        if self._fill_left and not result.unexplained_slices:
+            self._fill_left = False
+            self._status.setText("Every slice the run left is explained now.")
+
+    def _record_explained(self, result: DetectionResult, slices: list[int], out: dict) -> None:
+        """Slices explained after the run join the result (its explained slices, their steps, the
+        involvement), so that the panel and what is exported say what is on screen."""
+        from napari_wscovid.boxes import involvement_with
+        from napari_wscovid.stages import stopped_note
+
+        before = result.ig_steps or (0,) * len(result.saliency_slices)
+        steps = dict(zip(result.saliency_slices, before, strict=True))
+        now = [int(v) for v in out.get("ig_steps", [0] * len(slices))]
+        steps.update(zip(slices, now, strict=True))
+        result.saliency_slices = tuple(sorted(steps))
+        result.ig_steps = tuple(steps[z] for z in result.saliency_slices)
+        if result.unexplained_slices:
+            result.unexplained_slices = tuple(z for z in result.unexplained_slices if z not in slices)
+            n_left = len(result.unexplained_slices)
+            result.explain_note = stopped_note(len(result.saliency_slices), n_left)
+        if out.get("masks") is not None:
+            result.involvement = involvement_with(result.involvement, slices, out["masks"], result.lung_mask)
+        self._results.refresh_summary(result)
 
     # ------------------------------------------------------------------ review
     def _refresh_class_choices(self, classes) -> None:

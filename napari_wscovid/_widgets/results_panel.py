@@ -128,6 +128,10 @@ class ResultsPanel(QWidget):
         self._summary.setText(summary_text(result))
         self._plot.set_data(result.slice_probs, result.classes)
 
+    def refresh_summary(self, result: DetectionResult) -> None:
+        """The summary again, after slices were explained on demand (involvement, slices left)."""
+        self._summary.setText(summary_text(result))
+
     def _show_status(self, result: DetectionResult | None) -> None:
         status = result.status if result is not None else ""
         flags = [f for f in (result.qc if result is not None else []) if f.get("severity") != "info"]

@@ -34,6 +34,7 @@ from napari_wscovid.stages import (
     relay,
     slice_np_offset,
     slices_to_explain,
+    stopped_note,
 )
 
 ARCHITECTURE = WSNET
@@ -178,7 +179,7 @@ def detect_iter(
         saliency_slices=tuple(int(i) for i in explain_idx),
         ig_steps=steps_used,
         patient_rule=rule,
-        explain_note=_stopped_note(len(explain_idx), len(unexplained))
+        explain_note=stopped_note(len(explain_idx), len(unexplained))
         or explain_note(saliency, gate, len(explain_idx), len(lung_idx)),
         unexplained_slices=tuple(int(i) for i in unexplained),
         explained_class=shown_class,
@@ -221,16 +222,6 @@ def explain_more(
             min_box_area_mm2=min_box_area_mm2,
             prep_kwargs=prep_kwargs,
         )
-    )
-
-
-def _stopped_note(n_explained: int, n_left: int) -> str:
-    """What a run stopped early explained, in words for the user ("" when it was not stopped)."""
-    if not n_left:
-        return ""
-    return (
-        f"Explaining was stopped early: saliency and boxes cover the {n_explained} most abnormal of "
-        f"the {n_explained + n_left} slices to explain; the other {n_left} have none yet."
     )
 
 

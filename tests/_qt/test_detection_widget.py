@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -233,13 +234,14 @@ def test_plot_and_box_list_navigate(widget, viewer, ct_layer, fake_pipeline, qtb
     assert plot.slice_at(6) == 0 and plot.slice_at(194) == plot.n_slices - 1
 
 
-def fake_slice_explanation(calls: list):
+def fake_slice_explanation(calls: list, seconds: float = 0.0):
     """Stands in for the on-demand explanation: maps of 200 and one box on the slice, each call
-    recorded in ``calls``."""
+    recorded in ``calls``, taking ``seconds``."""
 
     def explain(volume, result, slices, **kwargs):
         calls.append(list(slices))
         yield 0, 1, "explaining"
+        time.sleep(seconds)
         n, (ny, nx) = len(slices), volume.shape[1:]
         maps = {k: np.full((n, ny, nx), 200, np.uint8) for k in ("conv3", "conv4", "conv5", "joint")}
         return {"saliency": maps, "boxes": [Box(slices[0], 2, 2, 6, 6, "COVID-19", 0.7)]}
@@ -268,13 +270,15 @@ def test_current_slice_scope_explains_on_demand(
     assert calls == [[4], [6]]
 
 
-def test_show_now_stops_explaining_and_the_rest_is_explained_on_demand(
+def test_show_now_shows_at_once_and_explains_the_rest_in_the_background(
     widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot
 ):
-    """ "Show now" sets the signal the run was given; a result that left slices unexplained gets
-    saliency layers (empty there), says so, and explains those slices when the reader stops on one,
-    never a slice it explained already."""
+    """ "Show now" sets the signal the run was given. A result that left slices unexplained is
+    shown with saliency layers (empty there) and says so; the slices left are then explained in
+    the background, most abnormal first, and join the result (panel, explained slices)."""
     import dataclasses
+
+    from napari_wscovid.stages import abnormality
 
     calls = []
     widget._explain_more = fake_slice_explanation(calls)
@@ -287,6 +291,7 @@ def test_show_now_stops_explaining_and_the_rest_is_explained_on_demand(
         unexplained_slices=(3, 5),
         involvement={"total_percent": 0.0},
     )
+    widget._go_to_slice(0)  # not one of those left: the background order alone decides
     assert not widget._show_now_btn.isEnabled()
     widget._run_btn.click()
     qtbot.waitUntil(lambda: widget._progress.maximum() == 100, timeout=5000)
@@ -294,23 +299,49 @@ def test_show_now_stops_explaining_and_the_rest_is_explained_on_demand(
     widget._show_now_btn.click()
     assert fake_pipeline.stop_explaining.is_set() and not widget._show_now_btn.isEnabled()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=10000)
-    assert "2 slices not explained yet" in widget._status.text()
     assert "at least 0.0 % of lung (2 slices not explained)" in widget._results._summary.text()
-    assert viewer.layers["joint saliency"].data.max() == 0
-    widget._go_to_slice(4)  # not among the unexplained: nothing to do
-    qtbot.wait(400)
-    assert calls == []
-    widget._go_to_slice(5)
-    qtbot.waitUntil(lambda: 5 in widget._explained, timeout=5000)
-    assert viewer.layers["joint saliency"].data[5].max() == 200
-    assert [b.slice for b in L.layer_boxes(viewer.layers["lesion boxes"])] == [5]
-    assert calls == [[5]]
+    qtbot.waitUntil(lambda: {3, 5} <= widget._explained, timeout=10000)
+    score = abnormality(fake_result.slice_probs[[3, 5]], fake_result.classes)
+    assert calls == [[3], [5]] if score[0] >= score[1] else [[5], [3]]
+    joint = viewer.layers["joint saliency"]
+    assert joint.data[3].max() == 200 and joint.data[5].max() == 200 and joint.data[4].max() == 0
+    assert sorted(b.slice for b in L.layer_boxes(viewer.layers["lesion boxes"])) == [3, 5]
+    result = widget._result
+    assert result.unexplained_slices == () and result.saliency_slices == (3, 5)
+    assert result.saliency["joint"][5].max() == 200  # what a DICOM SEG export reads
+    assert "Involvement: " in widget._results._summary.text()
+    assert "at least" not in widget._results._summary.text()
+    assert "Every slice the run left is explained now." in widget._status.text()
     # a run on "current slice only" explains on its own: nothing to stop early
     widget._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
     widget._run_btn.click()
     assert not widget._show_now_btn.isEnabled()
     widget._cancel_btn.click()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=5000)
+
+
+def test_cancel_stops_the_background_explanation_and_the_slice_in_view_still_gets_one(
+    widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot
+):
+    import dataclasses
+
+    calls = []
+    widget._explain_more = fake_slice_explanation(calls, seconds=0.5)
+    fake_pipeline.result = dataclasses.replace(
+        fake_result, saliency={}, boxes=[], saliency_slices=(), unexplained_slices=(3, 5, 6)
+    )
+    widget._go_to_slice(0)
+    run_and_wait(widget, qtbot)
+    qtbot.waitUntil(lambda: len(calls) == 1, timeout=5000)
+    assert widget._cancel_btn.isEnabled()  # it stops the background work
+    widget._cancel_btn.click()
+    assert "Stopped explaining the slices left" in widget._status.text()
+    qtbot.wait(1200)
+    assert len(calls) == 1 and not widget._cancel_btn.isEnabled()
+    left = next(z for z in (3, 5, 6) if [z] not in calls)
+    widget._go_to_slice(left)  # on demand still
+    qtbot.waitUntil(lambda: left in widget._explained, timeout=5000)
+    assert calls[-1] == [left] and len(calls) == 2
 
 
 def test_real_pipeline_tiny_model(viewer, qtbot, errors):
