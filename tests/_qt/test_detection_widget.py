@@ -254,7 +254,9 @@ def test_current_slice_scope_explains_on_demand(
 ):
     calls = []
     widget._explain_more = fake_slice_explanation(calls)
-    fake_pipeline.result = type(fake_result)(**{**fake_result.__dict__, "saliency": {}, "boxes": []})
+    fake_pipeline.result = type(fake_result)(
+        **{**fake_result.__dict__, "saliency": {}, "boxes": [], "saliency_slices": ()}
+    )
     widget._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
     widget._go_to_slice(4)
     run_and_wait(widget, qtbot)
@@ -268,6 +270,8 @@ def test_current_slice_scope_explains_on_demand(
     widget._go_to_slice(4)  # cached: not computed again
     qtbot.wait(400)
     assert calls == [[4], [6]]
+    # the slices explained on demand are part of the result the dock exports (a SEG's lesion region)
+    assert widget._result.saliency_slices == (4, 6) and widget._result.saliency["joint"][6].max() == 200
 
 
 def test_show_now_shows_at_once_and_explains_the_rest_in_the_background(
