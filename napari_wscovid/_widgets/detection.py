@@ -1042,8 +1042,8 @@ class DetectionWidget(QWidget):
         show_error(f"Could not explain this slice: {exc}")
 
     def _on_slices_explained(self, out: dict, slices: list[int], result: DetectionResult) -> None:
-        if result is not self._result:
-            return
+        if result is not self._result or self._gone():
+            return  # a newer result, or a closed dock: a late answer paints nothing
         for name, maps in (out.get("saliency") or {}).items():
             layer_name = L.JOINT_LAYER if name == "joint" else L.ig_layer_name(name)
             layer = L.find_layer(self._viewer, layer_name, "image")
