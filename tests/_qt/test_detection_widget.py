@@ -348,6 +348,25 @@ def test_cancel_stops_the_background_explanation_and_the_slice_in_view_still_get
     assert calls[-1] == [left] and len(calls) == 2
 
 
+def test_a_dock_closed_during_the_background_explanation_paints_nothing_afterwards(
+    widget, viewer, ct_layer, fake_pipeline, fake_result, qtbot
+):
+    import dataclasses
+
+    calls = []
+    widget._explain_more = fake_slice_explanation(calls, seconds=0.5)
+    fake_pipeline.result = dataclasses.replace(
+        fake_result, saliency={}, boxes=[], saliency_slices=(), unexplained_slices=(3, 5)
+    )
+    widget._go_to_slice(0)
+    run_and_wait(widget, qtbot)
+    qtbot.waitUntil(lambda: len(calls) == 1, timeout=5000)
+    widget.close()
+    qtbot.wait(1500)
+    assert viewer.layers["joint saliency"].data.max() == 0 and calls == [calls[0]]
+    assert not L.layer_boxes(viewer.layers["lesion boxes"])
+
+
 def test_real_pipeline_tiny_model(viewer, qtbot, errors):
     from napari_wscovid._reader import ct_layer_data
     from napari_wscovid.phantom import make_phantom
