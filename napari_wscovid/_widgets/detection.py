@@ -257,9 +257,10 @@ class DetectionWidget(QWidget):
         self._show_now_btn = QPushButton("Show now")
         self._show_now_btn.setEnabled(False)
         self._show_now_btn.setToolTip(
-            "Explain no further slice: show the result with the slices explained so far (the most "
-            "abnormal go first). The others are explained when you stop on them. For Hu et al.'s "
-            "network; DeCoVNet and FeCNN explain within their forward pass and just finish."
+            "Explain no further slice now: show the result with the slices explained so far (the "
+            "most abnormal go first). The others are then explained in the background, any slice "
+            "you stop on first; Cancel stops that. For Hu et al.'s network; DeCoVNet and FeCNN "
+            "explain within their forward pass and just finish."
         )
         self._progress = QProgressBar()
         self._progress.setRange(0, 1)
@@ -695,7 +696,7 @@ class DetectionWidget(QWidget):
         if result.unexplained_slices:
             self._status.setText(
                 f"{self._status.text()} {len(result.unexplained_slices)} slices not explained yet: "
-                "stop on one to explain it."
+                "explaining them in the background."
             )
         self._run_succeeded = True
         if self._rerun_note:
