@@ -964,24 +964,25 @@ class DetectionWidget(QWidget):
                 self._explained.add(index)  # nothing to explain outside the lungs
             else:
                 wanted = index
-        if wanted is None:
+        if wanted is not None:
+            note = f"Explaining slice {wanted}…"
+        else:
             if self._slice_worker is not None:
                 return  # a slice of those left is under way: let it finish
-            wanted = self._next_slice_left()
-            if wanted is None:
+            left = self._slices_left()
+            if not left:
                 return
+            wanted = left[0]
+            note = (
+                f"Explaining the slices left, most abnormal first: slice {wanted}, {len(left)} left "
+                "(Cancel stops; any slice you stop on goes first)"
+            )
         if wanted == self._pending_slice:
             return
         # The user moved on: the previous slice's answer is no longer wanted.
         self._stop_slice_worker()
         self._pending_slice = wanted
-        left = len(self._slices_left())
-        self._status.setText(
-            f"Explaining slice {wanted}…"
-            if wanted == index
-            else f"Explaining the slices left, most abnormal first: slice {wanted}, {left} left "
-            "(Cancel stops; any slice you stop on goes first)"
-        )
+        self._status.setText(note)
         result = self._result
         worker = create_worker(
             _guarded,
@@ -1013,10 +1014,6 @@ class DetectionWidget(QWidget):
 
         score = abnormality(result.slice_probs[left], result.classes)
         return [left[i] for i in np.argsort(-score, kind="stable")]
-
-    def _next_slice_left(self) -> int | None:
-        left = self._slices_left()
-        return left[0] if left else None
 
     def _stop_slice_worker(self) -> None:
         if self._slice_worker is not None:
