@@ -120,3 +120,15 @@ def pacs_login(monkeypatch, tmp_path):
     monkeypatch.setenv("WSCOVID_PACS_PASSWORD", PACS_PASSWORD)
     monkeypatch.setenv("WSCOVID_PACS_CONFIG", str(tmp_path / "absent.json"))
     monkeypatch.delenv("WSCOVID_PACS_TOKEN", raising=False)
+
+
+class StopAfter:
+    """A stop signal (``is_set()``, as :class:`threading.Event`) that answers "not yet" ``calls``
+    times, then "stop": it stops a run at a chosen point of its explanation."""
+
+    def __init__(self, calls: int):
+        self.left = calls
+
+    def is_set(self) -> bool:
+        self.left -= 1
+        return self.left < 0

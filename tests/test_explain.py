@@ -220,14 +220,7 @@ def test_adaptive_steps_meet_completeness_or_stop_at_the_cap(net, x):
 def test_a_stop_set_during_the_path_raises_instead_of_returning_part_of_it():
     from napari_wscovid.explain.integrated_gradients import ExplanationStopped, multiscale_saliency
     from napari_wscovid.models.wsnet import WSNet, tiny_config
-
-    class StopAfter:
-        def __init__(self, calls):
-            self.left = calls
-
-        def is_set(self):
-            self.left -= 1
-            return self.left < 0
+    from tests.conftest import StopAfter
 
     net = WSNet(tiny_config()).eval()
     x = torch.randn(1, 1, 64, 64)

@@ -11,6 +11,7 @@ import pytest
 from napari_wscovid.explain import SALIENCY_LAYERS
 from napari_wscovid.pipeline import detect, detect_iter
 from napari_wscovid.stages import lung_slices, patient_probabilities
+from tests.conftest import StopAfter
 
 
 @pytest.fixture(scope="module")
@@ -283,17 +284,6 @@ def test_detection_that_would_not_fit_in_memory_is_refused_before_any_work(monke
         next(steps)  # refused before the lung step reports anything
 
 
-class _StopAfter:
-    """A stop signal that answers "not yet" ``calls`` times, then "stop"."""
-
-    def __init__(self, calls: int):
-        self.left = calls
-
-    def is_set(self) -> bool:
-        self.left -= 1
-        return self.left < 0
-
-
 def test_explaining_goes_most_abnormal_first_and_a_stop_keeps_the_same_maps(
     phantom, tiny_result, monkeypatch
 ):
@@ -337,7 +327,7 @@ def test_explaining_goes_most_abnormal_first_and_a_stop_keeps_the_same_maps(
     # (the package exports a function of the module's name: the module itself is imported by path)
     ig_module = importlib.import_module("napari_wscovid.explain.integrated_gradients")
     monkeypatch.setattr(ig_module, "_PIXELS_PER_BATCH", 64 * 64)
-    cut = run_to_end(explain_slices(phantom.volume, chosen, stop=_StopAfter(2), **kwargs))
+    cut = run_to_end(explain_slices(phantom.volume, chosen, stop=StopAfter(2), **kwargs))
     assert cut["slices"].tolist() == [] and cut["boxes"] == [] and len(cut["saliency"]["joint"]) == 0
 
 
