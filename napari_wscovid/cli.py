@@ -27,6 +27,16 @@ OUTPUT_FILES = ("summary.json", "slices.csv", "boxes.csv", "boxes.json", "lung_m
 OPTIONAL_OUTPUT_FILES = ("lesions.csv", "seg.dcm", "sr.dcm")  # FeCNN's lesion types; --dicom
 
 
+def _budget(text: str) -> float:
+    """``--explain-budget``'s type: a wrong budget is refused before any CT is read."""
+    from napari_wscovid.stages import budget_seconds
+
+    try:
+        return budget_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m napari_wscovid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps")
     det.add_argument(
         "--explain-budget",
-        type=float,
+        type=_budget,
         default=None,
         metavar="SECONDS",
         help="end the saliency stage after this long (most abnormal slices first; the slices in "
@@ -98,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     coh.add_argument("--lung-method", default=None, choices=LUNG_METHODS)
     coh.add_argument(
         "--explain-budget",
-        type=float,
+        type=_budget,
         default=None,
         metavar="SECONDS",
         help="per study: end the saliency stage after this long (most abnormal slices first)",

@@ -65,6 +65,13 @@ class CohortOptions:
     # seconds of saliency per study, most abnormal slices first (None: every chosen slice)
     explain_budget_s: float | None = None
 
+    def __post_init__(self) -> None:
+        # A wrong budget is refused here, once, rather than by every study as an error row.
+        if self.explain_budget_s is not None:
+            from napari_wscovid.stages import budget_seconds
+
+            object.__setattr__(self, "explain_budget_s", budget_seconds(self.explain_budget_s))
+
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 

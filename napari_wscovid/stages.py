@@ -202,15 +202,24 @@ def abnormality(slice_probs: np.ndarray, classes: tuple[str, ...]) -> np.ndarray
     return np.where(np.isfinite(score), score, -np.inf)
 
 
+def budget_seconds(seconds) -> float:
+    """``seconds`` as a time budget: a finite number >= 0, or a ValueError saying why not."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"a time budget must be a number of seconds, got {seconds!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"a time budget must be a finite number of seconds >= 0, got {seconds!r}")
+    return value
+
+
 class Deadline:
     """A stop signal (``is_set()``, as :class:`threading.Event`) that sets itself ``seconds`` after
     it is first asked, so that a budget given for the explanation counts from the explanation's
     start, not from the lung step."""
 
     def __init__(self, seconds: float) -> None:
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValueError(f"a time budget must be a finite number of seconds >= 0, got {seconds!r}")
-        self.seconds = float(seconds)
+        self.seconds = budget_seconds(seconds)
         self._started: float | None = None
 
     def is_set(self) -> bool:

@@ -199,6 +199,19 @@ def test_headless_core_detects_without_napari_qt_or_captum(tmp_path):
     assert summary["status"] == "needs_review" and "slab" in {f["name"] for f in summary["qc"]}
 
 
+@pytest.mark.parametrize("budget", ["-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize("command", ["detect", "cohort"])
+def test_cli_refuses_a_wrong_explain_budget_before_reading_anything(command, budget, tmp_path, capsys):
+    # The input does not exist: reaching it would fail with another message, after the read.
+    missing = tmp_path / "no-such-ct"
+    with pytest.raises(SystemExit) as exc:
+        main([command, str(missing), "--out", str(tmp_path / "out"), "--explain-budget", budget])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--explain-budget" in err and "time budget" in err and budget in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_explain_budget_zero_explains_nothing_and_says_which_slices_are_left(phantom_file, tmp_path):
     out = tmp_path / "res"
     args = ["detect", str(phantom_file), "--out", str(out), "--model", "tiny-test", "-q"]

@@ -161,6 +161,15 @@ def test_external_scheduler_matches_local_and_survives_a_killed_worker(cohort_ro
             assert (remote / row["study"] / "summary.json").is_file()
 
 
+@pytest.mark.parametrize("budget", [-0.5, float("nan"), float("inf"), "soon"])
+def test_cohort_options_refuse_a_wrong_budget_once_not_per_study(budget):
+    from napari_wscovid.cohort import CohortOptions
+
+    with pytest.raises(ValueError, match="time budget"):
+        CohortOptions(explain_budget_s=budget)
+    assert CohortOptions(explain_budget_s="2.5").explain_budget_s == 2.5  # a budget read from text
+
+
 def test_a_study_s_saliency_budget_is_kept_and_recorded(cohort_root, tmp_path):
     """``--explain-budget``: each study stops explaining after its budget (0 here: none) and
     lists the slices left; the budget is one of the options a re-run compares."""
