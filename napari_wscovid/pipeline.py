@@ -136,8 +136,8 @@ def detect_iter(
     if lung_mask.shape != volume.shape:
         raise ValueError(f"lung mask shape {lung_mask.shape} differs from the CT's {volume.shape}")
     if not volume.is_hu and volume.shape[0] == 1 and not lung_mask.any():
-        # Tight 2-D crops (lungs touching the border) defeat the display-image lung finder; the
-        # whole picture is then used, as training does with such images (plugin_image_input).
+        # A picture in which no lung is found (the "classical" finder on a tight crop whose lungs
+        # touch the border) is used whole, as training does with such images (plugin_image_input).
         logger.warning("no lung found in this 2-D image; the whole image is analysed as lung")
         lung_mask = np.ones(volume.shape, dtype=np.uint8)
     timings["lung_segmentation"] = time.perf_counter() - start

@@ -70,9 +70,11 @@ def quality_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]:
     return flags
 
 
-#: Flags of the network's fit (napari_wscovid.reliability) that send a scan to review although
-#: their severity is only ``warn``: the scan is fine, the answer on it is doubtful.
-REVIEW_FLAGS = ("out_of_distribution", "low_confidence")
+#: Flags that send a scan to review although their severity is only ``warn``: the scan is fine,
+#: the answer on it is doubtful. Those of the network's fit (napari_wscovid.reliability), and a
+#: display image: its features can lie near the training data's once its lungs are found
+#: (docs/reliability.md), yet its densities are only relative.
+REVIEW_FLAGS = ("out_of_distribution", "low_confidence", "display_image")
 
 
 def scan_status(flags: list[QCFlag], lung_mask: np.ndarray) -> str:

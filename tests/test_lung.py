@@ -116,6 +116,37 @@ def test_lesions_and_consolidation_kept_inside(covid_phantom, method):
     assert np.count_nonzero(consolidation & (labels > 0)) >= 0.8 * np.count_nonzero(consolidation)
 
 
+def _tight_figure(phantom, transposed: bool):
+    """The widest lung slice as an 8-bit lung-window picture cropped so both lungs touch its
+    border (as MedSeg's crops), upright or transposed; and its true labels alike."""
+    from napari_wscovid.io.volume import CTVolume
+
+    truth = phantom.lung_mask
+    z = int(np.argmax((truth > 0).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(truth[z])
+    crop = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    picture = np.rint((np.clip(phantom.volume.hu[z][crop], -1350, 150) + 1350) / 1500 * 255)
+    labels = truth[z][crop]
+    if transposed:
+        picture, labels = picture.T, labels.T
+    volume = CTVolume(hu=np.ascontiguousarray(picture, np.float32)[None], spacing=(1.0, 1.0, 1.0),
+                      origin=(0.0, 0.0, 0.0), is_hu=False)  # fmt: skip
+    return volume, labels
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["upright", "transposed"])
+def test_display_figure_whose_lungs_touch_the_border_gets_both_lungs(covid_phantom, transposed):
+    """A tight 8-bit crop: the U-Net finds both lungs whichever way the picture lies (the
+    threshold finder removes lungs that touch the border as if they were outside air), and names
+    them as in the upright picture."""
+    volume, truth = _tight_figure(covid_phantom, transposed)
+    assert not segment_lungs(volume, method="classical").any()
+    labels = segment_lungs(volume)[0]
+    assert dice(labels > 0, truth > 0) >= 0.95
+    for side in (RIGHT, LEFT):
+        assert dice(labels == side, truth == side) >= 0.95
+
+
 def test_trachea_excluded(covid_phantom, covid_labels):
     hu = covid_phantom.volume.hu
     truth = covid_phantom.lung_mask

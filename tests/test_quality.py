@@ -79,7 +79,7 @@ def test_ten_mm_slices_are_flagged(chest):
     assert names["thick_slices"] == "warn" and status == "ok"
 
 
-def test_a_display_image_is_flagged():
+def test_a_display_image_is_flagged_and_sent_to_review():
     from napari_wscovid.io.volume import CTVolume
 
     png = CTVolume(hu=np.random.default_rng(1).integers(0, 255, (1, 64, 64)).astype(np.float32),
@@ -88,6 +88,10 @@ def test_a_display_image_is_flagged():
     lung[0, 20:40, 20:40] = 1
     names, _, _ = _check(png, lung)
     assert names["display_image"] == "warn"
+    # on its own, not only through the small lung volume a single picture always has
+    from napari_wscovid.quality import QCFlag, scan_status
+
+    assert scan_status([QCFlag("display_image", "warn", "not HU", "")], lung) == "needs_review"
 
 
 def test_detect_reports_status_and_flags(chest):

@@ -77,10 +77,7 @@ def segment_lungs(
     else:
         hu, spacing = volume.hu, volume.spacing
         if not volume.is_hu:
-            from napari_wscovid.lung.display import segment_lungs_display
-
-            logger.warning("not in Hounsfield units: lungs found by an Otsu threshold of display intensities")
-            return segment_lungs_display(volume.hu)
+            return _segment_display(volume.hu, method, model)
         # direction[:, a] is array axis a in world (z, y, x); LPS z points to the head
         # and LPS x to the patient's left.
         superior_is_up = bool(volume.direction[0, 0] >= 0)
@@ -105,6 +102,22 @@ def segment_lungs(
         # Axis flipped relative to LPS: the right lung is at large x, swap the names.
         labels = np.where(labels > 0, 3 - labels, 0).astype(np.uint8)
     return labels
+
+
+def _segment_display(image: np.ndarray, method: str, model) -> np.ndarray:
+    """Lungs of display intensities (no HU): the U-Net unless "classical" (no weights) is asked."""
+    from napari_wscovid.lung import display
+
+    if method not in LUNG_METHODS:
+        raise ValueError(f"method must be one of {LUNG_METHODS}, got {method!r}")
+    if method == "classical":
+        logger.warning("not in Hounsfield units: lungs found by an Otsu threshold of display intensities")
+        return display.segment_lungs_display(image)
+    from napari_wscovid.lung import unet
+
+    logger.warning("not in Hounsfield units: lungs found by the lung U-Net on display intensities")
+    model = model if model is not None else unet.bundled_lung_unet()
+    return display.segment_lungs_display_unet(image, model)
 
 
 def lung_volumes_ml(labels: np.ndarray, spacing) -> dict[str, float]:
