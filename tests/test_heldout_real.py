@@ -63,9 +63,12 @@ def test_a_two_class_covid_network_is_right_to_call_a_cap_patient_negative(monke
         napari_wscovid,
         "detect",
         lambda volume, **kw: SimpleNamespace(
-            classes=("NP", "COVID-19"), predicted_class="NP", patient_probs=np.array([0.7, 0.3]),
-            boxes=[], slice_probs=np.array([[0.7, 0.3], [0.6, 0.4]]),
-        ),  # fmt: skip
+            classes=("NP", "COVID-19"),
+            predicted_class="NP",
+            patient_probs=np.array([0.7, 0.3]),
+            boxes=[],
+            slice_probs=np.array([[0.7, 0.3], [0.6, 0.4]]),
+        ),
     )
     monkeypatch.setattr("training.real_backgrounds.slice_positive", lambda *a: np.array([True, False]))
     row = heldout_real.real_patient("cap001", "w.safetensors", tmp_path, "cpu")

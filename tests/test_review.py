@@ -31,8 +31,11 @@ def test_an_import_merged_keeps_both_annotators_boxes_even_where_they_overlap():
     theirs = Reading((box(1, 5, "added"), box(2, 0), box(3, 0)), (box(6, 0, REJECTED),), frozenset({3}))
     merged = mine.merged_with(theirs)
     assert [(b.slice, b.x0, b.origin) for b in merged.boxes] == [
-        (1, 0, "edited"), (2, 0, "detected"), (1, 5, "added"), (3, 0, "detected")
-    ]  # fmt: skip  (one box per place; the overlapping boxes of two annotators both kept)
+        (1, 0, "edited"),
+        (2, 0, "detected"),
+        (1, 5, "added"),
+        (3, 0, "detected"),
+    ]  # one box per place; the overlapping boxes of two annotators both kept
     assert [r.slice for r in merged.rejected] == [5, 6] and merged.reviewed == {1, 3}
 
 

@@ -46,6 +46,7 @@ class ExplanationStopped(Exception):
     """Raised between two forward batches of path points once the caller's ``stop`` is set: the
     inputs in progress are dropped whole, never returned with part of their path summed."""
 
+
 IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 # Chosen with benchmarks/bench_saliency.py on the full-size net (224 x 224, 2-core CPU), trained
