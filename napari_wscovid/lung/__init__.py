@@ -70,6 +70,8 @@ def segment_lungs(
     ndarray of uint8 (z, y, x)
         0 background, 1 right lung, 2 left lung.
     """
+    if method not in LUNG_METHODS:
+        raise ValueError(f"method must be one of {LUNG_METHODS}, got {method!r}")
     if isinstance(volume, np.ndarray):
         if spacing is None:
             raise ValueError("a bare array needs spacing=(z, y, x) in mm")
@@ -82,8 +84,6 @@ def segment_lungs(
         # and LPS x to the patient's left.
         superior_is_up = bool(volume.direction[0, 0] >= 0)
         x_is_left = bool(volume.direction[2, 2] >= 0)
-    if method not in LUNG_METHODS:
-        raise ValueError(f"method must be one of {LUNG_METHODS}, got {method!r}")
     if method == "classical":
         from napari_wscovid.lung.classical import segment_lungs_classical
 
@@ -108,8 +108,6 @@ def _segment_display(image: np.ndarray, method: str, model) -> np.ndarray:
     """Lungs of display intensities (no HU): the U-Net unless "classical" (no weights) is asked."""
     from napari_wscovid.lung import display
 
-    if method not in LUNG_METHODS:
-        raise ValueError(f"method must be one of {LUNG_METHODS}, got {method!r}")
     if method == "classical":
         logger.warning("not in Hounsfield units: lungs found by an Otsu threshold of display intensities")
         return display.segment_lungs_display(image)

@@ -63,28 +63,36 @@ def segment_lungs_display_unet(image: np.ndarray, model) -> np.ndarray:
     varied = [z for z in range(len(planes)) if np.ptp(planes[z]) > 0]
     if not varied:
         return labels
-    transposed = figure_is_transposed(planes, model)
-    for start in range(0, len(varied), 16):
-        zs = varied[start : start + 16]
-        for z, prob in zip(zs, lung_probabilities(planes, zs, model, transposed), strict=True):
-            lung = prob > 0.5
-            upright = lung.T if transposed else lung
-            regions = measure.label(upright)
-            props = [p for p in measure.regionprops(regions) if p.area >= MIN_LUNG_FRACTION * lung.size]
-            named = _name_lungs(regions, props)
-            labels[z] = named.T if transposed else named
+    transposed, known = _orientation(planes, varied, model)
+    rest = [z for z in varied if z not in known]
+    for start in range(0, len(rest), 16):
+        zs = rest[start : start + 16]
+        known.update(zip(zs, lung_probabilities(planes, zs, model, transposed), strict=True))
+    for z, prob in known.items():
+        lung = prob > 0.5
+        upright = lung.T if transposed else lung
+        regions = measure.label(upright)
+        props = [p for p in measure.regionprops(regions) if p.area >= MIN_LUNG_FRACTION * lung.size]
+        named = _name_lungs(regions, props)
+        labels[z] = named.T if transposed else named
     return labels
 
 
 def figure_is_transposed(planes: np.ndarray, model) -> bool:
     """Whether the U-Net is surer of itself on the transposed pictures (a few, evenly spread)."""
     varied = [z for z in range(len(planes)) if np.ptp(planes[z]) > 0]
-    if not varied:
-        return False
+    return bool(varied) and _orientation(np.asarray(planes, np.float32), varied, model)[0]
+
+
+def _orientation(planes: np.ndarray, varied: list[int], model) -> tuple[bool, dict]:
+    """Whether to look at the pictures transposed, judged on a few of ``varied`` evenly spread,
+    and those pictures' probabilities in the view chosen (a single figure needs no third pass)."""
     picks = np.linspace(0, len(varied) - 1, min(ORIENTATION_SAMPLES, len(varied))).astype(int)
     sample = [varied[i] for i in picks]
-    as_is = _confidence(lung_probabilities(planes, sample, model, transposed=False))
-    return _confidence(lung_probabilities(planes, sample, model, transposed=True)) > as_is
+    as_is = lung_probabilities(planes, sample, model, transposed=False)
+    turned = lung_probabilities(planes, sample, model, transposed=True)
+    transposed = _confidence(turned) > _confidence(as_is)
+    return transposed, dict(zip(sample, turned if transposed else as_is, strict=True))
 
 
 def lung_probabilities(planes: np.ndarray, zs, model, transposed: bool) -> np.ndarray:
