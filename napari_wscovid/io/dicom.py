@@ -639,6 +639,8 @@ def _read_with_gdcm(h: FileHeader):
         raise CTLoadError(f"{h.name}: {_decode_error_text(exc)}") from exc
 
 
+#: Transfer syntaxes whose frames are JPEG or JPEG-LS codestreams (start with SOI, FF D8).
+_JPEG_SYNTAXES = frozenset((*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes))
 #: JPEG and JPEG-LS start-of-frame markers (not DHT C4, JPG C8, DAC CC): precision, rows, columns.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
 
@@ -653,6 +655,9 @@ def _check_encapsulated(ds, name: str) -> None:
         frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
     except (ValueError, StopIteration) as exc:
         raise CTLoadError(f"{name}: damaged compressed pixel data, {_decode_error_text(exc)}") from exc
+    if frame[:2] != b"\xff\xd8" and ds.file_meta.TransferSyntaxUID in _JPEG_SYNTAXES:
+        # a JPEG frame that does not start as one: GDCM took 4 GB for a 769-byte file (fuzzing)
+        raise CTLoadError(f"{name}: the compressed JPEG frame has no start-of-image marker")
     size = _jpeg_frame_size(frame, name)
     if size is not None and size != (int(ds.Rows), int(ds.Columns)):
         raise CTLoadError(

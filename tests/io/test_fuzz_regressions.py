@@ -28,6 +28,8 @@ CASES = Path(__file__).resolve().parents[1] / "data" / "fuzz_regressions"
         ("element_after_pixel_data_gdcm_2gb.dcm", "TypeError: encoding without a string argument"),
         # JPEG Lossless (GDCM's to decode) with broken fragment items: GDCM took 3.1 GB for 1.3 kB
         ("jpeg_fragments_gdcm_3gb.dcm", "damaged compressed pixel data, ValueError: Unexpected tag"),
+        # JPEG Lossless whose frame lacks the start-of-image marker: GDCM took 4 GB for 769 bytes
+        ("jpeg_without_soi_gdcm_4gb.dcm", "the compressed JPEG frame has no start-of-image marker"),
         # a NIfTI header with a zero-length axis loaded as a (0, 3, 4) volume napari cannot show
         ("zero_length_axis.nii", "image of shape (0, 3, 4) has no voxels"),
     ],
