@@ -294,8 +294,11 @@ def classify_slices(
     slice_probs = np.full((volume.shape[0], n_classes), np.nan, dtype=np.float32)
     total, done = len(lung_idx), 0
     yield 1, 4, f"Classifying {total} lung slices on {torch_device.type.upper()}"
-    with torch.inference_mode():
-        for batch in batches(lung_idx, batch_size):
+    # Each batch has its own inference_mode block and the yield stays outside it: grad mode is
+    # a per-thread global, and a generator suspended inside the block would leave its caller
+    # in inference mode (for good, if it were then collected on another thread).
+    for batch in batches(lung_idx, batch_size):
+        with torch.inference_mode():
             x, crops = prepare_slices(volume.hu, lung_mask, batch, **prep_kwargs)
             x = torch.from_numpy(x).to(torch_device)
             if channels_last:
@@ -309,8 +312,8 @@ def classify_slices(
             slice_probs[batch] = probs
             if on_batch is not None:
                 on_batch(out, batch, crops)
-            done += len(batch)
-            yield 1, 4, f"Classified {done}/{total} slices"
+        done += len(batch)
+        yield 1, 4, f"Classified {done}/{total} slices"
     return slice_probs
 
 

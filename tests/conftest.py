@@ -54,6 +54,31 @@ def _autosave_in_tmp(monkeypatch, tmp_path):
     monkeypatch.setenv("WSCOVID_AUTOSAVE_DIR", str(tmp_path / "autosave"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_grad_mode_restored():
+    """Fail the test that leaves this thread's autograd mode changed.
+
+    Grad and inference mode are per-thread globals; a generator that yields inside
+    ``torch.inference_mode()`` leaves its caller in that mode while it is suspended, and
+    every later test then fails far from the cause (CI at 570d983: 27 unrelated failures).
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) if torch else (True, False)
+    yield
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    after = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    if after != before:
+        import gc
+
+        gc.collect()  # finalises an abandoned generator, which restores the mode for later tests
+        torch.set_grad_enabled(before[0])
+        pytest.fail(f"torch (grad enabled, inference mode) went from {before} to {after} in this test")
+
+
 @pytest.fixture
 def unused_port():
     """A function returning a loopback TCP port nobody listens on (for servers a test starts)."""

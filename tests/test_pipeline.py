@@ -355,3 +355,37 @@ def test_deadline_counts_from_its_first_question():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="time budget"):
             Deadline(bad)
+
+
+def _tiny_network(kind):
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "decovnet":
+        from napari_wscovid.models.decovnet import DeCoVNet, tiny_decovnet_config
+
+        return DeCoVNet(tiny_decovnet_config()).eval()
+    if kind == "fecnn":
+        from napari_wscovid.models.fecnn import FeCNN, tiny_fecnn_config
+
+        return FeCNN(tiny_fecnn_config()).eval()
+    return "tiny-test"
+
+
+@pytest.mark.parametrize("kind", ["wsnet", "decovnet", "fecnn"])
+def test_the_caller_keeps_its_autograd_mode_at_every_progress_report(phantom, kind):
+    # Grad and inference mode are per-thread globals. A generator suspended inside
+    # torch.inference_mode() leaves its caller in that mode; if it is then abandoned and
+    # collected on another thread, the caller's thread never leaves it (CI at 570d983).
+    import torch
+
+    gen = detect_iter(phantom.volume, model=_tiny_network(kind), saliency="all", lung_mask=phantom.lung_mask)
+    modes = []
+    while True:
+        try:
+            _, _, message = next(gen)
+        except StopIteration:
+            break
+        modes.append((message, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+    assert len(modes) > 3
+    assert [m for m in modes if m[1:] != (True, False)] == []
