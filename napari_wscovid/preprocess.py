@@ -17,7 +17,9 @@ Padding voxels (BAD_INPUTS case 26) never enter the statistics. A volume that is
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -331,25 +333,72 @@ def _cut(image: np.ndarray, crop: SliceCrop, fill=0) -> np.ndarray:
     return out
 
 
+_one_core: ThreadPoolExecutor | None = None
+_one_core_lock = threading.Lock()
+
+
+def _one_core_thread() -> ThreadPoolExecutor:
+    """A long-lived thread whose torch operations run on one core.
+
+    A single slice is too small to split, and on a busy machine torch's thread pool made the
+    resize 3-4x slower (300 slices: 5.4 s vs 2.1 s with the load average at 6 on 2 cores).
+    ``torch.set_num_threads`` also sets the count of every thread that starts using torch
+    afterwards, so setting and restoring it around each call, from concurrent workers (a run
+    and the dock's slice explanation), could leave all later threads on one core. It is set
+    here once, in this thread only, and the default restored at once.
+    """
+    global _one_core
+    with _one_core_lock:
+        if _one_core is None:
+            import torch
+
+            default = torch.get_num_threads()
+            pool = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="wscovid-one-core",
+                initializer=_use_one_core,
+            )
+            pool.submit(int).result()  # the thread exists and is set to one core
+            torch.set_num_threads(default)
+            _one_core = pool
+    return _one_core
+
+
+def _use_one_core() -> None:
+    import torch
+
+    # A thread takes torch's default count at its first use of torch, overriding any count set
+    # before it: use torch first, then set.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def _resize(images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of 2-D float arrays, anti-aliased when shrinking (torch, ~1 ms a slice)."""
+    """Bilinear resize of 2-D float arrays to one ``size``, anti-aliased when shrinking (torch,
+    ~1 ms a slice), on one core (:func:`_one_core_thread`); stacked (N, *size)."""
+    out = np.empty((len(images), *size), dtype=np.float32)
+    for i, image in enumerate(_resize_each(images, [size] * len(images))):
+        out[i] = image
+    return out
+
+
+def _resize_each(images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """:func:`_resize` with a size per image, in one hand-over to the one-core thread (a hand-over
+    costs ~0.7 ms: one per map doubled the time to paste 112 maps back)."""
+    return _one_core_thread().submit(_resize_here, images, sizes).result()
+
+
+def _resize_here(images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     import torch
     import torch.nn.functional as F
 
-    out = np.empty((len(images), *size), dtype=np.float32)
-    # One thread: a single slice is too small to split, and on a busy machine the thread pool
-    # made it 3-4x slower (300 slices: 5.4 s vs 2.1 s with the load average at 6 on 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for i, image in enumerate(images):
-                t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-                shrink = t.shape[-2] > size[0] or t.shape[-1] > size[1]
-                r = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-                out[i] = r[0, 0].numpy()
-    finally:
-        torch.set_num_threads(threads)
+    out = []
+    with torch.no_grad():
+        for image, size in zip(images, sizes, strict=True):
+            t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+            shrink = t.shape[-2] > size[0] or t.shape[-1] > size[1]
+            r = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
+            out.append(r[0, 0].numpy())
     return out
 
 
@@ -442,8 +491,8 @@ def maps_to_slice(maps: np.ndarray, crops: Sequence[SliceCrop], slice_shape: Seq
         raise ValueError(f"maps must be (N, h, w) with N = len(crops) = {len(crops)}, got {maps.shape}")
     ny, nx = (int(v) for v in slice_shape)
     out = np.zeros((len(crops), ny, nx), dtype=np.float32)
-    for i, (m, crop) in enumerate(zip(maps, crops, strict=True)):
-        full = _resize([m], crop.shape)[0]
+    resized = _resize_each(maps, [crop.shape for crop in crops])
+    for i, (full, crop) in enumerate(zip(resized, crops, strict=True)):
         sy0, sy1 = max(crop.y0, 0), min(crop.y1, ny)
         sx0, sx1 = max(crop.x0, 0), min(crop.x1, nx)
         if sy1 > sy0 and sx1 > sx0:

@@ -153,3 +153,43 @@ def test_sliding_prepare_is_batch_independent():
     whole, _ = prepare_slices(hu, lung, range(4), size=32, normalisation="sliding")
     part, _ = prepare_slices(hu, lung, [0, 1], size=32, normalisation="sliding")
     np.testing.assert_array_equal(whole[:2], part)
+
+
+def test_resizing_from_two_workers_leaves_torch_on_all_its_cores():
+    # The resize runs on one core. Done with torch.set_num_threads around each call, it also
+    # set the count of any thread starting torch meanwhile, and a second worker that started
+    # then restored "1" for good: every later run on one core.
+    import threading
+
+    import torch
+
+    from napari_wscovid import preprocess
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch has one thread here: nothing to lose")
+    cores = torch.get_num_threads()
+    images = [np.random.default_rng(0).random((256, 256), dtype=np.float32) for _ in range(8)]
+    stop, first_view = threading.Event(), []
+
+    def first_worker():
+        while not stop.is_set():
+            preprocess._resize(images, (128, 128))
+
+    def second_worker(first):
+        first_view.append(torch.get_num_threads())  # its first use of torch, while the first resizes
+        stop.set()
+        first.join()
+        preprocess._resize(images, (128, 128))  # and it resizes last
+
+    first = threading.Thread(target=first_worker)
+    first.start()
+    preprocess._resize(images, (128, 128))  # the first worker is under way
+    second = threading.Thread(target=second_worker, args=(first,))
+    second.start()
+    second.join()
+    later = []
+    probe = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    assert first_view == [cores] and later == [cores] and torch.get_num_threads() == cores
+    assert preprocess._one_core_thread().submit(torch.get_num_threads).result() == 1
