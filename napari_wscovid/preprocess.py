@@ -17,6 +17,7 @@ Padding voxels (BAD_INPUTS case 26) never enter the statistics. A volume that is
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -362,6 +363,16 @@ def _one_core_thread() -> ThreadPoolExecutor:
             torch.set_num_threads(default)
             _one_core = pool
     return _one_core
+
+
+def _forget_one_core_thread() -> None:
+    # A forked child (a DataLoader worker) has the executor but not its thread: work handed to it
+    # would wait for ever. The child makes its own on first use.
+    global _one_core, _one_core_lock
+    _one_core, _one_core_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_one_core_thread)
 
 
 def _use_one_core() -> None:

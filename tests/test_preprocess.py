@@ -193,3 +193,18 @@ def test_resizing_from_two_workers_leaves_torch_on_all_its_cores():
     probe.join()
     assert first_view == [cores] and later == [cores] and torch.get_num_threads() == cores
     assert preprocess._one_core_thread().submit(torch.get_num_threads).result() == 1
+
+
+def test_a_forked_child_resizes_too():
+    # DataLoader workers are forked from a trainer that has resized already: the child has the
+    # one-core executor but not its thread, and work handed to it waited for ever.
+    import multiprocessing
+
+    from napari_wscovid import preprocess
+
+    images = [np.ones((64, 64), np.float32)]
+    preprocess._resize(images, (32, 32))  # the parent's one-core thread exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        result = pool.apply_async(preprocess._resize, (images, (32, 32)))
+        resized = result.get(timeout=60)
+    assert resized.shape == (1, 32, 32) and np.allclose(resized, 1.0)
