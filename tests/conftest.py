@@ -66,10 +66,15 @@ def _torch_grad_mode_restored():
 
     torch = sys.modules.get("torch")
     before = (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) if torch else (True, False)
+    threads = torch.get_num_threads() if torch else None
     yield
     torch = sys.modules.get("torch")
     if torch is None:
         return
+    # A test may set torch's thread count on purpose (a CLI's --threads, a cohort study run in
+    # this process); the tests after it get the count they started with.
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     after = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
     if after != before:
         import gc
