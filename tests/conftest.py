@@ -55,8 +55,9 @@ def _autosave_in_tmp(monkeypatch, tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _torch_grad_mode_restored():
-    """Fail the test that leaves this thread's autograd mode changed.
+def _torch_thread_state_restored():
+    """Fail the test that leaves this thread's autograd mode changed; give the next test the
+    torch thread count this one started with.
 
     Grad and inference mode are per-thread globals; a generator that yields inside
     ``torch.inference_mode()`` leaves its caller in that mode while it is suspended, and
@@ -150,6 +151,22 @@ def pacs_login(monkeypatch, tmp_path):
     monkeypatch.setenv("WSCOVID_PACS_PASSWORD", PACS_PASSWORD)
     monkeypatch.setenv("WSCOVID_PACS_CONFIG", str(tmp_path / "absent.json"))
     monkeypatch.delenv("WSCOVID_PACS_TOKEN", raising=False)
+
+
+def tiny_network(kind: str):
+    """A tiny, seeded DeCoVNet or FeCNN (eval mode) for the methods other than WSNet."""
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "decovnet":
+        from napari_wscovid.models.decovnet import DeCoVNet, tiny_decovnet_config
+
+        return DeCoVNet(tiny_decovnet_config()).eval()
+    if kind == "fecnn":
+        from napari_wscovid.models.fecnn import FeCNN, tiny_fecnn_config
+
+        return FeCNN(tiny_fecnn_config()).eval()
+    raise ValueError(f"no tiny network for {kind!r}")
 
 
 class StopAfter:

@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from napari_wscovid.cli import main
 from napari_wscovid.io.write import write_image
 from napari_wscovid.models.registry import save_model
 from napari_wscovid.phantom import make_phantom
+from tests.conftest import tiny_network
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +22,12 @@ def phantom_file(tmp_path_factory):
     return write_image(p.volume, tmp / "ct.nii.gz")
 
 
-def _tiny(kind):
-    torch.manual_seed(0)
-    if kind == "decovnet":
-        from napari_wscovid.models.decovnet import DeCoVNet, tiny_decovnet_config
-
-        return DeCoVNet(tiny_decovnet_config()).eval()
-    from napari_wscovid.models.fecnn import FeCNN, tiny_fecnn_config
-
-    return FeCNN(tiny_fecnn_config()).eval()
-
-
 @pytest.mark.parametrize(
     "kind, architecture", [("decovnet", "decovnet-zheng2020"), ("fecnn", "fecnn-wu2021")]
 )
 def test_cli_detect_with_other_methods(tmp_path, phantom_file, kind, architecture):
     weights = tmp_path / f"{kind}.safetensors"
-    sha = save_model(_tiny(kind), weights, name=f"{kind}-tiny", version="t")
+    sha = save_model(tiny_network(kind), weights, name=f"{kind}-tiny", version="t")
     out = tmp_path / "out"
     argv = ["detect", str(phantom_file), "--out", str(out), "--model", str(weights), "--sha256", sha]
     assert main([*argv, "--saliency", "all", "--device", "cpu", "-q"]) == 0

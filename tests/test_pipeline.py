@@ -11,7 +11,7 @@ import pytest
 from napari_wscovid.explain import SALIENCY_LAYERS
 from napari_wscovid.pipeline import detect, detect_iter
 from napari_wscovid.stages import lung_slices, patient_probabilities
-from tests.conftest import StopAfter
+from tests.conftest import StopAfter, tiny_network
 
 
 @pytest.fixture(scope="module")
@@ -357,21 +357,6 @@ def test_deadline_counts_from_its_first_question():
             Deadline(bad)
 
 
-def _tiny_network(kind):
-    import torch
-
-    torch.manual_seed(0)
-    if kind == "decovnet":
-        from napari_wscovid.models.decovnet import DeCoVNet, tiny_decovnet_config
-
-        return DeCoVNet(tiny_decovnet_config()).eval()
-    if kind == "fecnn":
-        from napari_wscovid.models.fecnn import FeCNN, tiny_fecnn_config
-
-        return FeCNN(tiny_fecnn_config()).eval()
-    return "tiny-test"
-
-
 @pytest.mark.parametrize("kind", ["wsnet", "decovnet", "fecnn"])
 def test_the_caller_keeps_its_autograd_mode_at_every_progress_report(phantom, kind):
     # Grad and inference mode are per-thread globals. A generator suspended inside
@@ -379,7 +364,8 @@ def test_the_caller_keeps_its_autograd_mode_at_every_progress_report(phantom, ki
     # collected on another thread, the caller's thread never leaves it (CI at 570d983).
     import torch
 
-    gen = detect_iter(phantom.volume, model=_tiny_network(kind), saliency="all", lung_mask=phantom.lung_mask)
+    model = "tiny-test" if kind == "wsnet" else tiny_network(kind)
+    gen = detect_iter(phantom.volume, model=model, saliency="all", lung_mask=phantom.lung_mask)
     modes = []
     while True:
         try:
