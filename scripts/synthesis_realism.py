@@ -172,6 +172,8 @@ def main(argv=None) -> int:
             synth[rule][0].extend(features(p) for p in patches)
             synth[rule][1].extend([bg.patient_id] * len(patches))
 
+    fold_of = {g: i for i, g in enumerate(sorted(set(real_groups)))}
+
     def patch_auc(rule):
         # Two folds, one patient each (its real and its synthetic patches): trained on one
         # patient, judged on the other.
@@ -184,7 +186,6 @@ def main(argv=None) -> int:
         scores = cross_val_predict(forest, X, y, groups=folds, cv=cv, method="predict_proba")[:, 1]
         return round(float(roc_auc_score(y, scores)), 3), int((y == 1).sum())
 
-    fold_of = {g: i for i, g in enumerate(sorted(set(real_groups)))}
     auc, n_synth = patch_auc("opacity")
     auc_lesion, n_lesion = patch_auc("lesion")
     synth_by = {k: np.concatenate([h for kind, h in synth_hu if kind == k]) for k in ("COVID-19", "CAP")}
