@@ -235,6 +235,14 @@ def patient_call(patient_probs: np.ndarray, classes: tuple[str, ...]) -> str | N
     return classes[int(np.argmax(probs))] if probs.size and np.isfinite(probs).all() else None
 
 
+def call_line(patient_probs: np.ndarray, classes: tuple[str, ...]) -> str:
+    """The patient's answer in words, "Called COVID-19 (0.87)", or "" when there is none."""
+    called = patient_call(patient_probs, classes)
+    if called is None:
+        return ""
+    return f"Called {called} ({float(patient_probs[classes.index(called)]):.2f})"
+
+
 def explain_note(scope: str, patient_class: str | None, n_explained: int, n_lung_slices: int) -> str:
     """Why a run explained no slice, in words for the user ("" when it explained some)."""
     if n_explained or scope == "none":
@@ -317,14 +325,15 @@ def classify_slices(
     return slice_probs
 
 
-def relay(gen, stage: int, stages: int):
-    """Re-yield a sub-generator's progress as one stage of the outer progress; return its result."""
+def relay(gen, stage: int, stages: int, prefix: str = ""):
+    """Re-yield a sub-generator's progress as one stage of the outer progress, each message after
+    ``prefix``; return its result."""
     while True:
         try:
             done, total, message = next(gen)
         except StopIteration as stop:
             return stop.value
-        yield stage, stages, message if not total else f"{message} ({done}/{total})"
+        yield stage, stages, prefix + (message if not total else f"{message} ({done}/{total})")
 
 
 def run_to_end(gen: Generator[Progress, None, object], on_progress=None):

@@ -375,3 +375,27 @@ def test_the_caller_keeps_its_autograd_mode_at_every_progress_report(phantom, ki
         modes.append((message, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
     assert len(modes) > 3
     assert [m for m in modes if m[1:] != (True, False)] == []
+
+
+def test_the_answer_is_reported_before_the_first_slice_is_explained(phantom):
+    """Saliency takes minutes on a laptop CPU; the call is known before it starts, so the
+    progress says it then (and keeps saying it), not only in the result at the end."""
+    from napari_wscovid.stages import call_line
+
+    gen = detect_iter(
+        phantom.volume, model="tiny-test", saliency="all", lung_mask=phantom.lung_mask, ig_steps=4
+    )
+    messages = []
+    while True:
+        try:
+            messages.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    answer = call_line(result.patient_probs, result.classes)
+    assert answer.startswith(f"Called {result.predicted_class} (")
+    saliency = [m for stage, _, m in messages if stage == 2]
+    counted = [i for i, m in enumerate(saliency) if m.endswith(f"/{len(result.saliency_slices)})")]
+    assert counted, saliency  # one report per explained batch
+    assert saliency[0] == f"{answer}. Explaining {len(result.saliency_slices)} slices, most abnormal first"
+    assert 0 < counted[0] and all(m.startswith(f"{answer}. ") for m in saliency)

@@ -23,6 +23,7 @@ from napari_wscovid.results import Box, DetectionResult
 from napari_wscovid.stages import (
     Progress,
     calibration_temperature,
+    call_line,
     classify_slices,
     explain_note,
     lung_slices,
@@ -130,6 +131,11 @@ def detect_iter(
     involvement: dict = {}
     steps_used: tuple[int, ...] = ()
     if len(explain_idx):
+        # The answer is known here, minutes before the saliency ends on a laptop CPU: every
+        # message of that stage carries it, so the reader has it at once.
+        answer = call_line(patient_probs, classes)
+        prefix = f"{answer}. " if answer else ""
+        yield 2, 4, f"{prefix}Explaining {len(explain_idx)} slices, most abnormal first"
         start = time.perf_counter()
         explained = yield from relay(
             explain_slices(
@@ -149,6 +155,7 @@ def detect_iter(
             ),
             stage=2,
             stages=4,
+            prefix=prefix,
         )
         timings["saliency_and_boxes"] = time.perf_counter() - start
         chosen, explain_idx = explain_idx, explained["slices"]
