@@ -24,7 +24,7 @@ from napari_wscovid.io.boxes_io import (
     geometry_mismatch,
     load_boxes,
 )
-from napari_wscovid.io.volume import CTLoadError, CTVolume
+from napari_wscovid.io.volume import CTLoadError, CTVolume, geometry_key
 from napari_wscovid.review import split_rejected
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def _is_boxes_file(path: str) -> bool:
     every column of :data:`~napari_wscovid.io.boxes_io.COLUMNS` in a CSV's header."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(_SNIFF_BYTES).decode("utf-8", errors="replace")
+            head = fh.read(_SNIFF_BYTES).decode("utf-8-sig", errors="replace")  # a spreadsheet's BOM
     except OSError:
         return False
     if path.lower().endswith(".json"):
@@ -150,6 +150,11 @@ def read_boxes(path) -> list[tuple]:
     open_geometries = _open_ct_geometries()
     if Path(path).suffix.lower() == ".csv":
         geometry, boxes, meta = _load_csv_on_open_ct(path, open_geometries)
+        # the CT it fits is its CT: its key ties the layer's exports and autosave to that CT
+        meta["series_key"] = _open_ct_series_key(geometry)
+        # a CSV holds no class list: the classes of that CT's other boxes layers first, so a box
+        # can still be given a class no row of the file has
+        meta["classes"] = _classes_on_grid(geometry, [b.class_name for b in boxes])
     else:
         boxes, meta = load_boxes(path)
         geometry = meta["geometry"]
@@ -231,7 +236,7 @@ def _load_csv_on_open_ct(path, open_geometries: list[dict]) -> tuple[dict, list,
     raise ValueError(f"{name} fits none of the open CTs: {errors[0]}")
 
 
-def _open_ct_geometries() -> list[dict]:
+def _open_ct_layers() -> list:
     try:
         import napari
 
@@ -241,9 +246,46 @@ def _open_ct_geometries() -> list[dict]:
     if viewer is None:
         return []
     return [
-        layer.metadata["wscovid_geometry"]
+        layer
         for layer in viewer.layers
         if type(layer).__name__ == "Image"
         and isinstance(layer.metadata.get("wscovid_geometry"), dict)
         and not layer.metadata.get("wscovid_result")
     ]
+
+
+def _open_ct_geometries() -> list[dict]:
+    return [layer.metadata["wscovid_geometry"] for layer in _open_ct_layers()]
+
+
+def _classes_on_grid(geometry: dict, present: list[str]) -> list[str]:
+    """The class lists of the open boxes layers on ``geometry``, then the ``present`` classes,
+    each once, in that order ("not a lesion" is the dock's own, always offered)."""
+    from napari_wscovid._widgets.layers import NOT_A_LESION
+
+    classes: list[str] = []
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt / no viewer
+        viewer = None
+    for layer in viewer.layers if viewer is not None else ():
+        layer_geometry = layer.metadata.get("wscovid_geometry")
+        if layer.metadata.get("wscovid_boxes") and isinstance(layer_geometry, dict):
+            if not geometry_mismatch(geometry, layer_geometry):
+                classes += [str(c) for c in layer.metadata.get("classes") or ()]
+    classes += sorted(set(present) - {NOT_A_LESION})
+    return list(dict.fromkeys(classes))
+
+
+def _open_ct_series_key(geometry: dict) -> str:
+    """The series key of the newest open CT on ``geometry``; else the key of the grid itself
+    (what a CT read from a file without a series UID gets)."""
+    for layer in reversed(_open_ct_layers()):
+        if not geometry_mismatch(geometry, layer.metadata["wscovid_geometry"]) and layer.metadata.get(
+            "series_key"
+        ):
+            return str(layer.metadata["series_key"])
+    spacing, origin, direction, shape = (geometry[k] for k in ("spacing", "origin", "direction", "shape"))
+    return geometry_key(shape, spacing, origin, direction)

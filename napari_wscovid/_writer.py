@@ -58,4 +58,12 @@ def write_boxes(path: str, data, attributes: dict) -> list[str]:
     )
     if existed:
         logger.warning("replaced %s; the previous version was kept beside it as a .bak file", target.name)
+    reviewed = metadata.get("wscovid_reviewed", [])
+    if target.suffix.lower() == ".csv" and reviewed:
+        from napari.utils.notifications import show_warning  # napari only where a viewer writes
+
+        show_warning(
+            f"{target.name}: a CSV holds boxes only; the {len(reviewed)} slice(s) marked reviewed are "
+            "not in it (a .json export keeps them)"
+        )
     return [str(target)]

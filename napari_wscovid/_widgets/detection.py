@@ -291,6 +291,7 @@ class DetectionWidget(QWidget):
         self._autosave_timer.setInterval(AUTOSAVE_DELAY_MS)
         self._autosave_timer.timeout.connect(self._autosave)
         self._autosaved_keys: set[str] = set()  # written in this session: never offered back
+        self._autosave_pending: dict[int, object] = {}  # the boxes layers edited since the last write
         self._slice_timer = QTimer(self)
         self._slice_timer.setSingleShot(True)
         self._slice_timer.setInterval(_SLICE_DEBOUNCE_MS)
@@ -446,31 +447,41 @@ class DetectionWidget(QWidget):
             layer.events.data.disconnect(self._schedule_autosave)
             layer.events.features.disconnect(self._schedule_autosave)
 
-    def _schedule_autosave(self, event=None) -> None:
-        tracker = self._trackers.get(id(getattr(event, "source", None)))
-        if tracker is not None and tracker.is_paused:
+    def _schedule_autosave(self, event=None, layer=None) -> None:
+        """Autosave the boxes layer that changed (the event's source, else ``layer``) a moment
+        from now: each edited layer goes to its own CT's autosave, whichever CT the dock shows."""
+        layer = getattr(event, "source", None) if event is not None else layer
+        tracker = self._trackers.get(id(layer))
+        if tracker is None:
+            return
+        if tracker.is_paused:
             return  # detection's own boxes being shown: nothing of the annotator's to keep
+        self._autosave_pending[id(layer)] = layer
         self._autosave_timer.start()
 
     def _autosave(self) -> None:
-        """Write the boxes layer (rejected boxes and reviewed marks too) to its CT's autosave."""
-        layer = self._boxes_layer()
-        if layer is None or layer not in self._viewer.layers:
-            return
-        meta = layer.metadata
-        key = meta.get("series_key") or ""
-        try:
-            write_autosave(
-                key,
-                L.layer_boxes(layer) + L.layer_rejected(layer),
-                meta["wscovid_geometry"],
-                model=meta.get("model"),
-                classes=meta.get("classes", ()),
-                reviewed_slices=L.layer_reviewed(layer),
-            )
-            self._autosaved_keys.add(key)
-        except (OSError, ValueError, KeyError) as exc:  # never let autosave take the session down
-            logger.warning("boxes not autosaved: %s", exc)
+        """Write each edited boxes layer (rejected boxes and reviewed marks too) to its CT's autosave."""
+        pending, self._autosave_pending = self._autosave_pending, {}
+        for layer in pending.values():
+            if layer not in self._viewer.layers:
+                continue
+            meta = layer.metadata
+            key = meta.get("series_key") or ""
+            if not key:  # no CT to tie it to: an autosave nobody would be offered back
+                logger.warning("boxes of layer %r not autosaved: they are tied to no CT series", layer.name)
+                continue
+            try:
+                write_autosave(
+                    key,
+                    L.layer_boxes(layer) + L.layer_rejected(layer),
+                    meta["wscovid_geometry"],
+                    model=meta.get("model"),
+                    classes=meta.get("classes", ()),
+                    reviewed_slices=L.layer_reviewed(layer),
+                )
+                self._autosaved_keys.add(key)
+            except (OSError, ValueError, KeyError) as exc:  # never let autosave take the session down
+                logger.warning("boxes not autosaved: %s", exc)
 
     def _offer_autosave(self, layer) -> None:
         """A CT opened again after a crash: offer the boxes autosaved for it in an earlier session."""
@@ -1123,7 +1134,7 @@ class DetectionWidget(QWidget):
         index = self._current_slice()
         if layer is not None and index >= 0:
             L.set_slice_reviewed(layer, index, checked)
-            self._schedule_autosave()  # a metadata change: the layer emits no event for it
+            self._schedule_autosave(layer=layer)  # a metadata change: the layer emits no event for it
 
     def _on_set_class_clicked(self) -> None:
         layer = self._boxes_layer()
@@ -1141,7 +1152,7 @@ class DetectionWidget(QWidget):
             # said before a save dialog asks for a file name that would hold nothing
             show_info("There are no lesion boxes to export: run detection or draw boxes first.")
             return
-        key = layer.metadata.get("series_key", "boxes")
+        key = layer.metadata.get("series_key") or "lesion"  # "" would name a hidden ".boxes.json"
         path, chosen = QFileDialog.getSaveFileName(
             self,
             "Export lesion boxes",
@@ -1273,6 +1284,15 @@ class DetectionWidget(QWidget):
                 "and a file already at that path is unchanged."
             )
             return None
+        reviewed = L.layer_reviewed(layer)
+        if Path(written).suffix.lower() == ".csv" and reviewed:
+            # the autosave is kept: it is then the only file that still holds the marks
+            show_warning(
+                f"Exported {len(boxes)} boxes to {Path(written).name}. A CSV holds boxes only: the "
+                f"{len(reviewed)} slice(s) marked reviewed are not in it; they stay in the layer and its "
+                "autosave, and a JSON export keeps them."
+            )
+            return written
         # exported: the autosave only has to cover edits made after this
         autosave_path(meta.get("series_key") or "").unlink(missing_ok=True)
         show_info(f"Exported {len(boxes)} boxes to {Path(written).name}.")
@@ -1307,7 +1327,11 @@ class DetectionWidget(QWidget):
             if choice == "replace":
                 reading = imported
         self._new_boxes, self._rerun_note = set(), ""
-        classes = meta.get("classes") or sorted({b.class_name for b in reading.boxes})
+        # a JSON's class list first; a CSV holds none, so this CT's layer keeps offering its own
+        file_classes = [] if Path(path).suffix.lower() == ".csv" else list(meta.get("classes") or ())
+        known = list(existing.metadata.get("classes") or ()) if existing is not None else []
+        present = sorted({b.class_name for b in reading.boxes} - {L.NOT_A_LESION})
+        classes = list(dict.fromkeys([*file_classes, *known, *present]))
         self._install_boxes(
             reading,
             ct_layer=layer,

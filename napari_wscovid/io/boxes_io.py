@@ -447,7 +447,8 @@ def load_boxes(path, expected_geometry: dict | None = None) -> tuple[list[Box], 
                 f"boxes file {path.name} is {size / 2**20:.0f} MiB; a box file of this plugin is at most "
                 f"{MAX_BOXES_FILE_BYTES / 2**20:.0f} MiB (about a million boxes), so it is not read"
             )
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a CSV saved again by a spreadsheet starts with a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise BoxFileError(f"cannot read boxes file {path.name}: {exc}") from exc
     if path.suffix.lower() == ".csv":
@@ -555,6 +556,8 @@ def _file_geometry(geometry, name: str) -> dict:
         problems.append(f"spacing {spacing.tolist()} is not finite and positive")
     if not (np.all(np.isfinite(origin)) and np.all(np.isfinite(direction))):
         problems.append("origin or direction is not finite")
+    elif abs(np.linalg.det(direction)) < 1e-3:  # napari would fail inverting it, naming nothing
+        problems.append(f"direction {direction.tolist()} is singular: its columns must be the CT's axes")
     if problems:
         raise BoxFileError(f"{name}: invalid CT geometry: {'; '.join(problems)}")
     return _plain_geometry(geometry)
@@ -632,8 +635,10 @@ def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[lis
     if expected_geometry is not None:
         # A CSV carries no geometry block, but its mm columns pin down origin and spacing:
         # recompute them on the expected grid and refuse if they disagree.
-        boxes = _in_grid(boxes, expected_geometry, "row", skipped)
+        # mm corners first: rows of another CT are all outside this grid too, and would
+        # otherwise be skipped one by one instead of the file being refused (BAD_INPUTS case 36)
         boxes = _csv_mm_agree(boxes, rows, expected_geometry, name, skipped)
+        boxes = _in_grid(boxes, expected_geometry, "row", skipped)
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

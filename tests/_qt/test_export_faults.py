@@ -173,3 +173,62 @@ def test_runs_without_edits_leave_no_autosave_to_offer(
     layer.remove_selected()
     qtbot.waitUntil(path.exists, timeout=5000)
     assert errors == []
+
+
+def test_edits_on_another_cts_boxes_go_to_that_cts_autosave(
+    viewer, ct_layer, small_volume, qtbot, errors, fake_pipeline, tmp_path
+):
+    """The dock shows CT A's result; an annotator edits the boxes of CT B, opened afterwards with
+    its boxes file. B's edit reaches B's autosave (it went to A's before: lost in a crash)."""
+    import numpy as np
+
+    from napari_wscovid._reader import ct_layer_data, read_boxes
+    from napari_wscovid.io.boxes_io import autosave_path, save_boxes
+    from napari_wscovid.io.volume import CTVolume
+    from napari_wscovid.results import Box
+
+    dock = detection.DetectionWidget(as_plugin_sees_it(viewer), detect_iter=fake_pipeline.detect_iter)
+    qtbot.addWidget(dock)
+    dock._autosave_timer.setInterval(50)
+    dock._run_btn.click()
+    qtbot.waitUntil(lambda: dock._worker is None, timeout=10000)
+    other = CTVolume(hu=np.zeros((6, 30, 30), np.int16), spacing=(3.0, 0.9, 0.9), origin=(10.0, 0.0, 0.0))
+    data, kwargs, _ = ct_layer_data(other)
+    viewer.add_image(data, **kwargs)
+    path = save_boxes(
+        tmp_path / "b.boxes.json",
+        [Box(2, 3, 3, 9, 9, "CAP", 0.7, origin="edited")],
+        other.geometry(),
+        series_key=other.series_key,
+    )
+    boxes_data, boxes_kwargs, _ = read_boxes(str(path))[0]
+    layer = viewer.add_shapes(boxes_data, **{**boxes_kwargs, "name": "boxes of B"})
+    qtbot.wait(100)
+    layer.add_rectangles([[[4, 1, 1], [4, 1, 6], [4, 6, 6], [4, 6, 1]]])  # the annotator's edit
+    saved = autosave_path(other.series_key)
+    qtbot.waitUntil(saved.is_file, timeout=5000)
+    assert len(load_boxes(saved)[0]) == 2
+    assert not autosave_path(small_volume.series_key).exists()  # A was not edited
+    assert errors == []
+
+
+def test_a_csv_export_keeps_the_reviewed_marks_in_the_autosave_and_says_so(
+    dock, small_volume, tmp_path, qtbot, monkeypatch
+):
+    """A CSV holds boxes only: exporting one must not delete the autosave, the only file that
+    still holds the slices marked reviewed, and the user is told where the marks are."""
+    from napari_wscovid.io.boxes_io import autosave_path
+
+    warned = []
+    monkeypatch.setattr(detection, "show_warning", warned.append)
+    dock._autosave_timer.setInterval(20)
+    dock._go_to_slice(3)
+    dock._on_reviewed_toggled(True)
+    saved = autosave_path(small_volume.series_key)
+    qtbot.waitUntil(lambda: saved.is_file() and load_boxes(saved)[1]["reviewed_slices"] == [3], timeout=5000)
+    written = dock._export_boxes(tmp_path / "reading.csv")
+    assert written is not None and load_boxes(written)[1]["reviewed_slices"] == []
+    assert saved.is_file() and load_boxes(saved)[1]["reviewed_slices"] == [3]
+    assert len(warned) == 1 and "1 slice(s) marked reviewed are not in it" in warned[0]
+    dock._export_boxes(tmp_path / "reading.boxes.json")  # JSON holds them: the autosave goes
+    assert not saved.exists()

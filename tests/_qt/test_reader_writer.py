@@ -199,3 +199,23 @@ def test_sample_reads_shipped_dicom(tmp_path, monkeypatch, small_volume):
     (ct, _, _), (lesions, _, _) = _sample_data.load_sample_phantom()
     assert ct.shape == small_volume.shape
     np.testing.assert_array_equal(lesions, mask)
+
+
+def test_a_csv_opened_on_its_ct_takes_that_cts_key_and_class_list(
+    tmp_path, viewer, ct_layer, small_volume, fake_result, monkeypatch
+):
+    """A CSV holds no series key and no class list: the layer gets the key of the CT it fits (its
+    autosave and exports belong to that CT) and the classes of that CT's boxes layer, so a box can
+    still be given a class none of the file's rows has."""
+    import napari
+
+    monkeypatch.setattr(napari, "current_viewer", lambda: viewer)  # offscreen: a bare ViewerModel
+    data, kwargs, _ = _boxes_layer_tuple(small_volume, fake_result)
+    viewer.add_shapes(data, **kwargs)
+    only_cap = [Box(1, 1, 1, 3, 3, "CAP", 0.5, origin="edited")]
+    path = save_boxes(tmp_path / "only CAP.csv", only_cap, small_volume.geometry())
+    ((_, kwargs2, _),) = get_reader(str(path))(str(path))
+    meta = kwargs2["metadata"]
+    assert meta["series_key"] == small_volume.series_key == ct_layer.metadata["series_key"]
+    assert meta["classes"] == list(fake_result.classes)
+    assert "COVID-19" in meta["classes"]

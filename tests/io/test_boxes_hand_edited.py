@@ -154,6 +154,9 @@ def test_model_fields_that_are_not_text_are_dropped_so_the_next_export_works(tmp
         (lambda doc: doc.pop("geometry"), "invalid CT geometry"),
         (lambda doc: doc.__setitem__("boxes", {"0": {}}), "'boxes' must be a list"),
         (lambda doc: doc.__setitem__("version", True), "version True"),
+        # napari would fail inverting it with a bare LinAlgError naming neither file nor reason
+        (lambda doc: doc.__setitem__("geometry", {**GEOMETRY, "direction": [[0, 0, 0]] * 3}),
+         "is singular"),
     ],
 )  # fmt: skip
 def test_file_level_problems_are_refused_naming_the_file(tmp_path, change, message):
@@ -230,6 +233,29 @@ def test_csv_whose_every_row_disagrees_is_from_another_ct(tmp_path):
     shifted = {**GEOMETRY, "origin": [-40.0, -90.5, -120.25]}
     with pytest.raises(BoxFileError, match="other.csv were made on a CT with a different geometry"):
         load_boxes(path, expected_geometry=shifted)
+
+
+def test_csv_of_another_ct_whose_rows_all_lie_outside_this_one_is_refused(tmp_path):
+    """Rows of a longer CT fall outside this grid: the file is refused as another CT's (case 36),
+    not read as an empty layer with every row skipped."""
+    longer = {**GEOMETRY, "shape": [300, 20, 24], "origin": [-400.0, -100.5, -120.25]}
+    boxes = [Box(150 + i, 2, 3, 6, 7, "CAP", 0.5, origin="edited") for i in range(3)]
+    path = save_boxes(tmp_path / "longer.csv", boxes, longer)
+    assert len(load_boxes(path, expected_geometry=longer)[0]) == 3
+    with pytest.raises(BoxFileError, match="longer.csv were made on a CT with a different geometry"):
+        load_boxes(path, expected_geometry=GEOMETRY)
+
+
+def test_csv_saved_again_by_a_spreadsheet_with_a_byte_order_mark_opens(tmp_path):
+    from napari_wscovid._reader import get_reader
+
+    plain = save_boxes(tmp_path / "reading.csv", BOXES, GEOMETRY)
+    excel = tmp_path / "reading excel.csv"  # "CSV UTF-8" in a spreadsheet: a BOM and CRLF lines
+    excel.write_bytes(b"\xef\xbb\xbf" + plain.read_text().replace("\n", "\r\n").encode())
+    assert get_reader(str(excel)) is not None
+    boxes, meta = load_boxes(excel, expected_geometry=GEOMETRY)
+    assert [b.as_dict() for b in boxes] == [b.as_dict() for b in load_boxes(plain)[0]]
+    assert meta["skipped"] == []
 
 
 @pytest.mark.parametrize("text", ["slice,y0\x00\n1,2\n", '"unclosed\n' + ",".join(COLUMNS) + "\n"])
