@@ -70,6 +70,8 @@ _SLICE_DEBOUNCE_MS = 200
 # Between two display steps: a zero delay let Qt run the next step before the repaint and timer
 # events that were waiting, so two steps ran back to back (measured: 150-220 ms gaps).
 _SHOW_STEP_GAP_MS = 5
+# How often boxes held back during a drag try again to join the boxes layer
+_BOXES_RETRY_MS = 150
 
 
 class _RefreshingCombo(QComboBox):
@@ -99,6 +101,17 @@ def _guarded(func, *args, **kwargs):
         return (yield from func(*args, **kwargs))
     except RuntimeError as exc:
         raise WorkerError(str(exc)) from exc
+
+
+def _being_edited(layer) -> bool:
+    """Whether the mouse is down on the shapes layer (a box being moved, resized, drawn or a
+    selection dragged), from napari's own flags; private, so each defaults to "not"."""
+    return bool(
+        getattr(layer, "_is_moving", False)
+        or getattr(layer, "_is_creating", False)
+        or getattr(layer, "_is_selecting", False)
+        or getattr(layer, "_drag_start", None) is not None
+    )
 
 
 def _qt_alive(widget) -> bool:
@@ -209,7 +222,11 @@ class DetectionWidget(QWidget):
         self._had_parent = False  # napari closes a dock by taking its widget out of the window
         self._showing = None  # the steps still to run to show a result, one per event-loop turn
         self._worker_finished = True
-        self._run_params: dict = {}
+        self._run_params: dict = {}  # the settings of the run in progress
+        self._result_params: dict = {}  # those of the run whose result is shown: its slices left use them
+        self._unexplainable: set[int] = set()  # slices whose explanation failed: not tried again
+        self._boxes_waiting: list[tuple] = []  # slices' boxes held back while a box is being dragged
+        self._layers_created_by_showing: list = []  # removed again if the CT closes mid-showing
         self._explained: set[int] = set()
         self._pending_slice: int | None = None
         self._stop_explaining: threading.Event | None = None  # set by "Show now" during a run
@@ -491,8 +508,8 @@ class DetectionWidget(QWidget):
         if not key or layer.metadata.get("wscovid_result") or key in self._autosaved_keys:
             return
         path = autosave_path(key)
-        if not path.is_file() or self._boxes_layer() is not None:
-            return
+        if not path.is_file() or self._boxes_layer(layer.metadata.get("wscovid_geometry")) is not None:
+            return  # (another CT's boxes layer is no reason not to offer this one's)
         self._autosaved_keys.add(key)  # asked once per session
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
         answer = QMessageBox.question(
@@ -681,6 +698,9 @@ class DetectionWidget(QWidget):
         steps = self._showing
         if steps is None:
             return
+        if self._run_ct is not None and self._run_ct not in self._viewer.layers:
+            self._discard_shown_part()
+            return
         try:
             next(steps)
         except StopIteration:
@@ -695,6 +715,22 @@ class DetectionWidget(QWidget):
             return
         if not self._closed:  # a closing dock runs the remaining steps itself (_finish_showing)
             QTimer.singleShot(_SHOW_STEP_GAP_MS, self._show_next_step)
+
+    def _discard_shown_part(self) -> None:
+        """The CT was closed while its result was being shown: the layers this showing created
+        go, and nothing of the result is kept (no layer or answer tied to a CT no longer open)."""
+        self._showing.close()
+        self._showing = None
+        for layer in self._layers_created_by_showing:
+            if layer in self._viewer.layers:
+                self._viewer.layers.remove(layer)
+        self._layers_created_by_showing = []
+        if self._result_ct is self._run_ct:
+            self._result, self._result_ct = None, None
+            self._results.set_result(None)
+        show_warning("The CT layer was closed while its result was being shown; the result was discarded.")
+        self._status.setText("The CT was closed; its result was discarded.")
+        self._end_run()
 
     def _finish_showing(self) -> None:
         """The remaining display steps at once (the dock is closing: no time for more turns)."""
@@ -764,9 +800,12 @@ class DetectionWidget(QWidget):
             from napari_wscovid._widgets.lesion_layer import lesion_points_layer
 
             tuples.append(lesion_points_layer(result, volume))
+        self._layers_created_by_showing = []
         for data, layer_kwargs, layer_type in tuples:
             new = L.find_layer(self._viewer, layer_kwargs["name"], layer_type) is None
             layer = L.upsert_layer(self._viewer, data, layer_kwargs, layer_type, colorbar=False)
+            if new:
+                self._layers_created_by_showing.append(layer)
             yield
             if new and layer.visible:  # a hidden map keeps napari's default: no bar
                 L.show_colorbar(layer)
@@ -779,14 +818,18 @@ class DetectionWidget(QWidget):
             scope,
         )
         self._explained = set(result.saliency_slices) if scope != "current" else set()
+        self._unexplainable, self._boxes_waiting = set(), []
         self._fill_left = bool(result.unexplained_slices)
+        # a re-run cancelled later must not change how this result's slices left are explained
+        self._result_params = dict(self._run_params)
         # A re-run respects every correction of the user's on this CT: their edited and added boxes
         # stay and no detection comes back where they deleted one or moved it away.
         current = L.layer_reading(self._boxes_layer(geometry))
         reading, change = current.after_rerun(result.boxes)
         self._new_boxes = {place(b) for b in change["added"]} if current.touched else set()
         self._rerun_note = rerun_note(change) if current.touched else ""
-        self._install_boxes(
+        had_boxes_layer = self._boxes_layer(geometry) is not None
+        boxes_layer = self._install_boxes(
             reading,
             ct_layer=ct_layer,
             geometry=geometry,
@@ -795,6 +838,8 @@ class DetectionWidget(QWidget):
             default_class=L.default_box_class(result.classes, result.patient_probs),
             model_info=result.model_info,
         )
+        if not had_boxes_layer:
+            self._layers_created_by_showing.append(boxes_layer)
         yield
         self._results.set_result(result)
         self._on_current_step()  # plot marker, position and reviewed mark of the slice in view
@@ -970,7 +1015,12 @@ class DetectionWidget(QWidget):
             return
         index = self._current_slice()
         wanted = None
-        if index >= 0 and index not in self._explained and self._explains_on_demand(index):
+        if (
+            index >= 0
+            and index not in self._explained
+            and index not in self._unexplainable
+            and self._explains_on_demand(index)
+        ):
             if self._result.lung_mask[index].max() == 0:
                 self._explained.add(index)  # nothing to explain outside the lungs
             else:
@@ -1001,11 +1051,13 @@ class DetectionWidget(QWidget):
             self._result_volume,
             result,
             [wanted],
-            **self._run_params,
+            **self._result_params,
             _start_thread=False,
+            # given here, not connected later: without an "errored" handler at creation superqt
+            # adds one that re-raises into the Qt event loop
+            _connect={"errored": lambda exc: self._on_slice_errored(exc, wanted, result)},
         )
         worker.returned.connect(lambda out: self._on_slices_explained(out, [wanted], result))
-        worker.errored.connect(self._on_slice_errored)
         # tied to this worker: a stopped one finishing later must not forget its successor
         worker.finished.connect(lambda: self._on_slice_worker_finished(worker))
         self._slice_worker = worker
@@ -1018,7 +1070,7 @@ class DetectionWidget(QWidget):
         result = self._result
         if result is None or not self._fill_left or self._result_scope == "current":
             return []
-        left = [z for z in result.unexplained_slices if z not in self._explained]
+        left = [z for z in result.unexplained_slices if z not in self._explained | self._unexplainable]
         if not left:
             return []
         from napari_wscovid.stages import abnormality
@@ -1047,8 +1099,19 @@ class DetectionWidget(QWidget):
             # The view may have moved on while this slice was computed; or more are left.
             self._slice_timer.start()
 
-    def _on_slice_errored(self, exc: Exception) -> None:
-        show_error(f"Could not explain this slice: {exc}")
+    def _on_slice_errored(self, exc: Exception, index: int, result: DetectionResult) -> None:
+        """Said once; the slice is not tried again for this result (the same input would fail the
+        same way), and the slices left stop being explained in the background."""
+        logger.debug("slice %d not explained", index, exc_info=exc)
+        if result is not self._result or self._gone():
+            return
+        self._unexplainable.add(index)
+        stopped = ""
+        if self._fill_left:
+            self._fill_left = False
+            stopped = " The slices left are no longer explained in the background; stop on one to try it."
+        self._status.setText(f"Slice {index} could not be explained.{stopped}")
+        show_error(f"Could not explain slice {index}: {exc}.{stopped}")
 
     def _on_slices_explained(self, out: dict, slices: list[int], result: DetectionResult) -> None:
         if result is not self._result or self._gone():
@@ -1069,8 +1132,29 @@ class DetectionWidget(QWidget):
             layer.refresh()
         self._explained.update(slices)
         new_boxes = [b for b in out.get("boxes", []) if b.slice in slices]
+        if new_boxes:
+            self._boxes_waiting.append((result, new_boxes))
+            self._merge_waiting_boxes()
+        self._record_explained(result, slices, out)
+        self._status.setText(f"Slice {', '.join(map(str, slices))} explained.")
+        if self._fill_left and not result.unexplained_slices:
+            self._fill_left = False
+            self._status.setText("Every slice the run left is explained now.")
+
+    def _merge_waiting_boxes(self) -> None:
+        """Add the boxes of slices explained after the run to the CT's boxes layer, never over an
+        annotator's box or rejection. Held back while a box is being dragged or drawn: rebuilding
+        the layer then would take the half-done move for the start of it, and lose it."""
         layer = self._boxes_layer()
-        if new_boxes and layer is not None:
+        if self._gone() or layer is None:
+            self._boxes_waiting = []
+            return
+        if _being_edited(layer):
+            QTimer.singleShot(_BOXES_RETRY_MS, self._merge_waiting_boxes)
+            return
+        waiting, self._boxes_waiting = self._boxes_waiting, []
+        new_boxes = [b for result, boxes in waiting if result is self._result for b in boxes]
+        if new_boxes:
             existing = L.layer_boxes(layer)
             rejected = L.layer_rejected(layer)
             blockers = [b for b in existing if b.origin != "detected"] + rejected
@@ -1088,11 +1172,6 @@ class DetectionWidget(QWidget):
             )
             self._replace_boxes(layer, existing + keep_new, kwargs)
             self._refresh_box_list()
-        self._record_explained(result, slices, out)
-        self._status.setText(f"Slice {', '.join(map(str, slices))} explained.")
-        if self._fill_left and not result.unexplained_slices:
-            self._fill_left = False
-            self._status.setText("Every slice the run left is explained now.")
 
     def _record_explained(self, result: DetectionResult, slices: list[int], out: dict) -> None:
         """Slices explained after the run join the result (its explained slices, their steps, the

@@ -635,10 +635,11 @@ def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[lis
     if expected_geometry is not None:
         # A CSV carries no geometry block, but its mm columns pin down origin and spacing:
         # recompute them on the expected grid and refuse if they disagree.
-        # mm corners first: rows of another CT are all outside this grid too, and would
-        # otherwise be skipped one by one instead of the file being refused (BAD_INPUTS case 36)
-        boxes = _csv_mm_agree(boxes, rows, expected_geometry, name, skipped)
+        # Another CT's file is refused whole (BAD_INPUTS case 36) before any row is left out for
+        # lying outside this grid: its rows may all do so, and would each be skipped instead.
+        _csv_mm_agree(boxes, rows, expected_geometry, name, [])
         boxes = _in_grid(boxes, expected_geometry, "row", skipped)
+        boxes = _csv_mm_agree(boxes, rows, expected_geometry, name, skipped, refuse=False)
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -652,18 +653,21 @@ def _load_csv(text: str, name: str, expected_geometry: dict | None) -> tuple[lis
     return [box for _, box in boxes], meta
 
 
-def _csv_mm_agree(boxes: _Entries, rows, geometry: dict, name: str, skipped: list) -> _Entries:
+def _csv_mm_agree(
+    boxes: _Entries, rows, geometry: dict, name: str, skipped: list, refuse: bool = True
+) -> _Entries:
     """Keep the rows whose mm corners match their voxel corners on ``geometry``.
 
-    When no row matches, the file was made on another CT (refused, naming both grids); when some
-    do, the others were edited by hand in one set of columns only, and are skipped.
+    When no row matches, the file was made on another CT (refused, naming both grids, unless
+    ``refuse`` is False); when some do, the others were edited by hand in one set of columns
+    only, and are skipped.
     """
     if not boxes:
         return boxes
     stored = np.array([[float(rows[i - 2][k]) for k in _MM_COLUMNS] for i, _ in boxes])
     expected = _corners_mm_array([b for _, b in boxes], geometry)
     agree = np.all(np.abs(stored - expected) <= _ORIGIN_TOL, axis=1)
-    if not agree.any():
+    if refuse and not agree.any():
         box = boxes[0][1]
         raise BoxFileError(
             f"the boxes in {name} were made on a CT with a different geometry: box on slice "
