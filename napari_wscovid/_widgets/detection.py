@@ -645,6 +645,11 @@ class DetectionWidget(QWidget):
                 self._stop_slice_worker()
                 self._status.setText("Stopped explaining the slices left; stop on one to explain it.")
             return
+        if self._showing is not None:
+            # the run has finished: stopping now would leave some layers of this result and some
+            # of the last, so its last display steps run (a fraction of a second each)
+            self._status.setText("Detection had already finished; its result is being put on screen.")
+            return
         self._worker.quit()
         self._status.setText("Cancelling…")
 

@@ -215,3 +215,21 @@ def test_a_crash_autosave_is_offered_although_another_ct_has_a_result(
     restored = dock._boxes_layer(other.geometry())
     assert restored is not None and [(b.slice, b.origin) for b in L.layer_boxes(restored)] == [(3, "added")]
     assert errors == []
+
+
+def test_cancel_while_the_finished_result_is_being_shown_completes_it(
+    viewer, ct_layer, fake_pipeline, fake_result, qtbot, errors, make_dock, monkeypatch
+):
+    """Stopping between display steps would leave some layers of this result and some of the
+    last; the click says the run had finished, and the result is shown whole."""
+    monkeypatch.setattr(detection, "_SHOW_STEP_GAP_MS", 100)
+    dock = make_dock()
+    dock._run_btn.click()
+    qtbot.waitUntil(lambda: L.LUNG_LAYER in [la.name for la in viewer.layers], timeout=5000)
+    assert dock._showing is not None
+    dock._cancel_btn.click()
+    assert dock._status.text().startswith("Detection had already finished")
+    qtbot.waitUntil(lambda: dock._worker is None, timeout=10000)
+    assert dock._result is not None and dock._status.text().startswith("Done in")
+    assert len(L.layer_boxes(viewer.layers[L.BOXES_LAYER])) == len(fake_result.boxes)
+    assert errors == []
