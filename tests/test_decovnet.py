@@ -372,3 +372,41 @@ def test_cli_help(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--max-minutes" in text and "--input-height" in text and "--covid-ct-md-root" in text
+
+
+@pytest.mark.parametrize("holdout", ["", "normal001"])
+def test_no_patient_a_fold_tests_or_validates_lends_its_lungs_to_training(monkeypatch, holdout):
+    """As for the slice classifier: the fold's COVID-CT-MD test and validation patients are never
+    synthetic training backgrounds, and held-out patients are the test, not a fold's."""
+    from types import SimpleNamespace
+
+    import training.real_backgrounds as real_backgrounds
+    import training.train_decovnet as td
+
+    fake = [
+        td.VolumeSample(torch.zeros(2, 4, 32, 48, dtype=torch.float16), td.label_of(kind), pid, kind)
+        for pid, kind in (("P001", "COVID-19"), ("cap001", "CAP"), ("normal001", "NP"))
+    ]
+    monkeypatch.setattr(td, "real_samples", lambda root, net_config: fake)
+    lungs = ["normal001", "LIDC-IDRI-0001", "LIDC-IDRI-0003", "P001", "cap001"]
+    monkeypatch.setattr(
+        real_backgrounds,
+        "load_backgrounds",
+        lambda *a, **k: [SimpleNamespace(patient_id=p, real_positive=np.zeros(1, bool)) for p in lungs],
+    )
+    monkeypatch.setattr(td, "fixed_phantoms", lambda *a, **k: [])
+    cfg = td.DeCoVNetTrainConfig(
+        phantom=False,
+        covid_ct_md_root="unused",
+        synth_backgrounds="unused",
+        k_folds=5,
+        holdout_patients=holdout,
+    )
+    data = td.build_data(cfg, tiny_decovnet_config())
+    trained_lungs = data.description[0].split("real lungs of ")[1].split(" (")[0].split(", ")
+    tested = {s.patient_id for s in data.tests["covid-ct-md"]}
+    kept_out = tested | {s.patient_id for s in data.val}
+    assert tested and kept_out.isdisjoint(trained_lungs) and set(trained_lungs) == set(lungs) - kept_out
+    assert data.description[0].endswith("test: " + ", ".join(p for p in lungs if p in tested))
+    if holdout:
+        assert tested == {holdout} and not data.val

@@ -413,3 +413,51 @@ def test_quick_run_writes_both_files_and_refuses_to_overwrite(tmp_path, covid_ev
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(argv) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("holdout", ["", "cap001", "P001,normal001"])
+def test_no_patient_a_fold_tests_or_validates_lends_its_lungs_to_training(tmp_path, monkeypatch, holdout):
+    """The synthetic-lesion stream painted into every background not in --holdout-patients, while
+    COVID-CT-MD was split by fold: without a hold-out list (cross-validation) the fold's test
+    patient was a training background. And the evaluation rebuilt its test patients by fold even
+    when the run had held some out, so it could judge the run on a patient it trained on."""
+    import torch
+
+    import training.real_backgrounds as real_backgrounds
+    import training.train_classifier as tc
+    from training.datasets import SliceSet
+
+    names = ["P001", "cap001", "normal001", "LIDC-IDRI-0001"]
+    monkeypatch.setattr(
+        real_backgrounds, "load_backgrounds", lambda *a, **k: [SimpleNamespace(patient_id=p) for p in names]
+    )
+    painted: dict[str, list[str]] = {}
+
+    class Backgrounds:  # stands in for the synthetic-lesion dataset: which lungs each part uses
+        def __init__(self, backgrounds, classes, seed, **kwargs):
+            by_seed = {1011: "val", 1012: "test"}
+            part = "train" if "refresh_every" in kwargs else by_seed.get(seed, str(seed))
+            painted.setdefault(part, []).extend(b.patient_id for b in backgrounds)
+            self.ids = [b.patient_id for b in backgrounds]
+
+        def fixed_set(self, n):
+            return SliceSet(torch.zeros(1, 1, 16, 16), [0], [f"synth-{self.ids[0]}"], CLASSES)
+
+        def expected_frequencies(self):
+            return np.full(len(CLASSES), 1 / len(CLASSES))
+
+    monkeypatch.setattr(tc, "SynthInRealSliceDataset", Backgrounds)
+    monkeypatch.setattr(tc, "stream_seed", lambda seed, part, fold: 1000 + part)
+    ct_md = _covid_ct_md_folder(tmp_path / "ctmd")
+    cfg = _tiny_run(
+        phantom=False, synth_backgrounds="unused", covid_ct_md_root=str(ct_md), holdout_patients=holdout
+    )
+    data = tc.build_data(cfg, CLASSES, tc.DistInfo())
+    tested = set(data.tests["covid-ct-md"].patient_ids)
+    validated = set(data.val.patient_ids) & {"P001", "cap001", "normal001"}
+    assert tested and tested.isdisjoint(painted["train"]) and validated.isdisjoint(painted["train"])
+    assert set(painted["test"]) == tested  # the fold's tested lungs are the synthetic test
+    if holdout:
+        assert tested == set(holdout.split(","))
+    held = build_heldout(cfg, CLASSES, Settings(models=[], out=tmp_path, sources=("covid-ct-md",)))
+    assert {c.patient_id for c in held.cases["covid-ct-md"]} == tested

@@ -44,9 +44,32 @@ def test_summary_pools_real_slices_and_counts_patients():
         "classes": classes,
         "slices": {"probs": [[0.7, 0.2, 0.1]], "infected": [False]},
     }
-    s = summarise({"real": [covid, normal]})
-    assert s["patients_right"] == "1 of 2"
-    assert s["real_slice_auc_covid_vs_rest"] == 1.0 and s["real_np_boxes"] == {"normal001": 3}
+    cap = {
+        "patient": "cap001",
+        "truth": "CAP",
+        "called": "CAP",
+        "right": True,
+        "boxes": 0,
+        "classes": classes,
+        # its own slices are ordered right, but its infected ones score below normal001's clean one
+        "slices": {"probs": [[0.5, 0.4, 0.1], [0.8, 0.1, 0.1]], "infected": [True, False]},
+        "weights": "runs/b/w.safetensors",
+    }
+    covid["weights"] = normal["weights"] = "runs/a/w.safetensors"
+    s = summarise({"real": [covid, normal, cap]})
+    assert s["patients_right"] == "2 of 3" and s["real_np_boxes"] == {"normal001": 3}
+    within = s["real_slice_auc_infected_vs_clean_by_patient"]
+    assert within == {
+        "P001": {"auc": 1.0, "positive_slices": 1, "negative_slices": 1},
+        "cap001": {"auc": 1.0, "positive_slices": 1, "negative_slices": 1},
+    }
+    assert set(s["real_slice_auc_covid_vs_rest_by_patient"]) == {"P001"}
+    pooled = s["real_slice_auc_infected_vs_clean_pooled_by_weights"]
+    # each set of weights pooled on its own, never the two networks' scores together
+    assert pooled == {
+        "a": {"auc": 1.0, "patients": ["P001", "normal001"]},
+        "b": {"auc": 1.0, "patients": ["cap001"]},
+    }
     fold = Fold.parse("runs/a/w.safetensors:P001, normal001")
     assert fold.weights == "runs/a/w.safetensors" and fold.patients == ["P001", "normal001"]
 

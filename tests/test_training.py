@@ -401,6 +401,28 @@ def test_cross_validation_two_folds(tmp_path, monkeypatch, tiny_phantoms):
     assert (tmp_path / "cv" / "cv_table.md").read_text().count("| overall |") == 2
 
 
+def test_cross_validation_pools_each_patient_once(tmp_path):
+    """Three patients in five folds: folds 3 and 4 repeat the splits of folds 0 and 1, with other
+    models. The pooled table counted those patients twice; now each is kept from its first fold."""
+    from training.cross_validate import cross_validate, pooled_predictions
+    from training.train_classifier import TrainConfig
+
+    tested = ["normal001", "cap001", "P001", "normal001", "cap001"]
+    for fold, patient in enumerate(tested):
+        (tmp_path / f"fold{fold}").mkdir()
+        np.savez(
+            tmp_path / f"fold{fold}" / "test_predictions_covid-ct-md.npz",
+            labels=np.full(4, fold),
+            probs=np.full((4, 3), fold / 10),
+            patient_ids=np.array([patient] * 4),
+        )
+    labels, probs, ids = pooled_predictions([tmp_path / f"fold{f}" for f in range(5)], "covid-ct-md")
+    assert ids.tolist() == ["normal001"] * 4 + ["cap001"] * 4 + ["P001"] * 4
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and probs.shape == (12, 3)
+    with pytest.raises(ValueError, match="every fold would test the same held-out patients"):
+        cross_validate(TrainConfig(holdout_patients="cap001", out_dir=str(tmp_path / "cv")), k=2)
+
+
 def test_cli_help(capsys):
     from training.train_classifier import main
 

@@ -3,8 +3,11 @@
 Fold ``i`` trains with ``--fold i``: real data are split by patient with
 :func:`training.datasets.patient_kfold` (test fold ``i``, validation fold ``i + 1``), and the
 phantoms of each fold come from their own seeds. The test predictions of all folds are then
-pooled (every patient is tested once) and summarised twice: pooled metrics with a patient-level
-bootstrap interval, and the mean over folds with a t interval, as the paper's Table 3 reports.
+pooled and summarised twice: pooled metrics with a patient-level bootstrap interval, and the mean
+over folds with a t interval, as the paper's Table 3 reports. A source with fewer patients than
+folds repeats its splits (COVID-CT-MD's sample: 3 patients, so fold 3 tests fold 0's patient
+again, with another model); the pooled predictions keep each patient from the first fold that
+tested it, so that no patient counts twice.
 
 Run ``python -m training.cross_validate --help``; every trainer option is accepted.
 """
@@ -39,13 +42,18 @@ def fold_config(cfg: TrainConfig, fold: int, k: int) -> TrainConfig:
 
 
 def pooled_predictions(fold_dirs, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenate the saved test predictions of ``source`` over the folds."""
-    parts = [np.load(Path(d) / f"test_predictions_{source}.npz") for d in fold_dirs]
-    return (
-        np.concatenate([p["labels"] for p in parts]),
-        np.concatenate([p["probs"] for p in parts]),
-        np.concatenate([p["patient_ids"] for p in parts]),
-    )
+    """The saved test predictions of ``source`` over the folds, each patient's from the first
+    fold that tested it only."""
+    labels, probs, ids, seen = [], [], [], set()
+    for d in fold_dirs:
+        part = np.load(Path(d) / f"test_predictions_{source}.npz")
+        fold_ids = np.asarray(part["patient_ids"]).astype(str)
+        new = ~np.isin(fold_ids, sorted(seen))
+        labels.append(part["labels"][new])
+        probs.append(part["probs"][new])
+        ids.append(fold_ids[new])
+        seen |= set(fold_ids.tolist())
+    return np.concatenate(labels), np.concatenate(probs), np.concatenate(ids)
 
 
 def _fold_cell(s: dict) -> str:
@@ -65,6 +73,11 @@ def _fold_table(summary: dict, classes) -> str:
 
 def cross_validate(cfg: TrainConfig, k: int = 5) -> dict:
     """Train ``k`` folds and aggregate; writes ``cv_metrics.json`` and ``cv_table.md`` in ``out_dir``."""
+    if cfg.holdout_patients:
+        raise ValueError(
+            "--holdout-patients with cross-validation: every fold would test the same held-out "
+            "patients; cross-validate without it, or train once with it"
+        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cv_config.json").write_text(json.dumps({**cfg.to_dict(), "k": k}, indent=2))

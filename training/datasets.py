@@ -763,6 +763,7 @@ class SynthInRealSliceDataset(PhantomSliceDataset):
     def make_entry(self, kind: str, seed: int) -> _PoolEntry | None:
         entry = super().make_entry(kind, seed)
         if entry is not None:
-            # Patients are the real backgrounds: bootstrap and splits must group by them.
-            entry.patient_id = f"synth-{self._background(seed).patient_id}-{kind}-{seed % 1000}"
+            # The patient is the real background: the cases painted into one patient's lungs are
+            # not independent, so a bootstrap resamples that patient with all of them.
+            entry.patient_id = f"synth-{self._background(seed).patient_id}"
         return entry

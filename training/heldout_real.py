@@ -4,10 +4,12 @@ Each ``--fold WEIGHTS:PATIENT,PATIENT,...`` names a weights file and the real pa
 out (``training.real_backgrounds.REAL_PATIENTS`` ids). For every held-out patient the script runs
 ``detect`` as a user would (hybrid lungs, default saliency and boxes) and records the patient
 call, its probabilities and the number of boxes; for the slice-labelled patients (COVID-CT-MD)
-it pools the slice probabilities for the slice AUCs. With ``--backgrounds`` it also paints
-synthetic cases into the same held-out patients' lungs (:mod:`training.synthesis`) and scores the
-slice AUC per class and the boxes against the exact lesion masks. With ``--medseg`` it scores the
-default boxes on MedSeg slices that none of the weights trained on.
+the slice AUCs within each patient and, pooled over one weights' patients, per set of weights.
+``--calls-only`` skips the boxes (the saliency) for a quick look at calls and AUCs. With
+``--backgrounds`` it also paints synthetic cases into the same held-out patients' lungs
+(:mod:`training.synthesis`) and scores the slice AUC per class and the boxes against the exact
+lesion masks. With ``--medseg`` it scores the default boxes on MedSeg slices that none of the
+weights trained on.
 
     A=runs/wsnet_foldA/wsnet-3class.safetensors B=runs/wsnet_foldB/wsnet-3class.safetensors
     python -m training.heldout_real --fold $A:cap001,LIDC-IDRI-0003,Lung_Dx-A0001 \\
@@ -66,7 +68,7 @@ def score_lesions(result, lesion_mask: np.ndarray, spacing_yx) -> MatchCounts:
     return total
 
 
-def real_patient(patient_id: str, weights: str, data_root: Path, device: str) -> dict:
+def real_patient(patient_id: str, weights: str, data_root: Path, device: str, boxes: bool = True) -> dict:
     from napari_wscovid import detect, load_ct
     from training.real_backgrounds import PATIENTS_BY_ID, slice_positive
 
@@ -76,7 +78,7 @@ def real_patient(patient_id: str, weights: str, data_root: Path, device: str) ->
     # Boxes are scored on real patients only where they must stay few: the NP patients. On the
     # diseased ones (no voxel masks) only the call and the slice probabilities count, and the
     # saliency of a hundred positive slices would dominate the run time.
-    saliency = "positive" if patient.label == "NP" else "none"
+    saliency = "positive" if patient.label == "NP" and boxes else "none"
     result = detect(volume, model=weights, device=device, saliency=saliency)
     # A two-class COVID network's negative class holds every other diagnosis (CAP included).
     truth = patient.label if patient.label in result.classes else NEGATIVE_CLASS
@@ -87,7 +89,7 @@ def real_patient(patient_id: str, weights: str, data_root: Path, device: str) ->
         "called": result.predicted_class,
         "right": result.predicted_class == truth,
         "patient_probs": dict(zip(result.classes, np.round(result.patient_probs, 4).tolist(), strict=True)),
-        "boxes": len(result.boxes),
+        "boxes": None if patient.label == "NP" and not boxes else len(result.boxes),
         "seconds": round(time.perf_counter() - start, 1),
         "classes": list(result.classes),
     }
@@ -163,22 +165,49 @@ def medseg_rows(weights_files, root: Path, device: str, seen: set[str]) -> list[
 
 
 def summarise(report: dict) -> dict:
+    """Patient calls; slice AUCs per patient and, pooled, per set of weights (never across weights:
+    two folds' networks score on different scales); box and lesion counts."""
     out = {}
     real = report["real"]
     out["patients_right"] = f"{sum(r['right'] for r in real)} of {len(real)}"
-    covid_score, covid_truth, inf_score, inf_truth = [], [], [], []
+    by_patient: dict[str, dict] = {}
+    pooled: dict[str, dict[str, list]] = {}
     for r in real:
         cls = r["classes"]
         p = np.asarray(r["slices"]["probs"]).reshape(-1, len(cls))
         inf = np.asarray(r["slices"]["infected"], bool)
-        is_covid = inf & (r["truth"] == "COVID-19")
-        covid_score += p[:, cls.index("COVID-19")].tolist()
-        covid_truth += is_covid.tolist()
-        inf_score += (1 - p[:, cls.index("NP")]).tolist()
-        inf_truth += inf.tolist()
-    out["real_slice_auc_covid_vs_rest"] = roc_auc(covid_truth, covid_score)
-    out["real_slice_auc_infected_vs_clean"] = roc_auc(inf_truth, inf_score)
-    out["real_np_boxes"] = {r["patient"]: r["boxes"] for r in real if r.get("diagnosis", r["truth"]) == "NP"}
+        covid_score = p[:, cls.index("COVID-19")] if "COVID-19" in cls else np.zeros(len(p))
+        scores = {"infected_vs_clean": 1 - p[:, cls.index(NEGATIVE_CLASS)], "covid_vs_rest": covid_score}
+        truths = {"infected_vs_clean": inf, "covid_vs_rest": inf & (r["truth"] == "COVID-19")}
+        # within one patient: its own infected slices against its own clean ones
+        for measure in scores:
+            if truths[measure].any() and not truths[measure].all():
+                by_patient.setdefault(measure, {})[r["patient"]] = {
+                    "auc": roc_auc(truths[measure], scores[measure]),
+                    "positive_slices": int(truths[measure].sum()),
+                    "negative_slices": int((~truths[measure]).sum()),
+                }
+        weights = Path(r.get("weights", "")).parent.name or r.get("weights", "")
+        pool = pooled.setdefault(weights, {"patients": []})
+        pool["patients"].append(r["patient"])
+        for measure in scores:
+            pool.setdefault(f"{measure}_truth", []).extend(truths[measure].tolist())
+            pool.setdefault(f"{measure}_score", []).extend(scores[measure].tolist())
+    for measure in ("infected_vs_clean", "covid_vs_rest"):
+        out[f"real_slice_auc_{measure}_by_patient"] = by_patient.get(measure, {})
+        # every slice of one weights' held-out patients: positives of some against negatives of all
+        out[f"real_slice_auc_{measure}_pooled_by_weights"] = {
+            w: {
+                "auc": roc_auc(pool[f"{measure}_truth"], pool[f"{measure}_score"]),
+                "patients": pool["patients"],
+            }
+            for w, pool in pooled.items()
+        }
+    out["real_np_boxes"] = {
+        r["patient"]: r["boxes"]
+        for r in real
+        if r.get("diagnosis", r["truth"]) == "NP" and r["boxes"] is not None  # None: not run (--calls-only)
+    }
     synth = report.get("synthetic") or []
     if synth:
         cls = real[0]["classes"] if real else ["NP", "CAP", "COVID-19"]
@@ -252,6 +281,9 @@ def main(argv=None) -> int:
         default=None,
         help="file listing MedSeg image stems some weights trained on (skipped)",
     )
+    parser.add_argument(
+        "--calls-only", action="store_true", help="no boxes on the real patients: calls and slice AUCs only"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", required=True)
@@ -265,7 +297,7 @@ def main(argv=None) -> int:
     }
     for fold in args.fold:
         for pid in fold.patients:
-            row = real_patient(pid, fold.weights, data_root, args.device)
+            row = real_patient(pid, fold.weights, data_root, args.device, boxes=not args.calls_only)
             row["weights"] = fold.weights
             report["real"].append(row)
         if args.backgrounds:

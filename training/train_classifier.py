@@ -283,12 +283,23 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
             f"test {len(test)} slices of {cfg.test_volumes} phantoms/class, disjoint seeds"
         )
     holdout = holdout_set(cfg)
+    real = _real_sources(cfg, classes)
+    # Each real source's split of this fold, made before the synthetic backgrounds are chosen: a
+    # patient a fold tests or validates on must not lend its lungs to that fold's training.
+    splits = {name: real_source_split(name, data, cfg, holdout) for name, data in real}
+    tested = set(holdout)
+    kept_out = set(holdout)
+    for name, data in real:
+        ids = np.asarray(data.patient_ids)
+        test_idx, val_idx = splits[name][1], splits[name][2]
+        tested |= set(ids[test_idx].tolist())
+        kept_out |= set(ids[test_idx].tolist()) | set(ids[val_idx].tolist())
     if cfg.synth_backgrounds:
         from training.real_backgrounds import load_backgrounds
 
         every = load_backgrounds(cfg.synth_backgrounds)
-        train_bg = [b for b in every if b.patient_id not in holdout]
-        test_bg = [b for b in every if b.patient_id in holdout]
+        train_bg = [b for b in every if b.patient_id not in kept_out]
+        test_bg = [b for b in every if b.patient_id in tested]
         common = dict(size=cfg.input_size, pool_per_class=cfg.synth_pool)
         mix = dict(
             distractor_fraction=cfg.synth_distractors,
@@ -331,6 +342,32 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
                 + ", ".join(b.patient_id for b in test_bg)
                 + f"), {len(tests['synth-heldout'])} slices"
             )
+    for name, data in real:
+        train_idx, test_idx, val_idx, note = splits[name]
+        if len(train_idx):
+            train = data.subset(train_idx)
+            streams.append(_SliceStream(train, stream_seed(cfg.seed, 3, cfg.fold), info.rank))
+            probs.append(1.0)
+            freqs.append(_freq(train.label_counts()))
+        if len(val_idx):
+            vals.append(data.subset(val_idx))
+        if len(test_idx):
+            tests[name] = data.subset(test_idx)
+        desc.append(f"{name}: {note}")
+    if not streams:
+        raise ValueError("no training data: enable --phantom or give a real-data root")
+    if not vals:
+        raise ValueError(
+            "no validation data: held-out COVID-CT-MD patients leave it none; add --phantom or "
+            "--synth-backgrounds, whose validation cases are drawn apart from the test"
+        )
+    p = np.asarray(probs) / np.sum(probs)
+    class_freq = np.sum([pi * f for pi, f in zip(p, freqs, strict=True)], axis=0)
+    return Data(streams, list(p), class_freq, SliceSet.concat(vals), tests, desc)
+
+
+def _real_sources(cfg: TrainConfig, classes: tuple[str, ...]) -> list[tuple[str, SliceSet]]:
+    """The real slice sources a run is given, by name."""
     real = []
     if cfg.covid_ct_md_root:
         real.append(("covid-ct-md", covid_ct_md_slices(cfg.covid_ct_md_root, classes, size=cfg.input_size)))
@@ -344,42 +381,30 @@ def build_data(cfg: TrainConfig, classes: tuple[str, ...], info: DistInfo) -> Da
             cfg.medseg_root, MEDSEG_CLASS_MAP, classes, size=cfg.input_size, group_fn=stem_group
         )
         real.append(("medseg", medseg))
-    for name, data in real:
-        if holdout and name == "covid-ct-md":
-            held = np.isin(np.asarray(data.patient_ids), sorted(holdout))
-            if (~held).any():
-                train = data.subset(np.flatnonzero(~held))
-                streams.append(_SliceStream(train, stream_seed(cfg.seed, 3, cfg.fold), info.rank))
-                probs.append(1.0)
-                freqs.append(_freq(train.label_counts()))
-            if held.any():
-                tests[name] = data.subset(np.flatnonzero(held))
-            desc.append(
-                f"{name}: trained on {sorted(set(np.asarray(data.patient_ids)[~held]))}, "
-                f"held out {sorted(set(np.asarray(data.patient_ids)[held]))}"
-            )
-            continue
-        # A source with fewer patients than folds (COVID-CT-MD's sample has 3) is split into as many
-        # folds as it has patients, so it still gets a train, a validation and a test patient.
-        k = min(cfg.k_folds, len(set(data.patient_ids)))
-        folds = patient_kfold(data.patient_ids, data.patient_classes, k=k, seed=cfg.seed)
-        fold = folds[cfg.fold % k]
-        train = data.subset(fold.train)
-        streams.append(_SliceStream(train, stream_seed(cfg.seed, 3, cfg.fold), info.rank))
-        probs.append(1.0)
-        freqs.append(_freq(train.label_counts()))
-        vals.append(data.subset(fold.val))
-        tests[name] = data.subset(fold.test)
-        desc.append(
-            f"{name}: {len(set(data.patient_ids))} patients, {len(data)} slices; fold {cfg.fold % k} of "
-            f"{k} by patient: train {len(fold.train)}, val {len(fold.val)}, "
-            f"test {len(fold.test)} slices"
-        )
-    if not streams:
-        raise ValueError("no training data: enable --phantom or give a real-data root")
-    p = np.asarray(probs) / np.sum(probs)
-    class_freq = np.sum([pi * f for pi, f in zip(p, freqs, strict=True)], axis=0)
-    return Data(streams, list(p), class_freq, SliceSet.concat(vals), tests, desc)
+    return real
+
+
+def real_source_split(name: str, data, cfg: TrainConfig, holdout: set[str]):
+    """``(train, test, val, note)`` slice indices of one real source in this fold, by patient.
+
+    COVID-CT-MD with held-out patients: those are its test, the others its training (no
+    validation). Otherwise a patient k-fold; a source with fewer patients than folds (COVID-CT-MD's
+    sample has 3) is split into as many folds as it has patients, so it still gets a train, a
+    validation and a test patient.
+    """
+    ids = np.asarray(data.patient_ids)
+    if holdout and name == "covid-ct-md":
+        held = np.isin(ids, sorted(holdout))
+        note = f"trained on {sorted(set(ids[~held]))}, held out {sorted(set(ids[held]))}"
+        return np.flatnonzero(~held), np.flatnonzero(held), np.array([], dtype=int), note
+    k = min(cfg.k_folds, len(set(data.patient_ids)))
+    folds = patient_kfold(data.patient_ids, data.patient_classes, k=k, seed=cfg.seed)
+    fold = folds[cfg.fold % k]
+    note = (
+        f"{len(set(data.patient_ids))} patients, {len(data)} slices; fold {cfg.fold % k} of "
+        f"{k} by patient: train {len(fold.train)}, val {len(fold.val)}, test {len(fold.test)} slices"
+    )
+    return np.asarray(fold.train), np.asarray(fold.test), np.asarray(fold.val), note
 
 
 def holdout_set(cfg) -> set[str]:

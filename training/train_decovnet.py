@@ -344,17 +344,26 @@ def _phantom_kwargs(cfg: DeCoVNetTrainConfig, backgrounds=None, fraction: float 
 
 def build_data(cfg: DeCoVNetTrainConfig, net_config: DeCoVNetConfig) -> Data:
     """Phantom and real-data sources; the real patients split by patient for one fold."""
+    from training.train_classifier import holdout_set
+
     stream, real_train, val, tests, desc = None, [], [], {}, []
+    holdout = holdout_set(cfg)
+    # COVID-CT-MD's split of this fold comes first: a patient the fold tests or validates on must
+    # not lend its lungs to the fold's synthetic training volumes.
+    real = _covid_ct_md_split(cfg, net_config, holdout) if cfg.covid_ct_md_root else None
+    tested, kept_out = set(holdout), set(holdout)
+    if real is not None:
+        tested |= {s.patient_id for s in real[2]}
+        kept_out |= {s.patient_id for s in real[1] + real[2]}
     train_bg = []
     if cfg.synth_backgrounds:
         from training.real_backgrounds import load_backgrounds
-        from training.train_classifier import holdout_set
 
         # A patient-level label needs a whole volume free of real lesions: the labelled slices
         # of P001 and cap001 would otherwise sit in an "NP" volume.
         every = [b for b in load_backgrounds(cfg.synth_backgrounds) if not b.real_positive.any()]
-        train_bg = [b for b in every if b.patient_id not in holdout_set(cfg)]
-        test_bg = [b for b in every if b.patient_id in holdout_set(cfg)]
+        train_bg = [b for b in every if b.patient_id not in kept_out]
+        test_bg = [b for b in every if b.patient_id in tested]
         if test_bg:
             tests["synth-heldout"] = fixed_phantoms(
                 net_config,
@@ -387,24 +396,44 @@ def build_data(cfg: DeCoVNetTrainConfig, net_config: DeCoVNetConfig) -> Data:
             f"{cfg.phantom_refresh} draws); val {cfg.val_volumes} and test {cfg.test_volumes} phantoms "
             "per kind, disjoint seeds"
         )
-    if cfg.covid_ct_md_root:
-        samples = real_samples(cfg.covid_ct_md_root, net_config)
-        ids = [s.patient_id for s in samples]
-        k = min(cfg.k_folds, len(set(ids)))
-        if k < 3:
-            raise ValueError(f"COVID-CT-MD: {len(set(ids))} patients; a train/val/test split needs 3")
-        fold = _patient_folds(ids, [s.kind for s in samples], k, cfg.seed)[cfg.fold % k]
-        real_train = [samples[i] for i in fold.train]
-        val += [samples[i] for i in fold.val]
-        tests["covid-ct-md"] = [samples[i] for i in fold.test]
-        desc.append(
-            f"COVID-CT-MD: {len(samples)} patients, patient-level labels (COVID-19 positive); fold "
-            f"{cfg.fold % k} of {k} by patient: train {len(fold.train)}, val {len(fold.val)}, "
-            f"test {len(fold.test)} patients"
-        )
+    if real is not None:
+        real_train, real_val, real_test, note = real
+        val += real_val
+        if real_test:
+            tests["covid-ct-md"] = real_test
+        desc.append(f"COVID-CT-MD: patient-level labels (COVID-19 positive); {note}")
     if stream is None and not real_train:
         raise ValueError("no training data: enable --phantom or give --covid-ct-md-root")
     return Data(stream, real_train, val, tests, desc)
+
+
+def _covid_ct_md_split(cfg: DeCoVNetTrainConfig, net_config: DeCoVNetConfig, holdout: set[str]):
+    """``(train, val, test, note)`` COVID-CT-MD volumes of this fold: the held-out patients are
+    the test (no validation) when there are any, else a patient k-fold."""
+    samples = real_samples(cfg.covid_ct_md_root, net_config)
+    ids = [s.patient_id for s in samples]
+    if holdout:
+        train = [s for s in samples if s.patient_id not in holdout]
+        test = [s for s in samples if s.patient_id in holdout]
+        note = (
+            f"trained on {sorted({s.patient_id for s in train})}, "
+            f"held out {sorted({s.patient_id for s in test})}"
+        )
+        return train, [], test, note
+    k = min(cfg.k_folds, len(set(ids)))
+    if k < 3:
+        raise ValueError(f"COVID-CT-MD: {len(set(ids))} patients; a train/val/test split needs 3")
+    fold = _patient_folds(ids, [s.kind for s in samples], k, cfg.seed)[cfg.fold % k]
+    note = (
+        f"{len(samples)} patients; fold {cfg.fold % k} of {k} by patient: train {len(fold.train)}, "
+        f"val {len(fold.val)}, test {len(fold.test)} patients"
+    )
+    return (
+        [samples[i] for i in fold.train],
+        [samples[i] for i in fold.val],
+        [samples[i] for i in fold.test],
+        note,
+    )
 
 
 def _patient_folds(ids: list[str], kinds: list[str], k: int, seed: int):

@@ -256,11 +256,14 @@ def heldout_covid_ct_md(cfg, classes, root, **dataset_kwargs) -> tuple[list[Case
         prepare_fn=recording_prepare,
         **dataset_kwargs,
     )
-    fold, k = split_fold(cfg, data.patient_ids, data.patient_classes)
+    from training.train_classifier import holdout_set, real_source_split
+
+    # the very split the run trained with: its held-out patients when it had any, else its fold
+    _, test_idx, _, note = real_source_split("covid-ct-md", data, cfg, holdout_set(cfg))
     ids, labels = np.asarray(data.patient_ids), data.labels.numpy()
     by_id = {r.patient_id: r for r in records}
     cases = []
-    for pid in dict.fromkeys(ids[fold.test]):
+    for pid in dict.fromkeys(ids[test_idx]):
         rec = by_id[pid]
         volume = volumes[str(rec.path)]
         rows = np.flatnonzero(ids == pid)
@@ -280,8 +283,7 @@ def heldout_covid_ct_md(cfg, classes, root, **dataset_kwargs) -> tuple[list[Case
         )
     volumes.clear()  # only the test patients' volumes stay, held by their cases
     text = (
-        f"{len(set(ids))} patients, fold {cfg.fold % k} of {k} by patient: test "
-        f"{', '.join(c.name for c in cases)} ({sum(len(c.slice_index) for c in cases)} slices)"
+        f"{note}; test {', '.join(c.name for c in cases)} ({sum(len(c.slice_index) for c in cases)} slices)"
     )
     return cases, text
 
