@@ -285,7 +285,7 @@ def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) ->
     logger.info(
         "%s: %s (%s), %d boxes; results in %s",
         volume.series_key,
-        result.predicted_class,
+        result.call_text,
         ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.patient_probs, strict=True)),
         len(result.boxes),
         out,
@@ -373,6 +373,18 @@ def lesions_csv(result, volume) -> str:
     return buffer.getvalue()
 
 
+def json_safe(value):
+    """``value`` with every NaN or infinity as None: JSON has no NaN, and a strict reader (a
+    browser, Node, a hospital's tools) refuses a file that writes one."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
 def write_results(result, volume, out: Path, *, overwrite: bool = False) -> None:
     """Write every output file atomically into ``out``."""
     from napari_wscovid.io.atomic import atomic_write_text
@@ -380,7 +392,9 @@ def write_results(result, volume, out: Path, *, overwrite: bool = False) -> None
     from napari_wscovid.io.write import write_image
 
     atomic_write_text(
-        out / "summary.json", json.dumps(summary_dict(result, volume), indent=2), overwrite=overwrite
+        out / "summary.json",
+        json.dumps(json_safe(summary_dict(result, volume)), indent=2, allow_nan=False),
+        overwrite=overwrite,
     )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

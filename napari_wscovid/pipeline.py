@@ -135,11 +135,28 @@ def detect_iter(
     lung_mask = np.asarray(lung_mask, dtype=np.uint8)
     if lung_mask.shape != volume.shape:
         raise ValueError(f"lung mask shape {lung_mask.shape} differs from the CT's {volume.shape}")
+    whole_image = False
+    if lung_source != "given" and lung_mask.any():
+        from napari_wscovid.quality import MIN_LUNG_SLICE_MM2
+
+        widest_mm2 = lung_mask.reshape(len(lung_mask), -1).sum(1).max() * float(np.prod(volume.spacing[1:]))
+        if widest_mm2 < MIN_LUNG_SLICE_MM2:
+            # bowel gas of an abdomen-only CT, airways of a neck: classified, it got a confident
+            # class and boxes in the bowel; no lung means no call
+            logger.warning(
+                "no lungs: the widest 'lung' cross-section found is %.1f cm² (a lung is over %.0f); "
+                "nothing is classified",
+                widest_mm2 / 100,
+                MIN_LUNG_SLICE_MM2 / 100,
+            )
+            lung_mask = np.zeros_like(lung_mask)
     if not volume.is_hu and volume.shape[0] == 1 and not lung_mask.any():
         # A picture in which no lung is found (the "classical" finder on a tight crop whose lungs
-        # touch the border) is used whole, as training does with such images (plugin_image_input).
+        # touch the border) is used whole, as training does with such images (plugin_image_input);
+        # the result says so (a severe quality flag), since the answer is then about the picture.
         logger.warning("no lung found in this 2-D image; the whole image is analysed as lung")
         lung_mask = np.ones(volume.shape, dtype=np.uint8)
+        whole_image, lung_source = True, f"{lung_source}, none found: the whole image"
     timings["lung_segmentation"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -170,10 +187,20 @@ def detect_iter(
     result = yield from method.detect_iter(
         volume, net, info, lung_mask=lung_mask, torch_device=torch_device, timings=timings, **options
     )
-    from napari_wscovid.quality import quality_checks, scan_status
+    from napari_wscovid.quality import QCFlag, quality_checks, scan_status
     from napari_wscovid.reliability import model_fit_checks, reference_for
 
     flags = quality_checks(volume, lung_mask)
+    if whole_image:
+        flags.append(
+            QCFlag(
+                "whole_image_as_lung",
+                "severe",
+                1.0,
+                "no lung was found in this 2-D image: the whole picture was analysed as lung, so the "
+                "answer is about the picture, not about its lungs",
+            )
+        )
     reference, missing = reference_for(info)
     fit_flags, result.reliability = model_fit_checks(result, reference, info.get("review_below"), missing)
     flags += fit_flags

@@ -34,6 +34,9 @@ SOFT_TISSUE_SEARCH_HU = (-50.0, 250.0)
 THICK_SLICE_MM = 5.0  # the networks were trained on slices up to 5 mm
 SLAB_MM = 100.0  # a chest CT covers about 250-350 mm; under this it is a slab
 MIN_LUNG_ML, ADULT_LUNG_ML = 300.0, 1500.0  # below: a slab or a child; far below: no chest
+# A newborn's lungs cross 30-40 cm² at their widest slice, an adult's 150-300; bowel gas in an
+# abdomen-only CT, or a few airways of a neck, stay under a few cm². Below this nothing is lung.
+MIN_LUNG_SLICE_MM2 = 1000.0
 CUT_LUNG_FRACTION = 0.25  # lung area on an end slice, relative to the largest slice: lung cut off
 NOISY_AIR_HU = 60.0  # noise of air outside the body (std after removing the mean)
 # Metal: cortical bone stays under about 2000 HU in the chest, iodine contrast under 1000; wires,

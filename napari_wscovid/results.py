@@ -99,5 +99,13 @@ class DetectionResult:
     reliability: dict = field(default_factory=dict)
 
     @property
-    def predicted_class(self) -> str:
-        return self.classes[int(np.argmax(self.patient_probs))]
+    def predicted_class(self) -> str | None:
+        """The patient's class; None when there is no call (no lung slice could be classified:
+        argmax over NaN would say the first class, "NP", for a scan nobody looked at)."""
+        probs = np.asarray(self.patient_probs, dtype=float)
+        return self.classes[int(np.argmax(probs))] if probs.size and np.isfinite(probs).all() else None
+
+    @property
+    def call_text(self) -> str:
+        """The call in words, for messages: the class, or why there is none."""
+        return self.predicted_class or "no call (no lung slice could be classified)"

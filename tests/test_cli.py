@@ -219,3 +219,25 @@ def test_cli_explain_budget_zero_explains_nothing_and_says_which_slices_are_left
     summary = json.loads((out / "summary.json").read_text())
     assert summary["saliency_slices"] == [] and summary["n_boxes"] == 0
     assert len(summary["unexplained_slices"]) > 0 and "stopped before any slice" in summary["explain_note"]
+
+
+def test_a_scan_with_no_lung_slice_gets_no_call_and_strict_json(tmp_path):
+    """All air: nothing is classified. summary.json said "NP" (argmax over NaN) and wrote NaN,
+    which strict JSON readers refuse; now the call is null, the probabilities null."""
+    import numpy as np
+
+    from napari_wscovid.io.volume import CTVolume
+    from napari_wscovid.io.write import write_image
+
+    path = tmp_path / "air.nii.gz"
+    air = CTVolume(hu=np.full((8, 16, 16), -1000, np.int16), spacing=(2.0, 0.8, 0.8), origin=(0.0, 0.0, 0.0))
+    write_image(air, path)
+    out = tmp_path / "res"
+    assert main(["detect", str(path), "--out", str(out), "--model", "tiny-test", "-q"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["predicted_class"] is None
+    assert set(summary["patient_probs"].values()) == {None}

@@ -744,7 +744,7 @@ class DetectionWidget(QWidget):
 
     def _shown(self, result: DetectionResult) -> None:
         seconds = time.perf_counter() - self._run_started
-        self._status.setText(f"Done in {seconds:.1f} s: {result.predicted_class}.")
+        self._status.setText(f"Done in {seconds:.1f} s: {result.call_text}.")
         if result.unexplained_slices:
             self._status.setText(
                 f"{self._status.text()} {len(result.unexplained_slices)} slices not explained yet: "

@@ -26,7 +26,7 @@ _BOX_COLUMNS = ("slice", "class", "slice P(class)", "area mm²", "origin")
 
 def summary_text(result: DetectionResult) -> str:
     """Patient-level summary in plain text (one line per fact)."""
-    lines = [f"Predicted: {result.predicted_class}"]
+    lines = [f"Predicted: {result.call_text}"]
     for name, p in zip(result.classes, np.asarray(result.patient_probs, dtype=float), strict=False):
         lines.append(f"  P({name}) = {p:.3f}")
     lines.append(f"Lung volume: {result.lung_volume_ml:.0f} mL")

@@ -21,7 +21,9 @@ corner of the top-left pixel at (0, 0), so a pixel centre is at (c + 0.5, r + 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,6 +408,7 @@ def _patient_group(result, algorithm, private, no_units):
             name=private(f"p-{name}"[:16], f"Probability of {name}"), value=float(p), unit=no_units
         )
         for name, p in zip(result.classes, np.asarray(result.patient_probs, float), strict=True)
+        if np.isfinite(p)  # none when no lung slice was classified: the answer then says "no call"
     ]
     measurements.append(
         hd.sr.Measurement(
@@ -413,14 +416,15 @@ def _patient_group(result, algorithm, private, no_units):
         )
     )
     involvement = float(result.involvement.get("total_percent", 0.0)) if result.involvement else 0.0
-    measurements.append(
-        hd.sr.Measurement(
-            name=private("involvement", "Lung involvement"), value=involvement, unit=_unit("%", "percent")
+    if np.isfinite(involvement):  # DICOM decimal strings hold no NaN
+        measurements.append(
+            hd.sr.Measurement(
+                name=private("involvement", "Lung involvement"), value=involvement, unit=_unit("%", "percent")
+            )
         )
-    )
     evaluations = [
         hd.sr.QualitativeEvaluation(
-            name=private("answer", "Patient-level class"), value=_finding(result.predicted_class)
+            name=private("answer", "Patient-level class"), value=_finding(result.predicted_class or "no call")
         )
     ]
     if result.status:
@@ -441,7 +445,7 @@ def _patient_group(result, algorithm, private, no_units):
 
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="patient-level answer"),
-        finding_type=_finding(result.predicted_class),
+        finding_type=_finding(result.predicted_class or "no call"),
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=evaluations,
@@ -449,6 +453,24 @@ def _patient_group(result, algorithm, private, no_units):
 
 
 # ------------------------------------------------------------------------------------ writing
+@contextlib.contextmanager
+def _no_identity_in_messages():
+    """highdicom warns about attribute values it copies from the CT, quoting them (a one-word
+    patient name, for one), and logs each module it copies at INFO with the study's UIDs: neither
+    may reach a log or a terminal. Its warnings are counted at debug level instead."""
+    hd_logger = logging.getLogger("highdicom")
+    level = hd_logger.level
+    hd_logger.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        hd_logger.setLevel(level)
+    if caught:
+        logger.debug("%d warning(s) from highdicom not shown: they may quote patient attributes", len(caught))
+
+
 def write_dicom_objects(
     out_dir,
     volume: CTVolume,
@@ -466,10 +488,11 @@ def write_dicom_objects(
     from napari_wscovid.io.atomic import atomic_write
 
     out_dir = Path(out_dir)
-    objects = {
-        names[0]: build_seg(volume, datasets, result),
-        names[1]: build_sr(volume, datasets, result, boxes),
-    }
+    with _no_identity_in_messages():
+        objects = {
+            names[0]: build_seg(volume, datasets, result),
+            names[1]: build_sr(volume, datasets, result, boxes),
+        }
     for obj in objects.values():
         _drop_incomplete_study_reference(obj)
     paths = []
@@ -750,6 +773,31 @@ _IDENTIFYING = (
     "RequestAttributesSequence",
     "ReferencedStudySequence",
     "ReferencedPatientSequence",
+    # free text a site fills with names, MRNs or clinical notes (PS3.15 basic profile: X)
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID",
+    "ScheduledProcedureStepDescription",
+    "AdmittingDiagnosesDescription",
+    "AdditionalPatientHistory",
+    "MedicalAlerts",
+    "Allergies",
+    "Occupation",
+    "ImageComments",
+    "StudyComments",
+    "PatientMotherBirthName",
+    "CountryOfResidence",
+    "RegionOfResidence",
+    "MilitaryRank",
+    "BranchOfService",
+    "PatientReligiousPreference",
+    "InstitutionCodeSequence",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
+    "ScheduledPerformingPhysicianName",
 )
 #: Dates and times get one dummy value (the profile's action "D"): some are type 1 in a SEG.
 _DUMMY_DATES = {"DA": "19000101", "TM": "000000", "DT": "19000101000000"}
@@ -814,6 +862,7 @@ def deidentify(ds, uid_map: UIDMap):
                 elem.value = ""
 
     walk(out)
+    out.remove_private_tags()  # a vendor's private elements can hold anything, names included
     if hasattr(out, "file_meta"):
         out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     for keyword in (
