@@ -259,8 +259,9 @@ def to_markdown(report: dict) -> str:
     ]
     for r in report["real"]:
         probs = " / ".join(f"{v:.2f}" for v in r["patient_probs"].values())
+        weights = Path(r["weights"]).parent.name or r["weights"]  # a folder, or a registry name
         lines.append(
-            f"| {r['patient']} | {r['truth']} | `{Path(r['weights']).parent.name}` | {r['called']}"
+            f"| {r['patient']} | {r['truth']} | `{weights}` | {r['called']}"
             f"{'' if r['right'] else ' (wrong)'} | {probs} | {r['boxes']} |"
         )
     lines += ["", "| measure | value |", "|---|---|"]
