@@ -399,3 +399,40 @@ def test_the_answer_is_reported_before_the_first_slice_is_explained(phantom):
     assert counted, saliency  # one report per explained batch
     assert saliency[0] == f"{answer}. Explaining {len(result.saliency_slices)} slices, most abnormal first"
     assert 0 < counted[0] and all(m.startswith(f"{answer}. ") for m in saliency)
+
+
+def test_a_lung_narrower_than_a_newborns_is_no_lung_and_gets_no_call(phantom, monkeypatch):
+    """Bowel gas of an abdomen-only CT found as 1.5 mL of 'lung' was classified (NP 0.82) and,
+    with every slice explained, boxed in the bowel. Under 10 cm² at its widest it is no lung."""
+    import napari_wscovid.lung as lung
+
+    def bowel_gas(volume, method, progress=None):
+        mask = np.zeros(volume.shape, np.uint8)
+        side = int(np.sqrt(500.0 / np.prod(volume.spacing[1:])))  # about 5 cm² a slice
+        mask[6:10, 60 : 60 + side, 60 : 60 + side] = 1
+        return mask
+
+    monkeypatch.setattr(lung, "segment_lungs", bowel_gas)
+    r = detect(phantom.volume, model="tiny-test", saliency="all", ig_steps=2)
+    assert r.predicted_class is None and r.call_text.startswith("no call")
+    assert r.status == "out_of_scope" and not r.lung_mask.any() and r.boxes == []
+    assert [f["name"] for f in r.qc if f["severity"] == "severe"][:1] == ["no_lungs"]
+
+
+def test_a_picture_with_no_lung_found_is_analysed_whole_and_says_so(monkeypatch):
+    import napari_wscovid.lung as lung
+    from napari_wscovid.io.volume import CTVolume
+
+    picture = CTVolume(
+        hu=np.random.default_rng(0).integers(0, 255, (1, 96, 96)).astype(np.float32),
+        spacing=(1.0, 0.7, 0.7),
+        origin=(0.0, 0.0, 0.0),
+        is_hu=False,
+    )
+    monkeypatch.setattr(
+        lung, "segment_lungs", lambda volume, method, progress=None: np.zeros(volume.shape, np.uint8)
+    )
+    r = detect(picture, model="tiny-test", saliency="none")
+    assert r.lung_mask.all() and r.predicted_class is not None
+    assert "whole_image_as_lung" in {f["name"] for f in r.qc if f["severity"] == "severe"}
+    assert r.status == "needs_review" and r.model_info["lung_method"].endswith("none found: the whole image")
