@@ -323,3 +323,33 @@ def test_research_copies_carry_no_identity_and_keep_their_references(tmp_path, s
     assert frames <= referenced  # both point at the same remapped CT images
     boxes, _ = read_sr_boxes(tmp_path / "research" / "sr.dcm")
     assert sorted(map(_box_key, boxes)) == sorted(map(_box_key, result.boxes))
+
+
+def test_a_busy_pacs_is_said_busy_not_a_traceback(tmp_path):
+    """dicomweb-client retries HTTP 503 and then raises retrying's RetryError, which is not a
+    requests error: the command line ended in a traceback with exit 1."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from napari_wscovid.cli import main
+    from napari_wscovid.io.pacs import PACSError, list_studies
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+        with pytest.raises(PACSError, match=r"is busy \(HTTP 503, after 3 tries\)"):
+            list_studies(url)
+        code = main(["detect", f"dicomweb:{url}/studies/1.2.3", "--out", str(tmp_path / "o"), "-q"])
+        assert code == 2
+    finally:
+        server.shutdown()

@@ -136,6 +136,19 @@ def _call(what: str, url: str, fn: Callable):
         code = exc.response.status_code if exc.response is not None else "?"
         hint = " (check the credentials)" if code in (401, 403) else ""
         raise PACSError(f"{what}: the PACS at {_server_name(url)} answered HTTP {code}{hint}") from exc
+    except requests.exceptions.RequestException as exc:  # a malformed answer, too many redirects
+        raise PACSError(f"{what}: talking to the PACS at {_server_name(url)} failed ({exc})") from exc
+    except Exception as exc:
+        # dicomweb-client retries a busy server (HTTP 429, 503, 504) and, out of tries, raises
+        # retrying's RetryError holding the last attempt: not a requests error
+        if type(exc).__name__ != "RetryError":
+            raise
+        last = getattr(exc.last_attempt, "value", None)
+        if getattr(exc.last_attempt, "has_exception", False):
+            reason = f"failed after 3 tries ({last[1]})"
+        else:
+            reason = f"is busy (HTTP {getattr(last, 'status_code', '?')}, after 3 tries); try again later"
+        raise PACSError(f"{what}: the PACS at {_server_name(url)} {reason}") from exc
 
 
 # -------------------------------------------------------------------------------------- reading
