@@ -165,6 +165,16 @@ def _detect(args) -> int:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     series = int(args.series) if args.series is not None and args.series.isdigit() else args.series
     dicom_objects = bool(args.dicom or args.send_to)
+    if args.send_to:  # refused now, not after minutes of detection and half the files written
+        from napari_wscovid.io.pacs import DIMSE_PREFIX, parse_dimse
+
+        if str(args.send_to).startswith(DIMSE_PREFIX):
+            parse_dimse(args.send_to)
+        elif not is_dicomweb(args.send_to):
+            raise ValueError(
+                "--send-to takes dicomweb:http://HOST:PORT/dicom-web or dimse://AET@HOST:PORT, "
+                f"got {args.send_to}"
+            )
     with contextlib.ExitStack() as stack:
         source = args.path
         if is_dicomweb(source):
@@ -242,6 +252,11 @@ def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) ->
     volume = load_ct(source, series=series)
     for warning in volume.warnings:
         logger.warning("%s", warning)
+    datasets = None
+    if dicom_objects:  # a series a SEG/SR cannot reference is refused before the run, not after it
+        from napari_wscovid.io.dicom_objects import read_source_datasets
+
+        datasets = read_source_datasets(source, volume.series_key)
     model = args.model
     if args.sha256 and Path(model).is_file():
         from napari_wscovid.models.registry import load_model
@@ -269,10 +284,11 @@ def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) ->
         result = run_to_end(gen, show)
     out.mkdir(parents=True, exist_ok=True)
     write_results(result, volume, out, overwrite=args.overwrite)
+    if args.overwrite:
+        _remove_stale_outputs(out, result, dicom_objects, args.deidentify)
     if dicom_objects:
-        from napari_wscovid.io.dicom_objects import read_source_datasets, write_dicom_objects
+        from napari_wscovid.io.dicom_objects import write_dicom_objects
 
-        datasets = read_source_datasets(source, volume.series_key)
         written = write_dicom_objects(
             out, volume, datasets, result, overwrite=args.overwrite, research_copies=args.deidentify
         )
@@ -293,6 +309,23 @@ def _detect_volume(args, source: str, series, out: Path, dicom_objects: bool) ->
     if result.explain_note:
         logger.info("%s", result.explain_note)
     return 0
+
+
+def _remove_stale_outputs(out: Path, result, dicom_objects: bool, research: bool) -> None:
+    """With --overwrite: the optional files an earlier run left that this one does not write (a
+    SEG that would reference another series than this summary, another method's lesions.csv)."""
+    import shutil
+
+    stale = [] if result.lesions else ["lesions.csv"]
+    if not dicom_objects:
+        stale += ["seg.dcm", "sr.dcm"]
+    for name in stale:
+        if (out / name).is_file():
+            (out / name).unlink()
+            logger.info("removed %s, left by an earlier run (--overwrite)", name)
+    if (out / "research").is_dir() and not (dicom_objects and research):
+        shutil.rmtree(out / "research")
+        logger.info("removed research/, left by an earlier run (--overwrite)")
 
 
 def _view(path: str | None) -> int:

@@ -88,17 +88,25 @@ class CohortSummary:
 
 
 # ------------------------------------------------------------------------------------ finding
-def find_studies(root: str | Path) -> list[str]:
-    """Study sources relative to ``root`` (folders of DICOM files, volume files), sorted."""
+def find_studies(root: str | Path, skip: str | Path | None = None) -> list[str]:
+    """Study sources relative to ``root`` (folders of DICOM files, volume files), sorted; nothing
+    under ``skip`` (the cohort's own output folder, when it lies inside ``root``: its lung masks
+    were read back as studies, one more each run)."""
     from napari_wscovid.io.dicom import looks_like_dicom
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
+    skip = Path(skip).resolve() if skip is not None else None
     studies: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         here = Path(dirpath)
+        if skip is not None:
+            dirnames[:] = [d for d in dirnames if (here / d).resolve() != skip]
+        if (here / STUDY_RECORD).is_file():  # one study's results (an --out that is the input folder)
+            dirnames[:] = []
+            continue
         files = [here / f for f in sorted(filenames) if not f.startswith(".")]
         if here != root and any(looks_like_dicom(f) for f in files):
             studies.append(here.relative_to(root).as_posix())
@@ -236,7 +244,7 @@ def run_cohort(
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{TMP_PREFIX}*"):  # left by a run that was killed mid-study
         shutil.rmtree(stale, ignore_errors=True)
-    sources = find_studies(root)
+    sources = find_studies(root, skip=out)
     logger.info("%d studies under %s", len(sources), root.name)
     opts = {**options.as_dict(), "model_sha256": model_sha256(options.model)}
     summary = CohortSummary()

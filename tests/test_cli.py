@@ -241,3 +241,54 @@ def test_a_scan_with_no_lung_slice_gets_no_call_and_strict_json(tmp_path):
     summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
     assert summary["predicted_class"] is None
     assert set(summary["patient_probs"].values()) == {None}
+
+
+SAMPLE_DICOM = REPO / "sample_data" / "phantom_covid" / "dicom"
+
+
+def test_dicom_output_problems_are_refused_before_the_run(tmp_path, monkeypatch):
+    """A wrong --send-to, or a series a SEG/SR cannot reference, was found after the whole run
+    and after the core files were written (a re-run then refused: "already holds summary.json")."""
+    pytest.importorskip("highdicom")
+    import napari_wscovid.io.dicom_objects as dicom_objects
+    import napari_wscovid.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "detect_iter", lambda *a, **k: ran.append(1) or iter(()))
+    out = tmp_path / "o"
+    args = ["detect", str(SAMPLE_DICOM), "--out", str(out), "--model", "tiny-test", "-q"]
+    assert main([*args, "--send-to", "pacs.example.org"]) == 2
+    assert main([*args, "--send-to", "dimse://NOPORT@host"]) == 2
+
+    def unreferencable(source, key):
+        raise ValueError(
+            f"{Path(source).name}: cannot be referenced by a SEG or SR (no ImagePositionPatient)"
+        )
+
+    monkeypatch.setattr(dicom_objects, "read_source_datasets", unreferencable)
+    assert main([*args, "--dicom"]) == 2
+    assert ran == [] and not out.exists()
+
+
+def test_overwrite_removes_what_an_earlier_run_left_and_this_one_does_not_write(tmp_path):
+    """A SEG of an earlier --dicom run stayed beside the new summary, referencing another run."""
+    pytest.importorskip("highdicom")
+    out = tmp_path / "o"
+    args = [
+        "detect",
+        str(SAMPLE_DICOM),
+        "--out",
+        str(out),
+        "--model",
+        "tiny-test",
+        "-q",
+        "--saliency",
+        "none",
+    ]
+    assert main([*args, "--dicom", "--deidentify"]) == 0
+    assert (out / "seg.dcm").is_file() and (out / "research" / "sr.dcm").is_file()
+    assert main([*args, "--overwrite"]) == 0
+    assert (
+        not (out / "seg.dcm").exists() and not (out / "sr.dcm").exists() and not (out / "research").exists()
+    )
+    assert (out / "summary.json").is_file()

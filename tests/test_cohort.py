@@ -59,6 +59,20 @@ def test_find_studies(cohort_root, tmp_path):
     assert find_studies(tmp_path / "root") == ["p1"]  # a DICOM folder owns its sub-folders
 
 
+def test_a_cohorts_own_results_inside_its_input_are_not_studies(cohort_root, tmp_path):
+    """--out inside the input folder: each study's lung_mask.nii.gz was read back as a study on
+    the next (resumed) run, called a class with status ok, one more per run."""
+    from napari_wscovid.cohort import STUDY_RECORD, find_studies
+
+    root = shutil.copytree(cohort_root, tmp_path / "root")  # the module's folder stays as it is
+    for out in (root / "results", root):  # inside the input, or the input itself
+        study = out / "st-0123456789ab"
+        study.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "a.nii.gz", study / "lung_mask.nii.gz")
+        (study / STUDY_RECORD).write_text("{}")
+        assert find_studies(root, skip=out) == ["a.nii.gz", "b.nii.gz", "broken", "site1/c.nii.gz"]
+
+
 def test_local_cluster_cohort_resumes_and_reports(cohort_root, tmp_path):
     out = tmp_path / "out"
     assert _cli(cohort_root, out, "--workers", "2") == 1  # the broken study fails the run
