@@ -47,6 +47,9 @@ METAL_HU, METAL_ML = 2500.0, 0.5
 # HU) lift that share to 0.40-0.60 on the two contrast LIDC series, against 0.08-0.13 on the four
 # unenhanced real series in ../shared (their DICOM ContrastBolusAgent agrees).
 ENHANCED_HU, ENHANCED_FRACTION = 120.0, 0.25
+# A CT reconstructs square axial pixels; a stack whose rows and columns differ this much in size is
+# a sagittal or coronal reformat stored with an axial header (or a resampling gone wrong).
+NON_SQUARE_PIXEL_RATIO = 1.25
 # Lungs touching the edge of the reconstructed field of view on this share of their slices.
 FOV_CUT_FRACTION = 0.1
 
@@ -237,6 +240,17 @@ def _fov_cut_fraction(volume: CTVolume, lung: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- acquisition
 def _acquisition_checks(volume: CTVolume, lung_mask: np.ndarray) -> list[QCFlag]:
     flags = []
+    dy, dx = (float(v) for v in volume.spacing[1:])
+    if max(dy, dx) > NON_SQUARE_PIXEL_RATIO * min(dy, dx):
+        flags.append(
+            QCFlag(
+                "non_square_pixels",
+                "severe",
+                round(max(dy, dx) / min(dy, dx), 2),
+                f"pixels of {dy:.2f} x {dx:.2f} mm: a CT's axial pixels are square, so this is likely a "
+                "sagittal or coronal stack whose header lost its orientation; the lungs are read sideways",
+            )
+        )
     thickness = float(volume.spacing[0])
     if volume.shape[0] > 1 and thickness > THICK_SLICE_MM:
         flags.append(

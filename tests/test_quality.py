@@ -79,6 +79,17 @@ def test_ten_mm_slices_are_flagged(chest):
     assert names["thick_slices"] == "warn" and status == "ok"
 
 
+def test_a_sagittal_stack_with_an_axial_header_is_sent_to_review(chest):
+    """Read as axial it got status ok and a lung volume 22% off (a real series, by hand)."""
+    z, y, x = chest.volume.spacing
+    sideways = dataclasses.replace(
+        chest.volume, hu=np.ascontiguousarray(chest.volume.hu.transpose(2, 1, 0)), spacing=(x, y, z)
+    )
+    names, status, flags = _check(sideways, np.ascontiguousarray(chest.lung_mask.transpose(2, 1, 0)))
+    assert names["non_square_pixels"] == "severe" and status == "needs_review"
+    assert "sagittal or coronal" in next(f.message for f in flags if f.name == "non_square_pixels")
+
+
 def test_a_display_image_is_flagged_and_sent_to_review():
     from napari_wscovid.io.volume import CTVolume
 
