@@ -33,6 +33,7 @@ from napari_wscovid.stages import (  # noqa: F401
     model_input_kwargs,
     patient_probabilities,
     run_to_end,
+    slice_np_offset,
     to_uint8,
 )
 
@@ -202,7 +203,9 @@ def detect_iter(
             )
         )
     reference, missing = reference_for(info)
-    fit_flags, result.reliability = model_fit_checks(result, reference, info.get("review_below"), missing)
+    fit_flags, result.reliability = model_fit_checks(
+        result, reference, info.get("review_below"), missing, slice_offset=slice_np_offset(info)
+    )
     flags += fit_flags
     result.qc = [f.as_dict() for f in flags]
     result.status = scan_status(flags, lung_mask)

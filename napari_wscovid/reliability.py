@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_wscovid.quality import QCFlag
-from napari_wscovid.stages import shift_np_odds, slice_np_offset
+from napari_wscovid.stages import shift_np_odds
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,15 @@ def reference_for(model_info: dict) -> tuple[FeatureReference | None, str]:
 
 
 def model_fit_checks(
-    result, reference: FeatureReference | None, review_below: float | None, missing_reason: str = ""
+    result,
+    reference: FeatureReference | None,
+    review_below: float | None,
+    missing_reason: str = "",
+    slice_offset: float = 0.0,
 ) -> tuple[list[QCFlag], dict]:
-    """Flags and measured values of the network's fit to this scan (see the module docstring)."""
+    """Flags and measured values of the network's fit to this scan (see the module docstring).
+    ``slice_offset`` is the weights' slice NP offset (:func:`~napari_wscovid.stages.slice_np_offset`),
+    the one the explanation applies to say which slices are abnormal."""
     flags: list[QCFlag] = []
     values: dict = {}
     probs = np.asarray(result.patient_probs, float)
@@ -137,15 +143,16 @@ def model_fit_checks(
                     "low_confidence",
                     "warn",
                     round(top, 3),
-                    f"the answer's probability {top:.2f} is below {review_below:.2f}, the level under "
-                    "which this model's answers on held-out patients were often wrong",
+                    f"the answer's probability {top:.2f} is below {review_below:.2f}, this model's review "
+                    "threshold (set on its few held-out patients, docs/reliability.md): read the scan "
+                    "yourself",
                 )
             )
         spread = _slice_disagreement(
             result.slice_probs,
             int(probs.argmax()),
             tuple(result.classes),
-            slice_np_offset(getattr(result, "model_info", None) or {}),
+            slice_offset,
         )
         if spread is not None:
             # a value, not a flag: a patient with few lesion slices has most slices clean

@@ -161,3 +161,22 @@ def test_slice_disagreement_reads_slices_as_the_explained_ones_are_chosen():
     probs = np.array([[0.3, 0.7, 0.0]] * 8 + [[0.01, 0.99, 0.0]] * 2)
     assert _slice_disagreement(probs, 0, classes) == 1.0
     assert _slice_disagreement(probs, 0, classes, np_offset=1.0) == pytest.approx(0.2)
+
+
+def test_slices_disagreeing_uses_the_weights_slice_offset(tmp_path, chest):
+    """The bundled weights carry a slice NP offset (1.04) that the explanation applies; the
+    reliability value read an empty model_info instead (96% of a real scan's slices "disagreed"
+    with its NP call where the tool's own rule made it 59%)."""
+    from napari_wscovid import detect
+    from napari_wscovid.reliability import _slice_disagreement
+
+    torch.manual_seed(0)
+    net = WSNet(tiny_config(input_size=48)).eval()
+    path = tmp_path / "offset.safetensors"
+    save_model(net, path, name="offset", version="t", extra_metadata={"slice_np_offset": "-3.0"})
+    clear_cache()
+    run = detect(chest.volume, model=str(path), lung_mask=chest.lung_mask, saliency="none")
+    called = int(np.argmax(run.patient_probs))
+    with_offset = _slice_disagreement(run.slice_probs, called, run.classes, np_offset=-3.0)
+    assert run.reliability["slices_disagreeing"] == round(with_offset, 4)
+    assert with_offset != _slice_disagreement(run.slice_probs, called, run.classes)
