@@ -354,7 +354,8 @@ def summary_dict(result, volume) -> dict:
         "reliability": dict(result.reliability),
         "patient_rule": result.patient_rule,
         "lung_volume_ml": round(result.lung_volume_ml, 1),
-        "involvement_percent": float(result.involvement.get("total_percent", 0.0)),
+        # null when no slice was explained: 0 % would say the lungs are clear
+        "involvement_percent": float(result.involvement["total_percent"]) if result.involvement else None,
         "model": result.model_info,
         "device": result.device,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},

@@ -166,12 +166,13 @@ def run_study(root: str, source: str, out: str, options: dict, threads: int = 1)
 def _row_from_summary(summary: dict) -> dict:
     """A table row's answer columns from a study's ``summary.json`` (fresh or read back), so a
     skipped study's row is the row its run wrote."""
+    involvement = summary.get("involvement_percent")  # None: no slice explained, not a measured 0 %
     row = {
         "series_key": summary.get("series_key", ""),
         "predicted_class": summary.get("predicted_class", ""),
         "scan_status": summary.get("status", ""),
         "lung_volume_ml": round(float(summary.get("lung_volume_ml", 0.0)), 1),
-        "involvement_percent": round(float(summary.get("involvement_percent", 0.0)), 3),
+        "involvement_percent": "" if involvement is None else round(float(involvement), 3),
         "n_boxes": summary.get("n_boxes", ""),
     }
     for name, p in (summary.get("patient_probs") or {}).items():

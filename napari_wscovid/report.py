@@ -50,7 +50,8 @@ def _floats(rows, key) -> np.ndarray:
             values.append(float(row.get(key, "")))
         except (TypeError, ValueError):
             continue
-    return np.asarray(values, float)
+    values = np.asarray(values, float)
+    return values[np.isfinite(values)]  # a study with no call has no probability to plot
 
 
 def _histograms(rows, classes) -> str:
@@ -86,6 +87,26 @@ def _bootstrap_auc(y, scores, rng) -> tuple[float, float, float]:
     return float(auc), float(low), float(high)
 
 
+def _label_key(key: str) -> str:
+    """A labels file's study or source as typed: no trailing slash, forward slashes."""
+    return str(key).strip().replace("\\", "/").rstrip("/")
+
+
+def _no_answer(row: dict, classes) -> str:
+    """Why a table row holds no answer to count or score ("" when it holds one)."""
+    if row["status"] == "error":
+        return "failed"
+    if row.get("scan_status") == "out_of_scope":
+        return "out of scope"
+    try:
+        probs = [float(row.get(f"p_{c}", "nan")) for c in classes]
+    except (TypeError, ValueError):
+        return "no call"
+    if not row.get("predicted_class") or not np.isfinite(probs).all():
+        return "no call"
+    return ""
+
+
 def _labelled_section(rows, classes, labels) -> str:
     import matplotlib
 
@@ -93,14 +114,46 @@ def _labelled_section(rows, classes, labels) -> str:
     import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix, roc_curve
 
-    matched = [(r, labels.get(r["study"]) or labels.get(r["source"])) for r in rows if r["status"] != "error"]
-    matched = [(r, c) for r, c in matched if c in classes]
+    by_key = {_label_key(k): v for k, v in labels.items()}
+    canonical = {c.lower(): c for c in classes}
+    used, matched, left_out, unknown_class = set(), [], {}, []
+    for r in rows:
+        keys = [_label_key(r["study"]), _label_key(r["source"]), _label_key(Path(r["source"]).name)]
+        key = next((k for k in keys if k in by_key), None)
+        if key is None:
+            continue
+        used.add(key)
+        label = canonical.get(by_key[key].strip().lower())
+        if label is None:
+            unknown_class.append(by_key[key])
+            continue
+        # only answers are scored: a failed study, one out of scope, one with no call has none
+        reason = _no_answer(r, classes)
+        if reason:
+            left_out[reason] = left_out.get(reason, 0) + 1
+            continue
+        matched.append((r, label))
+    notes = []
+    if left_out:
+        notes.append(
+            "left out (no answer to score): " + ", ".join(f"{n} {why}" for why, n in sorted(left_out.items()))
+        )
+    unused = sorted(k for k in by_key if k not in used)
+    if unused:
+        shown = ", ".join(html.escape(k) for k in unused[:10]) + (" …" if len(unused) > 10 else "")
+        notes.append(f"{len(unused)} label(s) match no study: {shown}")
+    if unknown_class:
+        notes.append(
+            f"{len(unknown_class)} label(s) of no class of the model ({', '.join(classes)}): "
+            + ", ".join(sorted({html.escape(c) for c in unknown_class}))
+        )
+    note = "".join(f"<p>{n}.</p>" for n in notes)
     if not matched:
-        return "<p>No study of the table matches a label of the labels file.</p>"
+        return note + "<p>No study with an answer matches a label of the labels file.</p>"
     truth = np.array([classes.index(c) for _, c in matched])
     probs = np.array([[float(r.get(f"p_{c}", "nan")) for c in classes] for r, _ in matched])
     rng = np.random.default_rng(0)
-    parts = [f"<p>{len(matched)} labelled studies.</p>"]
+    parts = [f"<p>{len(matched)} labelled studies with an answer.</p>{note}"]
     fig, ax = plt.subplots(figsize=(4, 4))
     lines = []
     for k, name in enumerate(classes):
@@ -147,7 +200,10 @@ def write_report(out: str | Path, rows: list[dict], classes, labels: dict[str, s
 
     classes = list(classes)
     ok = [r for r in rows if r["status"] in ("ok", "skipped")]
-    counts = {c: sum(r.get("predicted_class") == c for r in ok) for c in classes}
+    answered = [r for r in ok if not _no_answer(r, classes)]
+    counts = {c: sum(r.get("predicted_class") == c for r in answered) for c in classes}
+    if len(answered) < len(ok):  # out of scope, or no lung slice classified: not an answer
+        counts["no answer (out of scope or no call)"] = len(ok) - len(answered)
     statuses: dict[str, int] = {}
     for r in ok:
         statuses[r.get("scan_status") or "unknown"] = statuses.get(r.get("scan_status") or "unknown", 0) + 1

@@ -85,6 +85,8 @@ class DetectionResult:
     explain_note: str = ""  # why no slice was explained, for the user ("" when some were)
     # slices chosen for explanation but left unexplained because the run was told to stop early
     unexplained_slices: tuple[int, ...] = ()
+    # the involvement covers only the slices the reader stopped on ("current slice only")
+    involvement_partial: bool = False
     # Methods other than Hu et al.'s fill these: lesion peaks with their types (Wu et al.), and
     # what the lesion types are ({"k": int, "names": [...], "centres": array, ...}).
     lesions: list[Lesion] = field(default_factory=list)

@@ -198,3 +198,37 @@ def test_a_study_s_saliency_budget_is_kept_and_recorded(cohort_root, tmp_path):
     assert summary["saliency_slices"] == [] and len(summary["unexplained_slices"]) > 0
     record = json.loads((tmp_path / row["study"] / STUDY_RECORD).read_text())
     assert record["options"]["explain_budget_s"] == 0.0
+
+
+def test_the_report_scores_answers_only_and_says_which_labels_it_could_not_use(tmp_path):
+    """A study out of scope (no call, NaN probabilities) crashed the labelled report after the
+    whole cohort had run, or was counted as "called NP"; labels typed as a folder's base name,
+    with a trailing slash or in lower case were dropped without a word."""
+    from napari_wscovid.report import write_report
+
+    classes = ["NP", "CAP", "COVID-19"]
+
+    def row(source, called, probs, scan_status="ok"):
+        r = {"study": f"st-{source}", "source": source, "status": "ok", "scan_status": scan_status}
+        r.update(predicted_class=called, lung_volume_ml=3000.0, involvement_percent=1.0, n_boxes=0)
+        r.update({f"p_{c}": p for c, p in zip(classes, probs, strict=True)})
+        return r
+
+    rows = [
+        row("site/P001", "COVID-19", (0.1, 0.2, 0.7)),
+        row("site/cap001", "CAP", (0.2, 0.6, 0.2)),
+        row("site/normal001", "NP", (0.7, 0.2, 0.1)),
+        row("abdomen", None, (float("nan"),) * 3, scan_status="out_of_scope"),
+    ]
+    labels = {
+        "P001": "covid-19",
+        "site/cap001/": "CAP",
+        "st-site/normal001": "NP",
+        "abdomen": "NP",
+        "P999": "NP",
+    }
+    text = write_report(tmp_path, rows, classes, labels).read_text()
+    assert "<li>NP: 1</li>" in text and "<li>no answer (out of scope or no call): 1</li>" in text
+    assert "3 labelled studies with an answer" in text
+    assert "left out (no answer to score): 1 out of scope" in text
+    assert "1 label(s) match no study: P999" in text

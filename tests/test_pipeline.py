@@ -436,3 +436,32 @@ def test_a_picture_with_no_lung_found_is_analysed_whole_and_says_so(monkeypatch)
     assert r.lung_mask.all() and r.predicted_class is not None
     assert "whole_image_as_lung" in {f["name"] for f in r.qc if f["severity"] == "severe"}
     assert r.status == "needs_review" and r.model_info["lung_method"].endswith("none found: the whole image")
+
+
+def test_involvement_is_unmeasured_without_saliency_and_partial_on_the_slices_stopped_on(monkeypatch):
+    """summary.json said 0 % (clear lungs) for a run that explained nothing, and the panel gave
+    one explained slice's share as the whole lung's."""
+    import dataclasses
+
+    from napari_wscovid.cli import summary_dict
+    from napari_wscovid.phantom import make_phantom
+
+    qtpy = pytest.importorskip("qtpy")  # the panel's text lives beside its widget
+    assert qtpy
+    from napari_wscovid._widgets.results_panel import summary_text
+
+    normal = make_phantom("NP", n_slices=12, size=96, seed=1)
+    unmeasured = detect(normal.volume, model="tiny-test", saliency="none", lung_mask=normal.lung_mask)
+    assert summary_dict(unmeasured, normal.volume)["involvement_percent"] is None
+    assert "Involvement" not in summary_text(unmeasured)
+    nothing_to_explain = detect(
+        normal.volume, model="tiny-test", saliency="positive", lung_mask=normal.lung_mask
+    )
+    assert nothing_to_explain.predicted_class == "NP" and not nothing_to_explain.saliency_slices
+    assert summary_dict(nothing_to_explain, normal.volume)["involvement_percent"] == 0.0  # measured: none
+    one_slice = dataclasses.replace(
+        unmeasured, involvement={"total_percent": 1.7}, saliency_slices=(5,), involvement_partial=True
+    )
+    assert "Involvement: at least 1.7 % of lung (only the 1 slice(s) you stopped on" in summary_text(
+        one_slice
+    )

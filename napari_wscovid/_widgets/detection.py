@@ -800,6 +800,8 @@ class DetectionWidget(QWidget):
             # the result holds the maps the layers show, so that slices explained later are in
             # what it exports (the lesion region of a DICOM SEG) as on screen
             result = shown = dataclasses.replace(result, saliency=empty)
+        if scope == "current":  # what is explained is what the reader stopped on: never the whole
+            result = shown = dataclasses.replace(result, involvement_partial=True)
         tuples = L.result_layer_data(shown, kwargs, geometry=geometry, series_key=key)
         if result.lesions:
             from napari_wscovid._widgets.lesion_layer import lesion_points_layer

@@ -37,6 +37,11 @@ def summary_text(result: DetectionResult) -> str:
                 f"Involvement: at least {float(total):.1f} % of lung "
                 f"({len(result.unexplained_slices)} slices not explained)"
             )
+        elif result.involvement_partial:
+            lines.append(
+                f"Involvement: at least {float(total):.1f} % of lung (only the "
+                f"{len(result.saliency_slices)} slice(s) you stopped on are explained)"
+            )
         else:
             lines.append(f"Involvement: {float(total):.1f} % of lung")
     if result.explain_note:

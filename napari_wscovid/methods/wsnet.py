@@ -169,6 +169,10 @@ def detect_iter(
         steps_used = tuple(int(v) for v in explained["ig_steps"])
     else:
         unexplained = np.array([], dtype=int)
+        if saliency in ("positive", "all") and lung_mask.any():
+            # nothing to explain under the scope's rule (a patient called NP, no lung slice):
+            # the method finds no involved lung; only "none" leaves the involvement unmeasured
+            involvement = _involvement(np.zeros((0, *lung_mask.shape[1:]), bool), explain_idx, lung_mask)
 
     yield 3, 4, "Finishing"
     return DetectionResult(

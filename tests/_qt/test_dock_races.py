@@ -233,3 +233,18 @@ def test_cancel_while_the_finished_result_is_being_shown_completes_it(
     assert dock._result is not None and dock._status.text().startswith("Done in")
     assert len(L.layer_boxes(viewer.layers[L.BOXES_LAYER])) == len(fake_result.boxes)
     assert errors == []
+
+
+def test_current_slice_only_says_its_involvement_is_partial(
+    viewer, ct_layer, fake_pipeline, fake_result, qtbot, errors, make_dock
+):
+    calls = []
+    fake_pipeline.result = dataclasses.replace(fake_result, saliency={}, boxes=[], saliency_slices=())
+    dock = make_dock()
+    dock._explain_more = _explainer(calls)
+    dock._scope_combo.setCurrentIndex([v for _, v in detection.SALIENCY_SCOPES].index("current"))
+    dock._go_to_slice(4)
+    _run(dock, qtbot)
+    qtbot.waitUntil(lambda: len(calls) == 1 and 4 in dock._explained, timeout=5000)
+    assert dock._result.involvement_partial
+    assert "Involvement: at least" in dock._results._summary.text()
