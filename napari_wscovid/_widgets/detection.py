@@ -140,11 +140,24 @@ def volume_from_layer(layer) -> CTVolume:
         raise ValueError(f"layer {layer.name!r} is {data.ndim}-D; detection needs a 3-D CT (z, y, x)")
     # A CT opened by another reader: assume Hounsfield units when air (about -1000) is present.
     is_hu = bool(np.issubdtype(data.dtype, np.number) and float(np.nanmin(data)) < -500)
+    # its grid from napari's whole data-to-world transform (scale, translate, rotate, shear and
+    # affine: another reader may place a CT with `affine` alone)
+    origin = np.asarray(layer.data_to_world((0, 0, 0)), dtype=float)
+    columns = np.stack(
+        [np.asarray(layer.data_to_world(tuple(np.eye(3)[i])), float) - origin for i in range(3)], 1
+    )
+    spacing = np.linalg.norm(columns, axis=0)
+    direction = columns / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise ValueError(
+            f"layer {layer.name!r} is sheared (its axes are not perpendicular in the world); "
+            "detection needs a CT grid whose axes are"
+        )
     volume = CTVolume(
         hu=data,
-        spacing=tuple(layer.scale),
-        origin=tuple(layer.translate),
-        direction=np.asarray(layer.rotate, dtype=float),
+        spacing=tuple(float(s) for s in spacing),
+        origin=tuple(float(o) for o in origin),
+        direction=direction,
         is_hu=is_hu,
         source="napari layer",
     )

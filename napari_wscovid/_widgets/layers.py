@@ -60,7 +60,8 @@ def ig_layer_name(level: str) -> str:
 
 
 def ct_layer_kwargs(ct_layer) -> dict:
-    """``scale``/``translate`` (and ``rotate`` when not identity) of the CT layer."""
+    """``scale``, ``translate``, ``rotate`` and ``affine`` of the CT layer, identities included:
+    a result layer re-used from an oblique CT keeps no rotation of it."""
     kwargs = {
         "scale": tuple(float(s) for s in ct_layer.scale),
         "translate": tuple(float(t) for t in ct_layer.translate),
@@ -71,9 +72,8 @@ def ct_layer_kwargs(ct_layer) -> dict:
             if hasattr(ct_layer, k)
         },
     }
-    rotate = np.asarray(ct_layer.rotate, dtype=float)
-    if not np.allclose(rotate, np.eye(rotate.shape[0])):
-        kwargs["rotate"] = rotate.tolist()
+    kwargs["rotate"] = np.asarray(ct_layer.rotate, dtype=float).tolist()
+    kwargs["affine"] = np.asarray(ct_layer.affine.affine_matrix, dtype=float).tolist()
     return kwargs
 
 
@@ -293,8 +293,9 @@ def set_transform(layer, kwargs: dict) -> None:
     Each assignment re-checks the viewer's dims and redraws (about 15 ms a layer on a 2-core
     CPU, measured): a re-run on the same CT leaves them as they are.
     """
-    for name in ("scale", "translate", "rotate"):
-        if name in kwargs and not np.allclose(getattr(layer, name), kwargs[name]):
+    for name in ("scale", "translate", "rotate", "affine"):
+        current = layer.affine.affine_matrix if name == "affine" else getattr(layer, name)
+        if name in kwargs and not np.allclose(current, kwargs[name]):
             setattr(layer, name, kwargs[name])
 
 

@@ -11,8 +11,12 @@ No napari, no Qt. Coordinates are written twice:
   ``(slice, y1 - 0.5, x1 - 0.5)``, both mapped with ``index_to_world``. ``z_mm`` is
   the slice-centre coordinate of corner 0 (the slice position for axis-aligned CTs).
   The same edge convention places the rectangles of a napari Shapes layer (see
-  :func:`boxes_to_rectangles`), so the exported mm corners are exactly the world
-  coordinates of the rectangle drawn on the screen.
+  :func:`boxes_to_rectangles`), so on an axis-aligned CT the exported mm corners are exactly
+  the world coordinates of the rectangle drawn on the screen. On an **oblique** CT (a rotated
+  or tilted plane) five numbers cannot hold a rotated rectangle: they are then the world
+  position of corner 0 and the in-plane position of corner 1 only, and the voxel columns with
+  the file's geometry (JSON) are what places the box; the mm columns still check a CSV row
+  against its CT.
 
 Both formats identify the CT only by its pseudonymous ``series_key`` and its grid
 geometry; they never carry a patient identifier (BAD_INPUTS case 38).
@@ -97,15 +101,16 @@ def geometry_index_to_world(geometry: dict, index_zyx) -> np.ndarray:
 
 
 def geometry_layer_kwargs(geometry: dict) -> dict:
-    """``scale``/``translate`` (and ``rotate`` when oblique) for a layer on this grid."""
+    """``scale``, ``translate`` and ``rotate`` (the identity unless oblique: a re-used layer must
+    not keep an earlier grid's rotation) for a layer on this grid."""
     spacing, origin, direction, _ = _geometry_arrays(geometry)
     kwargs = {
         "scale": tuple(float(s) for s in spacing),
         "translate": tuple(float(o) for o in origin),
         **LAYER_AXES,
     }
-    if not np.allclose(np.abs(direction), np.eye(3), atol=1e-6):
-        kwargs["rotate"] = direction.tolist()
+    oblique = not np.allclose(np.abs(direction), np.eye(3), atol=1e-6)
+    kwargs["rotate"] = direction.tolist() if oblique else np.eye(3).tolist()
     return kwargs
 
 

@@ -160,3 +160,53 @@ def test_replace_boxes_holds_exactly_the_new_boxes_and_tells_listeners_once(
             assert list(layer.text.values) == [b.class_name for b in boxes]
         # the events held back during the change come once, after it, and the layer is redrawn
         assert seen["data"] == 1 and seen["features"] == 1 and seen["set_data"] >= 1
+
+
+def test_a_result_layer_reused_from_an_oblique_ct_sits_on_the_next_ct(viewer, qtbot, errors, monkeypatch):
+    """The lung mask (and every map re-used by name) kept an oblique CT's rotation when the next
+    run was on an axis-aligned CT: identity transforms were left out of the settings."""
+    from napari_wscovid._reader import ct_layer_data
+    from napari_wscovid._widgets import detection
+    from napari_wscovid.io.volume import CTVolume
+    from tests._qt.conftest import FakePipeline, as_plugin_sees_it, make_fake_result
+
+    turn = np.radians(15)
+    hu = np.random.default_rng(0).integers(-1000, 100, size=(8, 40, 48)).astype(np.int16)
+    grid = dict(spacing=(5.0, 0.75, 0.8), origin=(-40.0, -100.5, -120.25), source="test")
+    oblique = CTVolume(
+        hu=hu,
+        direction=[[1, 0, 0], [0, np.cos(turn), -np.sin(turn)], [0, np.sin(turn), np.cos(turn)]],
+        **grid,
+    )
+    axial = CTVolume(hu=hu.copy(), **grid)
+    for volume, name in ((oblique, "CT oblique"), (axial, "CT axial")):
+        data, kwargs, _ = ct_layer_data(volume, name=name)
+        ct = viewer.add_image(data, **kwargs)
+        dock = detection.DetectionWidget(
+            as_plugin_sees_it(viewer), detect_iter=FakePipeline(make_fake_result(volume)).detect_iter
+        )
+        qtbot.addWidget(dock)
+        dock._ct_combo.setCurrentText(name)
+        dock._run_btn.click()
+        qtbot.waitUntil(lambda d=dock: d._worker is None, timeout=20000)
+        dock._stop_slice_worker()
+        for layer in (viewer.layers[L.LUNG_LAYER], viewer.layers[L.BOXES_LAYER]):
+            np.testing.assert_allclose(
+                layer.data_to_world((4, 20, 24)), ct.data_to_world((4, 20, 24)), atol=1e-6
+            )
+    assert errors == []
+
+
+def test_a_ct_placed_by_an_affine_alone_gives_its_grid_to_detection(viewer):
+    """Another reader may place a CT with napari's `affine` only: it was taken as index space."""
+    from napari_wscovid._widgets.detection import volume_from_layer
+
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([2.5, 0.7, 0.7]) @ np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]])
+    affine[:3, 3] = (-92.5, 40.0, -60.0)
+    layer = viewer.add_image(np.full((6, 20, 24), -1000, np.int16), affine=affine, name="elsewhere")
+    volume = volume_from_layer(layer)
+    for index in [(0, 0, 0), (3, 5, 6), (5, 19, 23)]:
+        np.testing.assert_allclose(
+            volume.index_to_world(np.array([index], float))[0], layer.data_to_world(index)
+        )
