@@ -353,3 +353,43 @@ def test_a_busy_pacs_is_said_busy_not_a_traceback(tmp_path):
         assert code == 2
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        np.concatenate([[0.0, 3.7, 7.4], 7.4 + 2.5 * np.arange(1, 20)]),  # uneven: the loader resamples
+        1.25 * np.arange(16) + np.where(np.arange(16) % 2, 0.03, 0.0),  # jitter under no resampling step
+    ],
+)
+def test_sr_boxes_land_on_the_loaders_slices_of_an_unevenly_spaced_series(tmp_path, positions):
+    """The SR reader rebuilt the CT's grid from the median step and the number of images, the
+    loader from the mean step or its resampled grid: on an uneven series the boxes came back one
+    slice off, or on a grid no CT of the viewer had."""
+    import pydicom.uid
+
+    from napari_wscovid import load_ct
+    from napari_wscovid.io.dicom_objects import build_sr, read_source_datasets, read_sr_boxes
+    from napari_wscovid.results import Box, DetectionResult
+    from tests.io.io_builders import ct_dataset, save
+
+    series = pydicom.uid.generate_uid()
+    for k, z in enumerate(positions):
+        save(ct_dataset(z=float(z), series_uid=series, instance=k + 1), tmp_path / "ct" / f"s{k:03d}.dcm")
+    volume = load_ct(str(tmp_path / "ct"))
+    boxes = [Box(k, 2, 2, 8, 8, "COVID-19", 0.9) for k in (1, volume.shape[0] // 2, volume.shape[0] - 1)]
+    result = DetectionResult(
+        classes=("NP", "CAP", "COVID-19"),
+        slice_probs=np.zeros((volume.shape[0], 3)),
+        patient_probs=np.array([0.1, 0.2, 0.7]),
+        lung_mask=np.zeros(volume.shape, np.uint8),
+        boxes=boxes,
+        model_info={"name": "test"},
+    )
+    sr = build_sr(volume, read_source_datasets(str(tmp_path / "ct"), volume.series_key), result)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    back, meta = read_sr_boxes(tmp_path / "sr.dcm")
+    from napari_wscovid.io.boxes_io import geometry_mismatch
+
+    assert geometry_mismatch(meta["geometry"], volume.geometry()) == ""
+    assert [b.slice for b in back] == [b.slice for b in boxes]

@@ -929,26 +929,21 @@ def _plan_slices(headers: list[FileHeader], warnings: list[str], key: str) -> _S
             f"{median_step:.3f} mm; refused "
             "rather than interpolated"
         )
-    mean_step = float(z[-1] / (n - 1))
-    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * mean_step)
-    residual = np.abs(z - mean_step * np.arange(n))
+    n_out, step, residual, tolerance = stack_spacing(z)
     plan = _SlicePlan(
         slices,
-        (mean_step, dy, dx),
+        (step, dy, dx),
         tuple(origin_xyz[::-1]),
         direction_xyz[::-1, ::-1],
         z,
         warnings=plan_warnings,
     )
-    if residual.max() > tolerance:
-        n_target = int(round(z[-1] / median_step)) + 1
-        target = np.linspace(0.0, z[-1], n_target)
-        plan.resample_positions = target
-        plan.spacing = (float(target[1] - target[0]), dy, dx)
+    if n_out != n or residual > tolerance:
+        plan.resample_positions = np.linspace(0.0, z[-1], n_out)
         plan_warnings.append(
             f"non-uniform slice spacing (steps {steps.min():.3f}-{steps.max():.3f} mm, deviation up to "
-            f"{residual.max():.3f} mm > tolerance {tolerance:.3f} mm): slices interpolated linearly to "
-            f"{plan.spacing[0]:.3f} mm"
+            f"{residual:.3f} mm > tolerance {tolerance:.3f} mm): slices interpolated linearly to "
+            f"{step:.3f} mm"
         )
     offsets = np.array([s[0].ipp - origin_xyz for s in slices])
     shift_px = np.column_stack([offsets @ col_dir / dy, offsets @ row_dir / dx])
@@ -962,6 +957,21 @@ def _plan_slices(headers: list[FileHeader], warnings: list[str], key: str) -> _S
             "slices resampled (interpolated) onto an orthogonal grid"
         )
     return plan
+
+
+def stack_spacing(z: np.ndarray) -> tuple[int, float, float, float]:
+    """The loader's slices along the normal from distinct sorted positions ``z`` (mm from the first,
+    at least two): ``(count, step, largest deviation, tolerance)``. Positions uniform within the
+    tolerance keep their count at the mean step; others are resampled at the median step (the
+    SR reader rebuilds a CT's grid with this, so its boxes land on the loader's slices)."""
+    n = len(z)
+    mean_step = float(z[-1] / (n - 1))
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * mean_step)
+    residual = float(np.abs(z - mean_step * np.arange(n)).max())
+    if residual <= tolerance:
+        return n, mean_step, residual, tolerance
+    n_target = int(round(z[-1] / float(np.median(np.diff(z))))) + 1
+    return n_target, float(z[-1] / (n_target - 1)), residual, tolerance
 
 
 def _voxel_only_plan(headers: list[FileHeader], warnings: list[str], in_plane) -> _SlicePlan:

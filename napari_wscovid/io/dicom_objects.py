@@ -582,18 +582,20 @@ def grid_from_images(images: Sequence[SourceImage]) -> dict:
     """The CT grid the loader builds from these images (sorted along their normal, then turned
     nearest the identity as :func:`~napari_wscovid.io.formats.reorient_nearest_identity` does),
     as a geometry dict (:meth:`CTVolume.geometry`)."""
+    from napari_wscovid.io.dicom import SAME_POSITION_MM, stack_spacing
     from napari_wscovid.io.formats import nearest_identity_geometry
 
     first = images[0]
     normal = first.normal
     order = sorted(images, key=lambda im: float(im.position @ normal))
     positions = np.array([float(im.position @ normal) for im in order])
-    steps = np.diff(positions)
-    dz = float(np.median(steps)) if len(steps) else 1.0
+    # the loader's slices: files at one position are one slice; uneven steps are resampled
+    distinct = positions[np.concatenate([[True], np.diff(positions) >= SAME_POSITION_MM])]
+    n, dz = (len(distinct), 1.0) if len(distinct) < 2 else stack_spacing(distinct - distinct[0])[:2]
     # index axes (z, y, x) = (along the normal, rows, columns); world axes in (z, y, x) order
     direction = np.stack([normal[::-1], first.column_direction[::-1], first.row_direction[::-1]], axis=1)
     spacing = (dz, first.spacing[0], first.spacing[1])
-    shape = (len(order), first.rows, first.columns)
+    shape = (n, first.rows, first.columns)
     # the loader's own reorientation, on the grid alone
     _, _, shape, spacing, origin, direction = nearest_identity_geometry(
         shape, spacing, order[0].position[::-1], direction
