@@ -81,19 +81,14 @@ def test_cli_lung_method_is_used_and_recorded(phantom_file, tmp_path):
     assert ((masks["hybrid"] > 0) | (masks["classical"] == 0)).all()
 
 
+def _quick_detect(source, out) -> list[str]:
+    """``detect`` with the tiny network and no saliency: the outputs without the wait."""
+    return ["detect", str(source), "--out", str(out), "--model", "tiny-test", "-q", "--saliency", "none"]
+
+
 def test_cli_never_overwrites_without_flag(phantom_file, tmp_path):
     out = tmp_path / "res"
-    args = [
-        "detect",
-        str(phantom_file),
-        "--out",
-        str(out),
-        "--model",
-        "tiny-test",
-        "-q",
-        "--saliency",
-        "none",
-    ]
+    args = _quick_detect(phantom_file, out)
     assert main(args) == 0
     before = (out / "summary.json").read_bytes()
     assert main(args) == 2  # refused before any work
@@ -274,17 +269,7 @@ def test_overwrite_removes_what_an_earlier_run_left_and_this_one_does_not_write(
     """A SEG of an earlier --dicom run stayed beside the new summary, referencing another run."""
     pytest.importorskip("highdicom")
     out = tmp_path / "o"
-    args = [
-        "detect",
-        str(SAMPLE_DICOM),
-        "--out",
-        str(out),
-        "--model",
-        "tiny-test",
-        "-q",
-        "--saliency",
-        "none",
-    ]
+    args = _quick_detect(SAMPLE_DICOM, out)
     assert main([*args, "--dicom", "--deidentify"]) == 0
     assert (out / "seg.dcm").is_file() and (out / "research" / "sr.dcm").is_file()
     assert main([*args, "--overwrite"]) == 0
