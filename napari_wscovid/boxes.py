@@ -87,6 +87,7 @@ def boxes_from_saliency(
     min_area_mm2: float = 20.0,
     blur_sigma: float | None = None,
     source: str = "joint",
+    lung: np.ndarray | None = None,
 ) -> list[Box]:
     """Boxes around the connected components of the thresholded saliency of one slice.
 
@@ -106,6 +107,9 @@ def boxes_from_saliency(
         See :func:`saliency_mask`.
     source
         Which saliency made the boxes, recorded in ``Box.source``.
+    lung
+        ``(Y, X)`` lung mask of the slice: components are taken inside it (the closing can bridge
+        a narrow mediastinum), as the involvement is.
 
     Returns
     -------
@@ -114,6 +118,8 @@ def boxes_from_saliency(
     """
     dy, dx = (float(s) for s in spacing_yx)
     mask = saliency_mask(saliency, blur_sigma=blur_sigma)
+    if lung is not None:
+        mask &= np.asarray(lung, dtype=bool)
     if not mask.any():
         return []
     boxes = []

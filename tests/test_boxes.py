@@ -168,3 +168,51 @@ def test_involvement_with_slices_explained_later_equals_involvement_of_all_at_on
     assert involvement_with({}, [1, 2, 3], masks[1:4], lung)["total_percent"] == pytest.approx(
         whole["total_percent"]
     )
+
+
+def test_a_box_never_bridges_the_gap_between_the_lungs():
+    """The closing joined two lesions across a 4-pixel mediastinum into one box over it, its
+    area counting pixels outside the lung; components are now taken inside the lung."""
+    lung = np.zeros((128, 128), bool)
+    lung[30:100, 20:62] = lung[30:100, 66:108] = True  # two lungs 4 px apart
+    sal = np.zeros((128, 128))
+    sal[50:70, 52:62] = sal[50:70, 66:76] = 1.0  # a lesion on each side of the gap, in the lung
+    kw = dict(spacing_yx=(0.7, 0.7), slice_index=0, class_name="CAP", score=0.9)
+    bridged = boxes_from_saliency(sal, **kw)
+    assert len(bridged) == 1 and bridged[0].x0 < 62 and bridged[0].x1 > 66  # without the lung
+    boxes = boxes_from_saliency(sal, lung=lung, **kw)
+    assert len(boxes) == 2 and all(b.x1 <= 62 or b.x0 >= 66 for b in boxes)
+    in_lung = (saliency_mask(sal) & lung).sum() * 0.49
+    assert sum(b.area_mm2 for b in boxes) == pytest.approx(in_lung)
+
+
+def test_slices_explained_as_np_add_no_involved_lung_and_no_lesion_region():
+    """NP saliency (the pulmonary arteries, in the paper) counted as involved lung and went into
+    the DICOM SEG's lesion region, though those slices get no boxes."""
+    from napari_wscovid.explain.saliency import explain_slices
+    from napari_wscovid.io.dicom_objects import lesion_mask
+    from napari_wscovid.models.registry import load_model
+    from napari_wscovid.phantom import make_phantom
+    from napari_wscovid.results import DetectionResult
+    from napari_wscovid.stages import lung_slices, run_to_end
+
+    ph = make_phantom("COVID-19", n_slices=12, size=96, seed=2)
+    chosen = lung_slices(ph.lung_mask, ph.volume.spacing)[:4]
+    probs = np.full((ph.volume.shape[0], 3), np.nan, np.float32)
+    probs[chosen] = (0.9, 0.05, 0.05)  # every chosen slice called NP
+    net, _ = load_model("default", device="cpu")  # the tiny network's three maps never overlap
+    out = run_to_end(
+        explain_slices(
+            ph.volume, chosen, net=net, lung_mask=ph.lung_mask, slice_probs=probs,
+            classes=("NP", "CAP", "COVID-19"), ig_steps=2,
+        )
+    )  # fmt: skip
+    assert out["boxes"] == [] and not out["masks"].any()
+    assert out["saliency"]["joint"].any()  # the maps are shown; they are just not lesions
+    result = DetectionResult(
+        classes=("NP", "CAP", "COVID-19"), slice_probs=probs, patient_probs=np.array([0.9, 0.05, 0.05]),
+        lung_mask=ph.lung_mask, saliency={"joint": np.zeros(ph.volume.shape, np.uint8)},
+        saliency_slices=tuple(int(z) for z in chosen),
+    )  # fmt: skip
+    result.saliency["joint"][chosen] = out["saliency"]["joint"]
+    assert not lesion_mask(result, ph.volume.shape).any()

@@ -116,10 +116,11 @@ def explain_slices(
         out["joint"][batch] = to_uint8(per_slice_unit(joint_all))
         for pos, (row, zi, target) in enumerate(zip(batch, z, targets, strict=True)):
             joint = joint_all[pos]
-            masks[row] = saliency_mask(joint) & lung[pos]
-            if classes[int(target)] == NEGATIVE_CLASS:
-                # Evidence for "no pneumonia" is no lesion: a radiologist gets no NP boxes.
+            if classes[int(target)] == NEGATIVE_CLASS or not np.isfinite(slice_probs[zi]).all():
+                # Evidence for "no pneumonia" is no lesion: no NP boxes and no involved lung (NP
+                # saliency lights the pulmonary arteries); a slice too small to classify has none
                 continue
+            masks[row] = saliency_mask(joint) & lung[pos]
             boxes += boxes_from_saliency(
                 joint,
                 spacing_yx=volume.spacing[1:],
@@ -127,6 +128,7 @@ def explain_slices(
                 class_name=classes[int(target)],
                 score=float(slice_probs[zi, int(target)]),
                 min_area_mm2=min_box_area_mm2,
+                lung=lung[pos],
             )
         explained_rows += batch.tolist()
         done += len(batch)

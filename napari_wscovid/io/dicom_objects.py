@@ -215,16 +215,18 @@ def _algorithm(model_info: dict):
 
 # -------------------------------------------------------------------------------------------- SEG
 def lesion_mask(result, volume_shape) -> np.ndarray:
-    """The lesion region the boxes were drawn around: the thresholded, closed joint saliency of
-    every explained slice (:func:`napari_wscovid.boxes.saliency_mask`)."""
+    """The lesion region the boxes were drawn around: the thresholded, closed joint saliency in
+    the lungs of every explained slice that has boxes (:func:`napari_wscovid.boxes.saliency_mask`;
+    a slice explained as NP has none: its saliency is no lesion)."""
     from napari_wscovid.boxes import saliency_mask
 
     mask = np.zeros(volume_shape, dtype=bool)
     joint = result.saliency.get("joint")
     if joint is None:
         return mask
+    boxed = {int(b.slice) for b in result.boxes}
     for z in result.saliency_slices:
-        if joint[z].any():
+        if z in boxed and joint[z].any():
             mask[z] = saliency_mask(joint[z]) & (result.lung_mask[z] > 0)
     return mask
 
