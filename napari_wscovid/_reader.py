@@ -130,8 +130,14 @@ def read_ct(path) -> list[tuple]:
         raise CTLoadError(
             f"{Path(path).name}: could not be read as a CT ({type(exc).__name__}: {exc})"
         ) from exc
-    for warning in volume.warnings:
-        logger.warning("%s: %s", volume.series_key, warning)
+    if volume.warnings:
+        from napari.utils.notifications import show_warning  # napari only where a viewer reads
+
+        for warning in volume.warnings:
+            logger.warning("%s: %s", volume.series_key, warning)
+            # the user sees it too (a second series left out, voxel-only positions, a NaN voxel
+            # size): named by the layer's pseudonymous name, as the log is
+            show_warning(f"CT {volume.series_key}: {warning}")
     return [ct_layer_data(volume, dicom_source=str(path))]
 
 

@@ -725,9 +725,11 @@ class DetectionWidget(QWidget):
             self._showing = None
             self._shown(self._result)
             return
-        except Exception as exc:  # a bad result must not leave half the layers behind silently
+        except Exception as exc:  # a bad result must not leave half the layers behind
             self._showing = None
             logger.exception("could not display the detection result")
+            self._remove_layers_created_by_showing()
+            self._status.setText("Failed: the result could not be shown; no layers were added.")
             show_error(f"Detection finished but its result could not be shown: {exc}")
             self._end_run()
             return
@@ -739,16 +741,19 @@ class DetectionWidget(QWidget):
         go, and nothing of the result is kept (no layer or answer tied to a CT no longer open)."""
         self._showing.close()
         self._showing = None
-        for layer in self._layers_created_by_showing:
-            if layer in self._viewer.layers:
-                self._viewer.layers.remove(layer)
-        self._layers_created_by_showing = []
+        self._remove_layers_created_by_showing()
         if self._result_ct is self._run_ct:
             self._result, self._result_ct = None, None
             self._results.set_result(None)
         show_warning("The CT layer was closed while its result was being shown; the result was discarded.")
         self._status.setText("The CT was closed; its result was discarded.")
         self._end_run()
+
+    def _remove_layers_created_by_showing(self) -> None:
+        for layer in self._layers_created_by_showing:
+            if layer in self._viewer.layers:
+                self._viewer.layers.remove(layer)
+        self._layers_created_by_showing = []
 
     def _finish_showing(self) -> None:
         """The remaining display steps at once (the dock is closing: no time for more turns)."""
@@ -822,7 +827,8 @@ class DetectionWidget(QWidget):
             tuples.append(lesion_points_layer(result, volume))
         self._layers_created_by_showing = []
         for data, layer_kwargs, layer_type in tuples:
-            new = L.find_layer(self._viewer, layer_kwargs["name"], layer_type) is None
+            existing = L.find_layer(self._viewer, layer_kwargs["name"], layer_type)
+            new = existing is None or not existing.metadata.get("wscovid_result")  # a user's is renamed
             layer = L.upsert_layer(self._viewer, data, layer_kwargs, layer_type, colorbar=False)
             if new:
                 self._layers_created_by_showing.append(layer)

@@ -310,6 +310,10 @@ def upsert_layer(viewer, data, kwargs: dict, layer_type: str, *, colorbar: bool 
     from napari.layers import Layer
 
     layer = find_layer(viewer, kwargs["name"], layer_type)
+    if layer is not None and not layer.metadata.get("wscovid_result"):
+        # the user's own layer of that name (a lung mask they painted): renamed, never overwritten
+        layer.name = f"{kwargs['name']} (not ours)"
+        layer = None
     if layer is None:
         layer = Layer.create(data, dict(kwargs), layer_type)
         _first_look(layer)  # before it joins the viewer, so the lung is not drawn filled first

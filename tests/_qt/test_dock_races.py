@@ -248,3 +248,38 @@ def test_current_slice_only_says_its_involvement_is_partial(
     qtbot.waitUntil(lambda: len(calls) == 1 and 4 in dock._explained, timeout=5000)
     assert dock._result.involvement_partial
     assert "Involvement: at least" in dock._results._summary.text()
+
+
+def test_a_result_that_fails_midway_on_screen_leaves_no_layer(
+    viewer, ct_layer, fake_pipeline, qtbot, errors, make_dock, monkeypatch
+):
+    """Out of memory at the fourth layer left the lung mask and two CAMs behind, the status
+    still "Done" beside the error."""
+    before = [la.name for la in viewer.layers]
+    real, calls = L.upsert_layer, []
+
+    def fourth_fails(viewer_, data, kwargs, layer_type, **kw):
+        calls.append(kwargs["name"])
+        if len(calls) == 4:
+            raise MemoryError("Unable to allocate 1.2 GiB for an array")
+        return real(viewer_, data, kwargs, layer_type, **kw)
+
+    monkeypatch.setattr(L, "upsert_layer", fourth_fails)
+    dock = make_dock()
+    _run(dock, qtbot)
+    assert [la.name for la in viewer.layers] == before and dock._result is None
+    assert len(errors) == 1 and "could not be shown" in errors[0]
+    assert dock._status.text().startswith("Failed")
+
+
+def test_the_users_own_layer_of_a_result_name_is_renamed_not_overwritten(
+    viewer, ct_layer, qtbot, errors, make_dock
+):
+    painted = np.zeros(ct_layer.data.shape, np.uint8)
+    painted[2, 5:20, 5:20] = 1
+    mine = viewer.add_labels(painted.copy(), name=L.LUNG_LAYER, scale=ct_layer.scale)
+    dock = make_dock()
+    _run(dock, qtbot)
+    assert mine in viewer.layers and mine.name == f"{L.LUNG_LAYER} (not ours)"
+    np.testing.assert_array_equal(mine.data, painted)
+    assert viewer.layers[L.LUNG_LAYER].metadata.get("wscovid_result") and errors == []

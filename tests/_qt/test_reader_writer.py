@@ -219,3 +219,19 @@ def test_a_csv_opened_on_its_ct_takes_that_cts_key_and_class_list(
     assert meta["series_key"] == small_volume.series_key == ct_layer.metadata["series_key"]
     assert meta["classes"] == list(fake_result.classes)
     assert "COVID-19" in meta["classes"]
+
+
+def test_a_loader_warning_reaches_the_napari_user(tmp_path, monkeypatch):
+    """A folder of two series loaded the largest with only a log line: the napari user never
+    learned a series was left out."""
+    import napari.utils.notifications
+
+    from tests.io.io_builders import write_series
+
+    shown: list[str] = []
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", shown.append)
+    write_series(tmp_path / "two", n=6, series_uid="1.2.3.1")
+    write_series(tmp_path / "two", n=3, series_uid="1.2.3.2", names=[f"other{k}.dcm" for k in range(3)])
+    (layer_data,) = get_reader(str(tmp_path / "two"))(str(tmp_path / "two"))
+    assert layer_data[0].shape[0] == 6
+    assert any("series" in message and message.startswith("CT ct-") for message in shown), shown
