@@ -353,3 +353,38 @@ def test_a_normalisation_the_plugin_cannot_apply_is_refused_at_load(tmp_path, no
     )  # fmt: skip
     with pytest.raises(ModelLoadError, match="norm.safetensors: normalisation"):
         load_model(path, device="cpu", cache=False)
+
+
+def test_a_bare_two_class_state_dict_is_refused_not_given_made_up_class_names(tmp_path):
+    """It loaded as "class0"/"class1" and the dock showed "Done: class0" (case 30); three classes
+    are the paper's, two could be any binary task."""
+    model = WSNet(tiny_config(classes=("NP", "COVID-19"))).eval()
+    path = tmp_path / "two.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ModelLoadError, match=r"2-class network but names no classes.*np_vs_covid"):
+        load_model(path)
+    three = tmp_path / "three.pth"
+    torch.save(WSNet(tiny_config()).eval().state_dict(), three)
+    assert load_model(three)[1]["classes"] == ["NP", "CAP", "COVID-19"]
+
+
+def test_a_registered_file_chosen_by_its_path_is_checked_against_its_entry(tmp_path, monkeypatch):
+    """ "Choose file…" on a registered file whose bytes changed loaded it, logging only "hash
+    unverified" (case 29); picked by name it was refused."""
+    entry = registry.model_info("tiny-test")
+    copy = tmp_path / pathlib.Path(entry["path"]).name
+    shutil.copy(entry["path"], copy)
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    copy.write_bytes(bytes(data))
+    original = registry.model_info
+
+    def moved(name):  # the registry's file is the changed copy
+        info = dict(original(name))
+        if info["name"] == "tiny-test":
+            info["path"] = str(copy)
+        return info
+
+    monkeypatch.setattr(registry, "model_info", moved)
+    with pytest.raises(ModelLoadError, match="SHA-256 mismatch"):
+        load_model(str(copy), cache=False)

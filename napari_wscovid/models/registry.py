@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from napari_wscovid.architectures import DECOVNET, FECNN, WSNET
-from napari_wscovid.models.wsnet import WSNetConfig
+from napari_wscovid.models.wsnet import TASK_CLASSES, WSNetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -328,6 +328,11 @@ def _locate(name_or_path) -> tuple[dict | None, Path]:
         raise ModelLoadError(f"weights file {path} does not exist")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"weights file {path.name} is empty")
+    # a registered file chosen by its path ("Choose file…") is checked against its entry too
+    for name in _registry():
+        entry = model_info(name)
+        if Path(entry["path"]).resolve() == path.resolve():
+            return entry, path
     return None, path
 
 
@@ -489,8 +494,17 @@ def _infer_config(state: dict, entry: dict | None, path: Path) -> WSNetConfig:
     n_classes = int(head.shape[0])
     if entry and len(entry.get("classes", ())) == n_classes:
         classes = tuple(entry["classes"])
+    elif n_classes == len(TASK_CLASSES["3class"]):
+        classes = TASK_CLASSES["3class"]  # the paper's three classes: the only 3-class task
     else:
-        classes = tuple(f"class{i}" for i in range(n_classes))
+        # "class0", "class1" made up here gave a user an answer nobody could read (case 30); two
+        # classes could be any of the binary tasks
+        tasks = ", ".join(f"{k} {list(v)}" for k, v in TASK_CLASSES.items() if len(v) == n_classes)
+        raise ModelLoadError(
+            f"{path.name} holds a {n_classes}-class network but names no classes (no config in its "
+            f"metadata, no registry entry){f'; it could be {tasks}' if tasks else ''}: export it "
+            "with `python -m training.export_checkpoint`, which writes them"
+        )
     input_size = int((entry or {}).get("input_size", 224))
     first_conv = sorted(k for k in state if k.startswith("blocks.0.") and k.endswith("weight"))[0]
     in_channels = int(state[first_conv].shape[1])
