@@ -29,7 +29,9 @@ from napari_wscovid.review import split_rejected
 
 logger = logging.getLogger(__name__)
 
-CT_SUFFIXES = (".dcm", ".ima", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+# 2-D pictures too (a slice exported by a viewer, the UCSD images): read as a one-slice CT so the
+# dock can run on them; napari's own reader would give a 2-D layer the dock cannot take
+CT_SUFFIXES = (".dcm", ".ima", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg")
 BOXES_SUFFIX = ".boxes.json"
 _SNIFF_BYTES = 4096
 HU_WINDOW = (-1350.0, 150.0)  # lung window: level -600, width 1500

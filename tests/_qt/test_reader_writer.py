@@ -235,3 +235,21 @@ def test_a_loader_warning_reaches_the_napari_user(tmp_path, monkeypatch):
     (layer_data,) = get_reader(str(tmp_path / "two"))(str(tmp_path / "two"))
     assert layer_data[0].shape[0] == 6
     assert any("series" in message and message.startswith("CT ct-") for message in shown), shown
+
+
+def test_a_png_slice_opens_as_a_one_slice_ct_the_dock_can_run_on(tmp_path, viewer):
+    """The README lists PNG/JPG among the inputs, but only the command line read them: napari's
+    own reader made a 2-D layer, and the dock answered "Open a CT first"."""
+    from PIL import Image
+
+    from napari_wscovid._widgets.detection import DetectionWidget
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 80)).astype(np.uint8)).save(tmp_path / "slice.png")
+    reader = get_reader(str(tmp_path / "slice.png"))
+    assert reader is not None
+    ((data, kwargs, layer_type),) = reader(str(tmp_path / "slice.png"))
+    assert layer_type == "image" and data.shape == (1, 64, 80)
+    viewer.add_image(data, **kwargs)
+    dock = DetectionWidget(viewer)
+    assert dock._ct_combo.currentText() == kwargs["name"]
