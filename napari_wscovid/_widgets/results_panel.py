@@ -102,6 +102,10 @@ class ResultsPanel(QWidget):
         self._table.horizontalHeaderItem(4).setToolTip(
             "detected: the model's; edited / added: yours; (new): added by the latest re-run"
         )
+        self._table.horizontalHeaderItem(3).setToolTip(
+            "A detected box: the area of the lesion region it was drawn around. A box you drew or "
+            "edited: the area of the rectangle (the region under it is not known)."
+        )
         self._table.horizontalHeaderItem(2).setToolTip(
             "The network's probability of the box's class for the whole slice, not a score of the box "
             "itself; boxes you drew have none (–)."
