@@ -244,18 +244,21 @@ def _load_csv_on_open_ct(path, open_geometries: list[dict]) -> tuple[dict, list,
     raise ValueError(f"{name} fits none of the open CTs: {errors[0]}")
 
 
-def _open_ct_layers() -> list:
+def _viewer_layers() -> list:
+    """The layers of napari's current viewer; none without Qt or a viewer."""
     try:
         import napari
 
         viewer = napari.current_viewer()
     except Exception:  # no Qt / no viewer: nothing to compare against
         return []
-    if viewer is None:
-        return []
+    return list(viewer.layers) if viewer is not None else []
+
+
+def _open_ct_layers() -> list:
     return [
         layer
-        for layer in viewer.layers
+        for layer in _viewer_layers()
         if type(layer).__name__ == "Image"
         and isinstance(layer.metadata.get("wscovid_geometry"), dict)
         and not layer.metadata.get("wscovid_result")
@@ -272,13 +275,7 @@ def _classes_on_grid(geometry: dict, present: list[str]) -> list[str]:
     from napari_wscovid._widgets.layers import NOT_A_LESION
 
     classes: list[str] = []
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:  # no Qt / no viewer
-        viewer = None
-    for layer in viewer.layers if viewer is not None else ():
+    for layer in _viewer_layers():
         layer_geometry = layer.metadata.get("wscovid_geometry")
         if layer.metadata.get("wscovid_boxes") and isinstance(layer_geometry, dict):
             if not geometry_mismatch(geometry, layer_geometry):

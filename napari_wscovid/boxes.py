@@ -116,10 +116,33 @@ def boxes_from_saliency(
     list of Box
         One per kept component, largest first; ``y1``/``x1`` are end-exclusive.
     """
-    dy, dx = (float(s) for s in spacing_yx)
     mask = saliency_mask(saliency, blur_sigma=blur_sigma)
     if lung is not None:
         mask &= np.asarray(lung, dtype=bool)
+    return boxes_from_mask(
+        mask,
+        spacing_yx=spacing_yx,
+        slice_index=slice_index,
+        class_name=class_name,
+        score=score,
+        min_area_mm2=min_area_mm2,
+        source=source,
+    )
+
+
+def boxes_from_mask(
+    mask: np.ndarray,
+    *,
+    spacing_yx: tuple[float, float],
+    slice_index: int,
+    class_name: str,
+    score: float,
+    min_area_mm2: float = 20.0,
+    source: str = "joint",
+) -> list[Box]:
+    """:func:`boxes_from_saliency` from its mask (:func:`saliency_mask`, in the lung), for a caller
+    that keeps the mask too (the involvement)."""
+    dy, dx = (float(s) for s in spacing_yx)
     if not mask.any():
         return []
     boxes = []

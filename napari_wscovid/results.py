@@ -104,8 +104,9 @@ class DetectionResult:
     def predicted_class(self) -> str | None:
         """The patient's class; None when there is no call (no lung slice could be classified:
         argmax over NaN would say the first class, "NP", for a scan nobody looked at)."""
-        probs = np.asarray(self.patient_probs, dtype=float)
-        return self.classes[int(np.argmax(probs))] if probs.size and np.isfinite(probs).all() else None
+        from napari_wscovid.stages import patient_call
+
+        return patient_call(self.patient_probs, self.classes)
 
     @property
     def call_text(self) -> str:

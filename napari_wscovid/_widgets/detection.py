@@ -827,8 +827,7 @@ class DetectionWidget(QWidget):
             tuples.append(lesion_points_layer(result, volume))
         self._layers_created_by_showing = []
         for data, layer_kwargs, layer_type in tuples:
-            existing = L.find_layer(self._viewer, layer_kwargs["name"], layer_type)
-            new = existing is None or not existing.metadata.get("wscovid_result")  # a user's is renamed
+            new = L.result_layer(self._viewer, layer_kwargs["name"], layer_type) is None
             layer = L.upsert_layer(self._viewer, data, layer_kwargs, layer_type, colorbar=False)
             if new:
                 self._layers_created_by_showing.append(layer)
@@ -850,11 +849,11 @@ class DetectionWidget(QWidget):
         self._result_params = dict(self._run_params)
         # A re-run respects every correction of the user's on this CT: their edited and added boxes
         # stay and no detection comes back where they deleted one or moved it away.
-        current = L.layer_reading(self._boxes_layer(geometry))
+        boxes_before = self._boxes_layer(geometry)
+        current = L.layer_reading(boxes_before)
         reading, change = current.after_rerun(result.boxes)
         self._new_boxes = {place(b) for b in change["added"]} if current.touched else set()
         self._rerun_note = rerun_note(change) if current.touched else ""
-        had_boxes_layer = self._boxes_layer(geometry) is not None
         boxes_layer = self._install_boxes(
             reading,
             ct_layer=ct_layer,
@@ -864,7 +863,7 @@ class DetectionWidget(QWidget):
             default_class=L.default_box_class(result.classes, result.patient_probs),
             model_info=result.model_info,
         )
-        if not had_boxes_layer:
+        if boxes_before is None:
             self._layers_created_by_showing.append(boxes_layer)
         yield
         self._results.set_result(result)

@@ -270,6 +270,13 @@ def find_layer(viewer, name: str, layer_type: str | None = None):
     return None
 
 
+def result_layer(viewer, name: str, layer_type: str | None = None):
+    """The plugin's own result layer called ``name``, or None (a user's layer of that name is not
+    one to refill)."""
+    layer = find_layer(viewer, name, layer_type)
+    return layer if layer is not None and layer.metadata.get("wscovid_result") else None
+
+
 #: Outline width of the lung mask (pixels): a filled mask hides the density a reader judges.
 LUNG_CONTOUR = 2
 
@@ -309,11 +316,11 @@ def upsert_layer(viewer, data, kwargs: dict, layer_type: str, *, colorbar: bool 
     """
     from napari.layers import Layer
 
-    layer = find_layer(viewer, kwargs["name"], layer_type)
-    if layer is not None and not layer.metadata.get("wscovid_result"):
+    layer = result_layer(viewer, kwargs["name"], layer_type)
+    holder = find_layer(viewer, kwargs["name"], layer_type) if layer is None else None
+    if holder is not None:
         # the user's own layer of that name (a lung mask they painted): renamed, never overwritten
-        layer.name = f"{kwargs['name']} (not ours)"
-        layer = None
+        holder.name = f"{kwargs['name']} (not ours)"
     if layer is None:
         layer = Layer.create(data, dict(kwargs), layer_type)
         _first_look(layer)  # before it joins the viewer, so the lung is not drawn filled first

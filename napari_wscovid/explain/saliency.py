@@ -60,7 +60,7 @@ def explain_slices(
     """
     import torch
 
-    from napari_wscovid.boxes import boxes_from_saliency, saliency_mask
+    from napari_wscovid.boxes import boxes_from_mask, saliency_mask
     from napari_wscovid.explain.integrated_gradients import (
         DEFAULT_IG_METHOD,
         ExplanationStopped,
@@ -120,15 +120,14 @@ def explain_slices(
                 # Evidence for "no pneumonia" is no lesion: no NP boxes and no involved lung (NP
                 # saliency lights the pulmonary arteries); a slice too small to classify has none
                 continue
-            masks[row] = saliency_mask(joint) & lung[pos]
-            boxes += boxes_from_saliency(
-                joint,
+            masks[row] = saliency_mask(joint) & lung[pos]  # the involvement's and the boxes' mask
+            boxes += boxes_from_mask(
+                masks[row],
                 spacing_yx=volume.spacing[1:],
                 slice_index=int(zi),
                 class_name=classes[int(target)],
                 score=float(slice_probs[zi, int(target)]),
                 min_area_mm2=min_box_area_mm2,
-                lung=lung[pos],
             )
         explained_rows += batch.tolist()
         done += len(batch)

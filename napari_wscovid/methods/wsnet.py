@@ -172,7 +172,9 @@ def detect_iter(
         if saliency in ("positive", "all") and lung_mask.any():
             # nothing to explain under the scope's rule (a patient called NP, no lung slice):
             # the method finds no involved lung; only "none" leaves the involvement unmeasured
-            involvement = _involvement(np.zeros((0, *lung_mask.shape[1:]), bool), explain_idx, lung_mask)
+            from napari_wscovid.boxes import involvement as lung_involvement
+
+            involvement = lung_involvement(np.zeros(lung_mask.shape, dtype=bool), lung_mask)
 
     yield 3, 4, "Finishing"
     return DetectionResult(
