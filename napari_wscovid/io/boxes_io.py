@@ -218,6 +218,9 @@ def _parse_entry(row) -> Box:
     score = _field("score", row.get("score"), _as_float, "not a number")
     if math.isinf(score):
         raise _EntryError(f"score is {row.get('score')!r}, not a probability")
+    area_mm2 = _field("area_mm2", row.get("area_mm2", 0.0), _as_float, "not a number")
+    if math.isinf(area_mm2):  # JSON writes no infinity: the next export would read back NaN (fuzzing)
+        raise _EntryError(f"area_mm2 is {row.get('area_mm2')!r}, not an area")
     origin = row.get("origin") or "detected"
     if origin not in BOX_ORIGINS:
         raise _EntryError(f"origin is {_short_repr(origin)}, not one of {', '.join(BOX_ORIGINS)}")
@@ -229,7 +232,7 @@ def _parse_entry(row) -> Box:
         x1=ints["x1"],
         class_name=row["class"],
         score=score,
-        area_mm2=_field("area_mm2", row.get("area_mm2", 0.0), _as_float, "not a number"),
+        area_mm2=area_mm2,
         origin=origin,
         source=source,
     )

@@ -94,3 +94,28 @@ def test_jpeg_frame_header_must_match_the_dicom_header(tmp_path, rows, sof_rows,
     with pytest.raises(CTLoadError, match="lying.dcm") as info:
         load_ct(path)
     assert reason in str(info.value)
+
+
+def test_a_boxes_csv_with_an_infinite_area_exports_and_reads_back_the_same(tmp_path, monkeypatch):
+    """The boxes fuzzer (CI, 2026-11-29): a CSV row with area_mm2 "inf" loaded, and its JSON export
+    (which holds no infinity) read back NaN. The row is now skipped and named, as an infinite score."""
+    from napari_wscovid.io.boxes_io import load_boxes, save_boxes
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "fuzz"))
+    from common import BOXES_GEOMETRY
+
+    data = (CASES / "boxes_csv_infinite_area.bin").read_bytes()
+    assert data[0] & 3 == 3  # the harness's mode byte: a CSV, checked against its CT's grid
+    path = tmp_path / "fuzzed.csv"
+    path.write_bytes(data[1:])
+    boxes, meta = load_boxes(path, expected_geometry=BOXES_GEOMETRY)
+    assert any("area_mm2 is 'inf', not an area" in reason for reason in meta["skipped"])
+
+    def fields(box):  # NaN (an unknown score or area) equal to itself
+        return tuple("nan" if isinstance(v, float) and v != v else v for v in box.as_dict().values())
+
+    for name in ("again.boxes.json", "again.csv"):
+        out = save_boxes(tmp_path / name, boxes, BOXES_GEOMETRY)
+        again, again_meta = load_boxes(out, expected_geometry=BOXES_GEOMETRY)
+        assert again_meta["skipped"] == [] and [fields(b) for b in again] == [fields(b) for b in boxes]
