@@ -26,6 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .formats import PADDING_HU_THRESHOLD, reorient_nearest_identity
+from .gdcm_child import GdcmDecoded
 from .volume import DEFAULT_MAX_BYTES, CTLoadError, CTVolume, SeriesInfo, check_load_size, pseudonymous_key
 
 logger = logging.getLogger(__name__)
@@ -567,8 +568,12 @@ def _padding_mask(raw: np.ndarray, h: FileHeader) -> np.ndarray | None:
     return (raw >= low) & (raw <= high)
 
 
-def decode_file(h: FileHeader) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode one file to (HU float32 (frames, rows, cols), padding mask or None)."""
+def decode_file(h: FileHeader, gdcm: GdcmDecoded | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode one file to (HU float32 (frames, rows, cols), padding mask or None).
+
+    Files for GDCM are decoded in a child process (``gdcm_child``): pass the series' ``gdcm``
+    batch, or the file gets a child of its own.
+    """
     library, plugin = pixel_route(h.transfer_syntax, h.name)
     if library == "pydicom":
         ds = pydicom.dcmread(h.path)
@@ -579,10 +584,12 @@ def decode_file(h: FileHeader) -> tuple[np.ndarray, np.ndarray | None]:
         mask = _padding_mask(raw, h)
         hu = raw.astype(np.float32) * np.float32(h.slope) + np.float32(h.intercept)
     else:
-        import SimpleITK as sitk
-
         # GDCM already applies RescaleSlope/Intercept; stored values are recovered for the padding test.
-        hu = sitk.GetArrayFromImage(_read_with_gdcm(h)).astype(np.float32)
+        if gdcm is None:
+            with GdcmDecoded([(h.path, _decoded_bytes(h))]) as own:
+                hu = np.array(own.result(h.path).pixels, dtype=np.float32)
+        else:
+            hu = np.array(gdcm.result(h.path).pixels, dtype=np.float32)
         hu = hu.reshape((-1, *hu.shape[-2:]))
         mask = None
         if h.padding_value is not None:
@@ -602,8 +609,14 @@ _FILE_META_KEPT = (
 )
 
 
-def _read_with_gdcm(h: FileHeader):
-    """The file as a SimpleITK image, read by GDCM from a copy that pydicom re-wrote.
+def _decoded_bytes(h: FileHeader) -> int:
+    """What a file's pixels take decoded, as float64: the child's memory ceiling scales with it."""
+    return max(h.frames, 1) * h.rows * h.cols * max(h.samples, 1) * 8
+
+
+def _read_with_gdcm(path: Path):
+    """The file as a SimpleITK image, read by GDCM from a copy that pydicom re-wrote (run in the
+    ``gdcm_child`` process, never in the viewer's).
 
     GDCM trusts element lengths that pydicom checks: a stray element after the pixel data of a 1 kB
     file made it allocate 2 to 3.6 GB, and an element of unknown VR in the file meta header 740 MB
@@ -615,8 +628,11 @@ def _read_with_gdcm(h: FileHeader):
 
     import SimpleITK as sitk
 
+    name = path.name
     try:
-        ds = pydicom.dcmread(h.path)
+        # Values above 1 MiB are read when used, not when parsed: an element after the pixel data that
+        # claims gigabytes is then dropped unread instead of meeting the child's memory ceiling.
+        ds = pydicom.dcmread(path, defer_size=2**20)
         for tag in [t for t in ds.keys() if t > PIXEL_DATA_TAG or t.is_private]:
             del ds[tag]
         meta = pydicom.dataset.FileMetaDataset()
@@ -625,7 +641,7 @@ def _read_with_gdcm(h: FileHeader):
                 setattr(meta, keyword, ds.file_meta[keyword].value)
         ds.file_meta = meta
         if ds.file_meta.get("TransferSyntaxUID") and ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            _check_encapsulated(ds, h.name)
+            _check_encapsulated(ds, name)
         with tempfile.TemporaryDirectory(prefix="wscovid-gdcm-") as folder:
             copy = Path(folder) / "copy.dcm"
             ds.save_as(copy, enforce_file_format=True)
@@ -635,8 +651,12 @@ def _read_with_gdcm(h: FileHeader):
             return reader.Execute()
     except CTLoadError:
         raise
+    except MemoryError as exc:  # above the child's memory ceiling: a header that lies about sizes
+        raise CTLoadError(
+            f"{name}: decoding asked for far more memory than an image of this size needs; damaged file"
+        ) from exc
     except Exception as exc:  # pydicom could not parse or re-write it, or GDCM could not decode it
-        raise CTLoadError(f"{h.name}: {_decode_error_text(exc)}") from exc
+        raise CTLoadError(f"{name}: {_decode_error_text(exc)}") from exc
 
 
 #: Transfer syntaxes whose frames are JPEG or JPEG-LS codestreams (start with SOI, FF D8).
@@ -648,37 +668,104 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 def _check_encapsulated(ds, name: str) -> None:
     """Refuse compressed pixel data whose framing GDCM would trust: a 1.3 kB JPEG Lossless file
     whose fragment items were corrupt made GDCM allocate 3.1 GB (found by fuzzing). pydicom checks
-    the fragment items; the first JPEG frame's size must be the header's Rows x Columns."""
+    the fragment items; each JPEG frame's header must be well formed (``_jpeg_frame_size``) and its
+    size the header's Rows x Columns."""
     from pydicom.encaps import generate_frames
 
     try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
-    except (ValueError, StopIteration) as exc:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+    except ValueError as exc:
         raise CTLoadError(f"{name}: damaged compressed pixel data, {_decode_error_text(exc)}") from exc
-    if frame[:2] != b"\xff\xd8" and ds.file_meta.TransferSyntaxUID in _JPEG_SYNTAXES:
-        # a JPEG frame that does not start as one: GDCM took 4 GB for a 769-byte file (fuzzing)
-        raise CTLoadError(f"{name}: the compressed JPEG frame has no start-of-image marker")
-    size = _jpeg_frame_size(frame, name)
-    if size is not None and size != (int(ds.Rows), int(ds.Columns)):
-        raise CTLoadError(
-            f"{name}: the compressed image is {size[0]} x {size[1]} pixels but the header says "
-            f"{int(ds.Rows)} x {int(ds.Columns)}"
-        )
+    if not frames:
+        raise CTLoadError(f"{name}: damaged compressed pixel data, no frame in the pixel data")
+    for number, frame in enumerate(frames, start=1):
+        where = f"{name}: frame {number}" if len(frames) > 1 else name
+        if frame[:2] != b"\xff\xd8" and ds.file_meta.TransferSyntaxUID in _JPEG_SYNTAXES:
+            # a JPEG frame that does not start as one: GDCM took 4 GB for a 769-byte file (fuzzing)
+            raise CTLoadError(f"{where}: the compressed JPEG frame has no start-of-image marker")
+        size = _jpeg_frame_size(frame, where)
+        if size is not None and size != (int(ds.Rows), int(ds.Columns)):
+            raise CTLoadError(
+                f"{where}: the compressed image is {size[0]} x {size[1]} pixels but the header says "
+                f"{int(ds.Rows)} x {int(ds.Columns)}"
+            )
+
+
+#: Markers that stand alone, without a length: TEM and the restart markers RST0-7.
+_MARKERS_WITHOUT_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
 def _jpeg_frame_size(frame: bytes, name: str) -> tuple[int, int] | None:
-    """(rows, columns) of a JPEG or JPEG-LS codestream's frame header; None for other codestreams."""
+    """(rows, columns) of a JPEG or JPEG-LS codestream's frame header; None for other codestreams.
+
+    Every marker segment up to the first scan is walked and must be well formed: each lies inside
+    the frame, a frame header's precision is 2 to 16 bits and its components' sampling factors 1 to
+    4, and a Huffman table holds the codes its counts announce. GDCM's libjpeg trusts these: a
+    32 x 32 JPEG Lossless frame whose Huffman counts ran past their segment made it take 1.5 GB, one
+    with bytes that were no marker after its frame header 3.2 GB, and one of 18-bit precision
+    crashed it (found by fuzzing; GDCM now runs in a child process, ``gdcm_child``, so such a crash
+    costs a refusal, not the viewer). The walk is ours because no library
+    we depend on parses a JPEG header publicly; it stops at the scan, so it costs microseconds.
+    """
     if frame[:2] != b"\xff\xd8":  # no SOI: JPEG 2000, RLE or damaged, decoded or refused elsewhere
         return None
+    size = None
     i = 2
-    while i + 9 <= len(frame) and frame[i] == 0xFF:
-        marker, length = frame[i + 1], int.from_bytes(frame[i + 2 : i + 4], "big")
+    while True:
+        if i >= len(frame) or frame[i] != 0xFF:
+            what = "ends" if i >= len(frame) else f"has byte {frame[i]:#04x} where a marker belongs"
+            raise CTLoadError(f"{name}: the JPEG codestream {what} before its first scan (offset {i})")
+        while i < len(frame) and frame[i] == 0xFF:  # fill bytes may precede any marker
+            i += 1
+        if i >= len(frame):
+            raise CTLoadError(f"{name}: the JPEG codestream ends before its first scan")
+        marker = frame[i]
+        i += 1
+        if marker in _MARKERS_WITHOUT_LENGTH:
+            continue
+        if marker in (0x00, 0xD8, 0xD9):
+            raise CTLoadError(f"{name}: the JPEG codestream has marker FF{marker:02X} before its first scan")
+        length = int.from_bytes(frame[i : i + 2], "big")
+        if length < 2 or i + length > len(frame):
+            raise CTLoadError(
+                f"{name}: JPEG marker FF{marker:02X} at offset {i - 2} announces {length} bytes, which do "
+                f"not fit in the {len(frame)}-byte frame"
+            )
+        segment = frame[i + 2 : i + length]
         if marker in _SOF_MARKERS:
-            return int.from_bytes(frame[i + 5 : i + 7], "big"), int.from_bytes(frame[i + 7 : i + 9], "big")
-        if marker == 0xDA or length < 2:  # scan data before any frame header, or a broken segment
-            break
-        i += 2 + length
-    raise CTLoadError(f"{name}: the JPEG codestream has no readable frame header")
+            size = _jpeg_frame_header(segment, name)
+        elif marker == 0xC4:
+            _check_huffman_tables(segment, name)
+        elif marker == 0xDA:
+            if size is None:
+                raise CTLoadError(f"{name}: the JPEG codestream has no readable frame header")
+            return size
+        i += length
+
+
+def _jpeg_frame_header(segment: bytes, name: str) -> tuple[int, int]:
+    """(rows, columns) from a start-of-frame segment whose component list is well formed."""
+    n_components = segment[5] if len(segment) > 5 else 0
+    if n_components == 0 or len(segment) != 6 + 3 * n_components:
+        raise CTLoadError(f"{name}: the JPEG frame header is damaged ({len(segment) + 2} bytes)")
+    if not 2 <= segment[0] <= 16:  # JPEG and JPEG-LS samples have 2 to 16 bits; GDCM crashed on 18
+        raise CTLoadError(f"{name}: the JPEG frame header gives a sample precision of {segment[0]} bits")
+    for c in range(n_components):
+        sampling = segment[6 + 3 * c + 1]
+        if not (1 <= sampling >> 4 <= 4 and 1 <= sampling & 0x0F <= 4):
+            raise CTLoadError(f"{name}: the JPEG frame header has sampling factors {sampling:#04x}")
+    return int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+
+
+def _check_huffman_tables(segment: bytes, name: str) -> None:
+    """Each table: class and slot, 16 code counts, then as many symbols as the counts add up to."""
+    j = 0
+    while j < len(segment):
+        counts = segment[j + 1 : j + 17]
+        n_codes = sum(counts)
+        if len(counts) != 16 or n_codes > 256 or j + 17 + n_codes > len(segment):
+            raise CTLoadError(f"{name}: a JPEG Huffman table is damaged (its codes overrun the segment)")
+        j += 17 + n_codes
 
 
 def _is_decoder_panic(exc: BaseException) -> bool:
@@ -790,35 +877,9 @@ def _load_group(group: _Group, max_bytes: int) -> CTVolume:
         _warn(warnings, "no Modality tag; treated as CT because SOPClassUID is CT Image Storage")
 
     plan = _plan_slices(headers, warnings, group.key)
-    hu = np.empty((len(plan.slices), headers[0].rows, headers[0].cols), dtype=np.float32)
-    mask = np.zeros(hu.shape, dtype=bool)
-    failures: list[str] = []
-    for index, candidates in enumerate(plan.slices):
-        decoded = []
-        for h in candidates:
-            try:
-                decoded.append(decode_file(h))
-            except BaseException as exc:  # one bad file must not take the viewer down (cases 3 and 5)
-                if not isinstance(exc, Exception) and not _is_decoder_panic(exc):
-                    raise  # Ctrl-C, SystemExit
-                failures.append(f"{h.name}: {_decode_error_text(exc)}")
-        if len(decoded) != len(candidates):
-            continue
-        first_hu, first_mask = decoded[0]
-        for (other_hu, _), h in zip(decoded[1:], candidates[1:], strict=True):
-            if not np.array_equal(other_hu, first_hu):
-                raise CTLoadError(
-                    f"series {group.key}: {candidates[0].name} and {h.name} lie at the same position with "
-                    "different pixels and no AcquisitionNumber tells them apart; refused"
-                )
-        if len(candidates) > 1:
-            _warn(
-                warnings,
-                f"identical slices at one position de-duplicated: {', '.join(h.name for h in candidates)}",
-            )
-        hu[index] = first_hu[0]
-        if first_mask is not None:
-            mask[index] = first_mask[0]
+    by_gdcm = [h for h in headers if pixel_route(h.transfer_syntax)[0] == "simpleitk"]
+    with GdcmDecoded([(h.path, _decoded_bytes(h)) for h in by_gdcm]) as gdcm:
+        hu, mask, failures = _decode_slices(plan, headers[0], gdcm, warnings, group.key)
     if failures:
         raise CTLoadError(
             f"series {group.key} is incomplete: {len(failures)} of {len(headers)} file(s) could not be "
@@ -852,6 +913,42 @@ def _load_group(group: _Group, max_bytes: int) -> CTVolume:
         warnings=warnings,
         padding_mask=mask if mask.any() else None,
     )
+
+
+def _decode_slices(
+    plan: _SlicePlan, first: FileHeader, gdcm: GdcmDecoded, warnings: list[str], key: str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(HU volume, padding mask, failures) from the planned slices' files."""
+    hu = np.empty((len(plan.slices), first.rows, first.cols), dtype=np.float32)
+    mask = np.zeros(hu.shape, dtype=bool)
+    failures: list[str] = []
+    for index, candidates in enumerate(plan.slices):
+        decoded = []
+        for h in candidates:
+            try:
+                decoded.append(decode_file(h, gdcm))
+            except BaseException as exc:  # one bad file must not take the viewer down (cases 3 and 5)
+                if not isinstance(exc, Exception) and not _is_decoder_panic(exc):
+                    raise  # Ctrl-C, SystemExit
+                failures.append(f"{h.name}: {_decode_error_text(exc)}")
+        if len(decoded) != len(candidates):
+            continue
+        first_hu, first_mask = decoded[0]
+        for (other_hu, _), h in zip(decoded[1:], candidates[1:], strict=True):
+            if not np.array_equal(other_hu, first_hu):
+                raise CTLoadError(
+                    f"series {key}: {candidates[0].name} and {h.name} lie at the same position with "
+                    "different pixels and no AcquisitionNumber tells them apart; refused"
+                )
+        if len(candidates) > 1:
+            _warn(
+                warnings,
+                f"identical slices at one position de-duplicated: {', '.join(h.name for h in candidates)}",
+            )
+        hu[index] = first_hu[0]
+        if first_mask is not None:
+            mask[index] = first_mask[0]
+    return hu, mask, failures
 
 
 @dataclass
@@ -1041,18 +1138,17 @@ def _load_multiframe(group: _Group, warnings: list[str]) -> CTVolume:
         raise CTLoadError(
             f"series {group.key}: {len(group.headers)} multi-frame files in one series; load them one by one"
         )
-    import SimpleITK as sitk
-
     h = group.headers[0]
-    try:
-        image = _read_with_gdcm(h)
-    except CTLoadError as exc:
-        raise CTLoadError(
-            f"{h.name}: enhanced multi-frame CT could not be read ({_decode_error_text(exc)})"
-        ) from exc
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise CTLoadError(f"{h.name}: multi-frame image is not a 3-D grey-level volume")
-    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    with GdcmDecoded([(h.path, _decoded_bytes(h))]) as gdcm:
+        try:
+            image = gdcm.result(h.path)
+        except CTLoadError as exc:
+            raise CTLoadError(
+                f"{h.name}: enhanced multi-frame CT could not be read ({_decode_error_text(exc)})"
+            ) from exc
+        if image.dimension != 3 or image.components != 1:
+            raise CTLoadError(f"{h.name}: multi-frame image is not a 3-D grey-level volume")
+        hu = np.array(image.pixels, dtype=np.float32)
     mask = hu < PADDING_HU_THRESHOLD
     hu[mask] = -1024.0
     _warn(
@@ -1060,9 +1156,9 @@ def _load_multiframe(group: _Group, warnings: list[str]) -> CTVolume:
         f"{h.name}: enhanced multi-frame CT read with SimpleITK (GDCM): per-frame rescale applied, frame "
         "spacing taken as uniform",
     )
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[::-1, ::-1]
+    direction = np.asarray(image.direction, dtype=float).reshape(3, 3)[::-1, ::-1]
     hu, spacing, origin, direction, mask = reorient_nearest_identity(
-        hu, image.GetSpacing()[::-1], image.GetOrigin()[::-1], direction, mask
+        hu, image.spacing[::-1], image.origin[::-1], direction, mask
     )
     return CTVolume(
         hu=hu,

@@ -6,11 +6,14 @@ must now be refused with the reader's own error naming the file, and nothing els
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from napari_wscovid.io import CTLoadError, load_ct
+from napari_wscovid.io import CTLoadError, gdcm_child, load_ct
+from napari_wscovid.io import dicom as dicom_io
 
 CASES = Path(__file__).resolve().parents[1] / "data" / "fuzz_regressions"
 
@@ -23,13 +26,20 @@ CASES = Path(__file__).resolve().parents[1] / "data" / "fuzz_regressions"
         ("rle_decoder_panic.dcm", "(nothing padded): rle_decoder_panic.dcm: PanicException"),
         # a transfer syntax UID parsed as a sequence: pydicom failed only when the header was read
         ("lazy_element_fails_in_header.dcm", "unreadable DICOM header (BytesLengthException)"),
-        # an element after the pixel data made GDCM allocate 2 GB for a 1 kB file; pydicom cannot re-write
-        # it either, so it is refused
-        ("element_after_pixel_data_gdcm_2gb.dcm", "TypeError: encoding without a string argument"),
+        # an element after the pixel data made GDCM allocate 2 GB for a 1 kB file; pydicom, reading it in
+        # the GDCM child, asks for as much and meets the child's memory ceiling, so it is refused
+        ("element_after_pixel_data_gdcm_2gb.dcm", "asked for far more memory than an image of this size"),
         # JPEG Lossless (GDCM's to decode) with broken fragment items: GDCM took 3.1 GB for 1.3 kB
         ("jpeg_fragments_gdcm_3gb.dcm", "damaged compressed pixel data, ValueError: Unexpected tag"),
         # JPEG Lossless whose frame lacks the start-of-image marker: GDCM took 4 GB for 769 bytes
         ("jpeg_without_soi_gdcm_4gb.dcm", "the compressed JPEG frame has no start-of-image marker"),
+        # JPEG Lossless whose Huffman counts announce more codes than the segment holds: GDCM took
+        # 1.5 GB and 10 s for 912 bytes (CI's fuzz run, 2026-11-29)
+        ("jpeg_huffman_overrun_gdcm_1gb.dcm", "a JPEG Huffman table is damaged"),
+        # JPEG Lossless with bytes that are no marker after its frame header: GDCM took 3.2 GB
+        ("jpeg_no_marker_after_frame_header_gdcm_3gb.dcm", "has byte 0xbb where a marker belongs"),
+        # JPEG Lossless of 18-bit precision: GDCM died of a segmentation fault (fuzzing, 2026-11-30)
+        ("jpeg_18_bit_precision_gdcm_segfault.dcm", "gives a sample precision of 18 bits"),
         # a NIfTI header with a zero-length axis loaded as a (0, 3, 4) volume napari cannot show
         ("zero_length_axis.nii", "image of shape (0, 3, 4) has no voxels"),
     ],
@@ -52,24 +62,28 @@ def test_gdcm_reads_a_rewritten_copy_without_the_trailing_garbage(monkeypatch):
             given.append(name)
             return super().SetFileName(name)
 
+    # GDCM runs in a child process when loading; the rewrite is checked here, in this process
     monkeypatch.setattr(sitk, "ImageFileReader", Recording)
-    volume = load_ct(CASES / "trailing_element_gdcm_3gb.dcm")
-    assert volume.shape == (2, 8, 8)
+    image = dicom_io._read_with_gdcm(CASES / "trailing_element_gdcm_3gb.dcm")
+    assert image.GetSize() == (8, 8, 2)
     assert len(given) == 1 and not given[0].endswith("trailing_element_gdcm_3gb.dcm")
+    monkeypatch.undo()
+    assert load_ct(CASES / "trailing_element_gdcm_3gb.dcm").shape == (2, 8, 8)
 
 
 def test_gdcm_gets_no_file_meta_element_it_could_misread():
     """An element of unknown VR ('AI') in the file meta header made GDCM allocate 740 MB, never
     given back, for a 1 kB file (found by CI's fuzzing run); the copy GDCM reads has only the four
-    file meta elements that name the object and its encoding. Memory is checked as the process's
-    resident size after the load, which kept the 740 MB."""
+    file meta elements that name the object and its encoding. Memory is checked as this process's
+    resident size after GDCM read the file here (loading runs it in a child), which kept the 740 MB."""
     import psutil
 
     process = psutil.Process()
     before = process.memory_info().rss
-    volume = load_ct(CASES / "file_meta_unknown_vr_gdcm_740mb.dcm")
-    assert volume.hu.size == 128
+    image = dicom_io._read_with_gdcm(CASES / "file_meta_unknown_vr_gdcm_740mb.dcm")
+    assert image.GetNumberOfPixels() == 128
     assert process.memory_info().rss - before < 200 * 2**20
+    assert load_ct(CASES / "file_meta_unknown_vr_gdcm_740mb.dcm").hu.size == 128
 
 
 @pytest.mark.parametrize(("rows", "sof_rows", "reason"), [
@@ -119,3 +133,60 @@ def test_a_boxes_csv_with_an_infinite_area_exports_and_reads_back_the_same(tmp_p
         out = save_boxes(tmp_path / name, boxes, BOXES_GEOMETRY)
         again, again_meta = load_boxes(out, expected_geometry=BOXES_GEOMETRY)
         assert again_meta["skipped"] == [] and [fields(b) for b in again] == [fields(b) for b in boxes]
+
+
+SEEDS = Path(__file__).resolve().parents[2] / "fuzz" / "seeds" / "dicom"
+
+
+@pytest.fixture
+def gdcm_without_header_checks(monkeypatch):
+    """The GDCM child without ``_check_encapsulated``: the damaged frames reach GDCM itself, as a
+    damage no check knows yet would."""
+    script = (
+        "import sys; from pathlib import Path; import napari_wscovid.io.dicom as d; "
+        "d._check_encapsulated = lambda ds, name: None; "
+        "from napari_wscovid.io.gdcm_child import _child; sys.exit(_child(Path(sys.argv[1])))"
+    )
+    command = [sys.executable, "-c", script]
+    monkeypatch.setattr(gdcm_child, "_child_command", lambda folder: [*command, str(folder)])
+
+
+def test_a_decoder_crash_refuses_the_file_and_the_others_still_decode(tmp_path, gdcm_without_header_checks):
+    """GDCM dies of a segmentation fault on the 18-bit frame; in the child that costs one refusal
+    naming the file, and a fresh child decodes the files after it."""
+    import shutil
+
+    files = [tmp_path / "a.dcm", tmp_path / "crashing.dcm", tmp_path / "c.dcm"]
+    shutil.copy(SEEDS / "jpeg_lossless_sv1.dcm", files[0])
+    shutil.copy(CASES / "jpeg_18_bit_precision_gdcm_segfault.dcm", files[1])
+    shutil.copy(SEEDS / "jpeg_lossless_sv1.dcm", files[2])
+    with gdcm_child.GdcmDecoded([(f, 32 * 32 * 8) for f in files]) as decoded:
+        with pytest.raises(CTLoadError, match=r"crashing\.dcm: the JPEG decoder \(GDCM\) crashed \(SIG"):
+            decoded.result(files[1])
+        first, last = (np.asarray(decoded.result(f).pixels) for f in (files[0], files[2]))
+    assert first.shape[-2:] == (32, 32)
+    np.testing.assert_array_equal(first, last)
+
+
+@pytest.mark.parametrize("name", ["jpeg_huffman_overrun_gdcm_1gb.dcm", "jpeg_without_soi_gdcm_4gb.dcm"])
+def test_a_decoder_asking_for_gigabytes_is_stopped_at_the_ceiling(name, gdcm_without_header_checks):
+    """Damaged frames that made GDCM take 1.5 to 4 GB: under the child's address-space ceiling
+    (about 1 GiB for a 32 x 32 image) the allocation fails and the file is refused by name."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the address-space ceiling (RLIMIT_AS) is enforced on Linux only")
+    with pytest.raises(CTLoadError, match=name):
+        load_ct(CASES / name)
+
+
+def test_a_hung_decoder_is_stopped_and_named(tmp_path, monkeypatch):
+    """A decoder that never returns is stopped at the time limit; the file it was on is named."""
+    script = (
+        "import sys, time; from pathlib import Path; "
+        "Path(sys.argv[1], 'started').write_text('0'); time.sleep(60)"
+    )
+    command = [sys.executable, "-c", script]
+    monkeypatch.setattr(gdcm_child, "_child_command", lambda folder: [*command, str(folder)])
+    monkeypatch.setattr(gdcm_child, "_START_SECONDS", 2.0)
+    monkeypatch.setattr(gdcm_child, "_SECONDS_PER_FILE", 0.0)
+    with pytest.raises(CTLoadError, match=r"jpeg_lossless_sv1\.dcm: the JPEG decoder \(GDCM\) took longer"):
+        load_ct(SEEDS / "jpeg_lossless_sv1.dcm")

@@ -71,7 +71,7 @@ def test_case04_huge_declared_dimensions_refused_before_allocating(tmp_path, mon
     ds = ct_dataset()
     ds.Rows = ds.Columns = 65535
     path = save(ds, tmp_path / "huge.dcm")
-    monkeypatch.setattr(dicom_io, "decode_file", lambda h: pytest.fail("pixels were decoded"))
+    monkeypatch.setattr(dicom_io, "decode_file", lambda h, *_: pytest.fail("pixels were decoded"))
     with pytest.raises(CTLoadError, match=r"huge\.dcm.*65535x65535"):
         load_ct(path)
 
@@ -206,7 +206,7 @@ def test_case11_missing_position_orientation_voxel_only(tmp_path):
 
 
 def test_case12_memory_estimated_from_headers_and_capped(series_folder, monkeypatch):
-    monkeypatch.setattr(dicom_io, "decode_file", lambda h: pytest.fail("pixels were decoded"))
+    monkeypatch.setattr(dicom_io, "decode_file", lambda h, *_: pytest.fail("pixels were decoded"))
     with pytest.raises(CTLoadError, match=r"GiB.*max_bytes=") as info:
         load_ct(series_folder, max_bytes=10_000)
     assert "5 file(s), 32x32" in str(info.value)
@@ -221,7 +221,7 @@ def test_a_ct_larger_than_the_free_memory_is_refused_before_reading(series_folde
     mha = tmp_path / "ct.mha"
     write_image(load_ct(series_folder), mha)
     monkeypatch.setattr(volume_io, "available_memory_bytes", lambda: 1000)
-    monkeypatch.setattr(dicom_io, "decode_file", lambda h: pytest.fail("pixels were decoded"))
+    monkeypatch.setattr(dicom_io, "decode_file", lambda h, *_: pytest.fail("pixels were decoded"))
     for path in (series_folder, mha):
         with pytest.raises(CTLoadError, match=r"about 0\.00 GiB .* only 0\.00 GiB of memory is free"):
             load_ct(path)
