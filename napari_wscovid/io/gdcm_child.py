@@ -74,7 +74,8 @@ class GdcmDecoded:
         self._folder: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> GdcmDecoded:
-        self._folder = tempfile.TemporaryDirectory(prefix="wscovid-gdcm-")
+        # ignore_cleanup_errors: on Windows a memory map still referenced by a caller keeps its file
+        self._folder = tempfile.TemporaryDirectory(prefix="wscovid-gdcm-", ignore_cleanup_errors=True)
         # Several children share a long series (~24 ms per 512 x 512 slice each, measured on P001):
         # 148 slices took 4.3 s in one child; the work is the children's, the threads only wait.
         n_children = min(os.cpu_count() or 1, _MAX_CHILDREN, math.ceil(len(self._files) / _FILES_PER_CHILD))
@@ -120,7 +121,7 @@ class GdcmDecoded:
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+                env=_child_environment(),
             )
             failure = None if completed.returncode == 0 else _death(completed.returncode, limit)
             stderr = completed.stderr
@@ -145,6 +146,13 @@ class GdcmDecoded:
         logger.warning("GDCM decoder %s on %s", failure, file.name)
         self._results[file] = CTLoadError(f"{file.name}: the JPEG decoder (GDCM) {failure}; file refused")
         return files[started + 1 :]
+
+
+def _child_environment() -> dict[str, str]:
+    """This process's environment, with this package importable wherever the child starts."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "MALLOC_ARENA_MAX": "2"}
 
 
 def _child_command(folder: Path) -> list[str]:
