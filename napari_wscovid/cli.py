@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", default=None, help="CSV study_or_source,class: ROC and confusion in the report"
     )
     coh.add_argument("--overwrite", action="store_true", help="recompute studies already complete")
+    coh.add_argument(
+        "--source-names",
+        action="store_true",
+        help="list each study's folder or file name in cohort.csv and report.html (off by default: "
+        "folders exported from a PACS are often named by patient; the study key stands for them)",
+    )
     coh.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sub.add_parser("models", help="list the registered models")
     view = sub.add_parser("view", help="open napari with a CT (default: the bundled sample) and the widget")
@@ -221,12 +227,13 @@ def _cohort(args) -> int:
             workers=args.workers,
             scheduler=args.scheduler,
             overwrite=args.overwrite,
+            source_names=args.source_names,
             progress=show,
             on_dashboard=lambda link: logger.info("Dask dashboard: %s", link),
         )
     finally:
         bar.close()
-    report = write_report(args.out, summary.rows, summary.classes, labels)
+    report = write_report(args.out, summary.rows, summary.classes, labels, args.source_names)
     logger.info(
         "%d studies: %d failed; table %s, report %s",
         len(summary.rows),

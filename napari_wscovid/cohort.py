@@ -13,6 +13,9 @@ a report. No napari, no Qt.
   pseudonymous key of the source path: series keys of NIfTI files come from their grid, and two
   files of the same grid would share one folder; the CT's ``series_key`` is a column; ``D/cohort.csv``
   (rewritten atomically after every study) and ``D/report.html`` (:mod:`napari_wscovid.report`).
+* **No source names by default**: folders exported from a PACS are often named by patient name or
+  ID, so the source paths appear in no output (table, report, study record; an error message has
+  them replaced by the study key) unless ``source_names`` asks for a ``source`` column.
 * **Resumable**: a study whose folder holds a complete result for the same model (SHA-256) and
   options is skipped; ``overwrite`` recomputes.
 * **Fault isolation**: a study that raises, or whose worker dies, becomes an ``error`` row with
@@ -148,7 +151,8 @@ def run_study(root: str, source: str, out: str, options: dict, threads: int = 1)
         result = run_to_end(detect_iter(volume, **kwargs))
         tmp.mkdir(parents=True)
         write_results(result, volume, tmp)
-        record = {"source": source, "options": options, "model_sha256": result.model_info.get("sha256")}
+        # no source path: the folder's name (the study key) already says which source it is
+        record = {"options": options, "model_sha256": result.model_info.get("sha256")}
         (tmp / STUDY_RECORD).write_text(json.dumps(record, indent=1))
         final = Path(out) / row["study"]
         if final.exists():
@@ -188,7 +192,8 @@ def completed_row(out: Path, source: str, options: dict, study: str) -> dict | N
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if record.get("source") != source or record.get("options") != options:
+    # a record written before source paths were left out still names its source
+    if record.get("source", source) != source or record.get("options") != options:
         return None
     if options.get("model_sha256") and record.get("model_sha256") != options["model_sha256"]:
         return None
@@ -203,14 +208,39 @@ def completed_row(out: Path, source: str, options: dict, study: str) -> dict | N
 
 
 # ------------------------------------------------------------------------------------ client
-def write_table(out: Path, rows: list[dict], classes: Iterable[str]) -> Path:
+def exported_rows(rows: list[dict], source_names: bool = False) -> list[dict]:
+    """The rows as written to the table and the report, in source order.
+
+    Without ``source_names`` a row has no ``source`` and its error message has the source path and
+    each of its folder and file names replaced by the study key: a loader's refusal names the
+    folder it refused, and folders are often named by patient."""
+    exported = []
+    for row in sorted(rows, key=lambda r: r["source"]):
+        row = dict(row)
+        if not source_names:
+            source = row.pop("source")
+            row["error"] = _without_source(str(row.get("error", "")), source, row["study"])
+        exported.append(row)
+    return exported
+
+
+def _without_source(text: str, source: str, study: str) -> str:
+    names = {source, *Path(source).parts, Path(source).name.split(".")[0]}
+    for name in sorted((n for n in names if len(n) >= 2 and n not in (".", "..")), key=len, reverse=True):
+        text = text.replace(name, study)
+    return text
+
+
+def write_table(out: Path, rows: list[dict], classes: Iterable[str], source_names: bool = False) -> Path:
     from napari_wscovid.io.atomic import atomic_write_text
 
-    columns = [*BASE_COLUMNS[:5], *(f"p_{c}" for c in classes), *BASE_COLUMNS[5:]]
+    base = BASE_COLUMNS if source_names else tuple(c for c in BASE_COLUMNS if c != "source")
+    split = base.index("status") + 2  # the class probabilities follow the predicted class
+    columns = [*base[:split], *(f"p_{c}" for c in classes), *base[split:]]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in sorted(rows, key=lambda r: r["source"]):
+    for row in exported_rows(rows, source_names):
         writer.writerow({c: row.get(c, "") for c in columns})
     return atomic_write_text(out / COHORT_CSV, buffer.getvalue(), overwrite=True)
 
@@ -235,10 +265,13 @@ def run_cohort(
     workers: int = 1,
     scheduler: str | None = None,
     overwrite: bool = False,
+    source_names: bool = False,
     progress: Callable[[int, int, int, int], None] | None = None,
     on_dashboard: Callable[[str], None] | None = None,
 ) -> CohortSummary:
-    """Run every study of ``root`` and write ``out``; ``progress(done, failed, skipped, total)``."""
+    """Run every study of ``root`` and write ``out``; ``progress(done, failed, skipped, total)``.
+
+    ``source_names``: put each study's source path in the table (off: only its study key)."""
     from distributed import Client, LocalCluster, as_completed
 
     root, out = Path(root).resolve(), Path(out).resolve()
@@ -291,7 +324,7 @@ def run_cohort(
                     }
                 failed += row["status"] == "error"
                 summary.rows.append(row)
-                write_table(out, summary.rows, _classes(summary.rows))
+                write_table(out, summary.rows, _classes(summary.rows), source_names)
                 if progress:
                     progress(len(summary.rows), failed, total - len(todo), total)
         finally:
@@ -299,7 +332,7 @@ def run_cohort(
             if cluster is not None:
                 cluster.close()
     summary.classes = _classes(summary.rows)
-    write_table(out, summary.rows, summary.classes)
+    write_table(out, summary.rows, summary.classes, source_names)
     return summary
 
 

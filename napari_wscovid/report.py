@@ -107,7 +107,7 @@ def _no_answer(row: dict, classes) -> str:
     return ""
 
 
-def _labelled_section(rows, classes, labels) -> str:
+def _labelled_section(rows, classes, labels, source_names: bool) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,8 +140,10 @@ def _labelled_section(rows, classes, labels) -> str:
         )
     unused = sorted(k for k in by_key if k not in used)
     if unused:
+        # keys typed as source names may be patients' names: listed only when sources are shown
         shown = ", ".join(html.escape(k) for k in unused[:10]) + (" …" if len(unused) > 10 else "")
-        notes.append(f"{len(unused)} label(s) match no study: {shown}")
+        unused_keys = f": {shown}" if source_names else " (run with --source-names to list them)"
+        notes.append(f"{len(unused)} label(s) match no study{unused_keys}")
     if unknown_class:
         notes.append(
             f"{len(unknown_class)} label(s) of no class of the model ({', '.join(classes)}): "
@@ -193,9 +195,16 @@ def _labelled_section(rows, classes, labels) -> str:
     return "\n".join(parts)
 
 
-def write_report(out: str | Path, rows: list[dict], classes, labels: dict[str, str] | None = None) -> Path:
-    """Write ``out/report.html`` atomically and return its path."""
-    from napari_wscovid.cohort import REPORT_HTML
+def write_report(
+    out: str | Path,
+    rows: list[dict],
+    classes,
+    labels: dict[str, str] | None = None,
+    source_names: bool = False,
+) -> Path:
+    """Write ``out/report.html`` atomically and return its path; ``source_names`` as in the table
+    (:func:`napari_wscovid.cohort.exported_rows`). Labels keyed by source still match."""
+    from napari_wscovid.cohort import REPORT_HTML, exported_rows
     from napari_wscovid.io.atomic import atomic_write_text
 
     classes = list(classes)
@@ -208,11 +217,12 @@ def write_report(out: str | Path, rows: list[dict], classes, labels: dict[str, s
     for r in ok:
         statuses[r.get("scan_status") or "unknown"] = statuses.get(r.get("scan_status") or "unknown", 0) + 1
     failed = [r for r in rows if r["status"] == "error"]
-    columns = ["study", "source", "status", "predicted_class", *(f"p_{c}" for c in classes)]
-    columns += ["scan_status", "lung_volume_ml", "involvement_percent", "n_boxes", "seconds", "error"]
+    columns = ["study", *(["source"] if source_names else []), "status", "predicted_class"]
+    columns += [*(f"p_{c}" for c in classes), "scan_status", "lung_volume_ml", "involvement_percent"]
+    columns += ["n_boxes", "seconds", "error"]
     table = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>"
-        for r in sorted(rows, key=lambda r: r["source"])
+        for r in exported_rows(rows, source_names)
     )
     sections = [
         f"<h1>Cohort report</h1><p>{len(rows)} studies: {len(ok)} analysed, {len(failed)} failed.</p>",
@@ -227,7 +237,9 @@ def write_report(out: str | Path, rows: list[dict], classes, labels: dict[str, s
     if ok:
         sections.append("<h2>Distributions</h2>" + _histograms(ok, classes))
     if labels:
-        sections.append("<h2>Against the labels</h2>" + _labelled_section(rows, classes, labels))
+        sections.append(
+            "<h2>Against the labels</h2>" + _labelled_section(rows, classes, labels, source_names)
+        )
     sections.append(
         "<h2>Studies</h2><table><tr>"
         + "".join(f"<th>{html.escape(c)}</th>" for c in columns)

@@ -37,9 +37,13 @@ def cohort_root(tmp_path_factory):
     return root
 
 
-def _rows(out: Path) -> dict[str, dict]:
+def _rows(out: Path, sources=("a.nii.gz", "b.nii.gz", "site1/c.nii.gz", "broken")) -> dict[str, dict]:
+    """cohort.csv's rows by source; the table names studies by key only, unless --source-names."""
+    from napari_wscovid.cohort import study_key
+
+    by_key = {study_key(s): s for s in sources}
     with open(out / "cohort.csv", newline="") as fh:
-        return {r["source"]: r for r in csv.DictReader(fh)}
+        return {r["source"] if "source" in r else by_key[r["study"]]: r for r in csv.DictReader(fh)}
 
 
 def _cli(root, out, *extra) -> int:
@@ -204,12 +208,13 @@ def test_the_report_scores_answers_only_and_says_which_labels_it_could_not_use(t
     """A study out of scope (no call, NaN probabilities) crashed the labelled report after the
     whole cohort had run, or was counted as "called NP"; labels typed as a folder's base name,
     with a trailing slash or in lower case were dropped without a word."""
+    from napari_wscovid.cohort import study_key
     from napari_wscovid.report import write_report
 
     classes = ["NP", "CAP", "COVID-19"]
 
     def row(source, called, probs, scan_status="ok"):
-        r = {"study": f"st-{source}", "source": source, "status": "ok", "scan_status": scan_status}
+        r = {"study": study_key(source), "source": source, "status": "ok", "scan_status": scan_status}
         r.update(predicted_class=called, lung_volume_ml=3000.0, involvement_percent=1.0, n_boxes=0)
         r.update({f"p_{c}": p for c, p in zip(classes, probs, strict=True)})
         return r
@@ -223,12 +228,61 @@ def test_the_report_scores_answers_only_and_says_which_labels_it_could_not_use(t
     labels = {
         "P001": "covid-19",
         "site/cap001/": "CAP",
-        "st-site/normal001": "NP",
+        study_key("site/normal001"): "NP",
         "abdomen": "NP",
         "P999": "NP",
     }
-    text = write_report(tmp_path, rows, classes, labels).read_text()
+    text = write_report(tmp_path, rows, classes, labels, source_names=True).read_text()
     assert "<li>NP: 1</li>" in text and "<li>no answer (out of scope or no call): 1</li>" in text
     assert "3 labelled studies with an answer" in text
     assert "left out (no answer to score): 1 out of scope" in text
     assert "1 label(s) match no study: P999" in text
+    # by default the sources, and label keys that may be patients' names, are not written
+    text = write_report(tmp_path, rows, classes, labels).read_text()
+    assert "3 labelled studies with an answer" in text and "1 label(s) match no study (run with" in text
+    assert not any(name in text for name in ("P001", "cap001", "normal001", "abdomen", "P999"))
+
+
+def test_no_source_name_reaches_an_output_unless_asked(tmp_path):
+    """Folders exported from a PACS are often named by patient: the table, the report, each study's
+    record and a refusal's message carried the folder names. They now hold the study key only,
+    unless --source-names asks for them."""
+    from napari_wscovid.cohort import (
+        CohortOptions,
+        find_studies,
+        model_sha256,
+        run_study,
+        study_key,
+        write_table,
+    )
+    from napari_wscovid.io.write import write_image
+    from napari_wscovid.phantom import make_phantom
+    from napari_wscovid.report import write_report
+
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "DOE^JANE_0042").mkdir(parents=True)
+    (root / "DOE^JANE_0042" / "x.dcm").write_bytes((SAMPLE / "slice_0000.dcm").read_bytes()[:3000])
+    ph = make_phantom("CAP", n_slices=12, size=64, seed=3)
+    write_image(ph.volume.hu, root / "SMITH_JOHN_1961.nii.gz", like=ph.volume)
+    out.mkdir()
+    options = {
+        **CohortOptions(model="tiny-test", saliency="none").as_dict(),
+        "model_sha256": model_sha256("tiny-test"),
+    }
+    rows = [run_study(str(root), s, str(out), options) for s in find_studies(root)]
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    assert study_key("DOE^JANE_0042") in rows[0]["error"] or "x.dcm" in rows[0]["error"]
+    classes = ("NP", "CAP", "COVID-19")
+    write_table(out, rows, classes)
+    write_report(out, rows, classes, {"DOE^JANE_0042": "CAP", "SMITH_JOHN_1961.nii.gz": "CAP"})
+    written = [f for f in out.rglob("*") if f.is_file() and f.suffix in (".csv", ".html", ".json")]
+    assert {"cohort.csv", "report.html", "cohort_study.json", "summary.json"} <= {f.name for f in written}
+    for file in written:
+        text = file.read_text(errors="replace")
+        assert not any(name in text for name in ("DOE", "JANE", "SMITH", "JOHN")), file.name
+    with open(out / "cohort.csv", newline="") as fh:
+        error = {r["study"]: r["error"] for r in csv.DictReader(fh)}[study_key("DOE^JANE_0042")]
+    assert error  # the refusal is kept, its folder name replaced
+
+    write_table(out, rows, classes, source_names=True)
+    assert "DOE^JANE_0042" in (out / "cohort.csv").read_text()
