@@ -703,6 +703,14 @@ def patient_kfold(
     return folds
 
 
+def run_fold(patient_ids: Sequence[str], patient_classes: Sequence, cfg) -> tuple[Fold, int]:
+    """``(fold, k)``: the fold a run's config (``k_folds``, ``fold``, ``seed``) takes of one source,
+    for training and for evaluating the same split. A source with fewer patients than folds
+    (COVID-CT-MD's sample has 3) is split into as many folds as it has patients."""
+    k = min(cfg.k_folds, len(set(patient_ids)))
+    return patient_kfold(patient_ids, patient_classes, k=k, seed=cfg.seed)[cfg.fold % k], k
+
+
 def check_no_leakage(patient_ids: Sequence[str], fold: Fold) -> None:
     """Raise ``ValueError`` if a patient has samples in two parts of ``fold``."""
     ids = np.asarray(patient_ids)

@@ -53,7 +53,7 @@ from training.datasets import (
     VolumeFolderDataset,
     covid_ct_md_slices,
     infinite_indices,
-    patient_kfold,
+    run_fold,
     stem_group,
     stream_seed,
 )
@@ -397,9 +397,7 @@ def real_source_split(name: str, data, cfg: TrainConfig, holdout: set[str]):
         held = np.isin(ids, sorted(holdout))
         note = f"trained on {sorted(set(ids[~held]))}, held out {sorted(set(ids[held]))}"
         return np.flatnonzero(~held), np.flatnonzero(held), np.array([], dtype=int), note
-    k = min(cfg.k_folds, len(set(data.patient_ids)))
-    folds = patient_kfold(data.patient_ids, data.patient_classes, k=k, seed=cfg.seed)
-    fold = folds[cfg.fold % k]
+    fold, k = run_fold(data.patient_ids, data.patient_classes, cfg)
     note = (
         f"{len(set(data.patient_ids))} patients, {len(data)} slices; fold {cfg.fold % k} of "
         f"{k} by patient: train {len(fold.train)}, val {len(fold.val)}, test {len(fold.test)} slices"

@@ -12,7 +12,7 @@ bundled 3-class run), rebuilt by calling the training code's own functions on th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from training.datasets import (
     SliceImageFolderDataset,
     VolumeFolderDataset,
     covid_ct_md_records,
-    patient_kfold,
+    run_fold,
     slice_labels_from_masks,
     stem_group,
     stream_seed,
@@ -218,15 +218,6 @@ def extra_phantoms(cfg, classes, per_class: int, *, phantom_fn: Callable | None 
     return cases
 
 
-def split_fold(cfg, patient_ids: Sequence[str], patient_classes: Sequence[str]):
-    """``build_data``'s fold of one real-data source: ``(fold, k)``.
-
-    A source with fewer patients than folds is split into as many folds as it has patients.
-    """
-    k = min(cfg.k_folds, len(set(patient_ids)))
-    return patient_kfold(patient_ids, patient_classes, k=k, seed=cfg.seed)[cfg.fold % k], k
-
-
 def heldout_covid_ct_md(cfg, classes, root, **dataset_kwargs) -> tuple[list[Case], str]:
     """The test patient(s) of COVID-CT-MD, with the slices and labels of the training test set.
 
@@ -314,7 +305,7 @@ def heldout_images(cfg, classes, root, *, medseg: bool) -> tuple[dict[str, list[
         )
     else:
         data = SliceImageFolderDataset(root, classes=classes, size=_ID_ONLY_SIZE, preparation="whole")
-    fold, k = split_fold(cfg, data.patient_ids, data.patient_classes)
+    fold, k = run_fold(data.patient_ids, data.patient_classes, cfg)
     labels = data.labels.numpy()
     source = "medseg" if medseg else "ucsd"
 
