@@ -1,6 +1,6 @@
 """What decoding JPEG DICOM series in GDCM child processes costs against decoding them in-process.
 
-GDCM runs in child processes (``napari_wscovid/io/gdcm_child.py``) so that a decoder crash or
+GDCM runs in child processes (``napari_wscovid/io/isolated.py``) so that a decoder crash or
 runaway allocation cannot end the viewer. For each real JPEG Lossless / JPEG-LS series in
 ``../shared/data`` this times, interleaved and repeated (median of ``--repeats``):
 
@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from napari_wscovid.io import dicom as dicom_io
-from napari_wscovid.io import gdcm_child, load_ct
+from napari_wscovid.io import isolated, load_ct
 
 DATA = Path(os.environ.get("WSCOVID_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SERIES = {
@@ -41,14 +41,14 @@ def in_process(files: list[Path]) -> float:
 
 
 def in_children(files: list[Path], max_children: int | None) -> float:
-    saved = gdcm_child._MAX_CHILDREN
+    saved = isolated._MAX_CHILDREN
     if max_children is not None:
-        gdcm_child._MAX_CHILDREN = max_children
+        isolated._MAX_CHILDREN = max_children
     try:
-        with gdcm_child.GdcmDecoded([(f, 512 * 512 * 8) for f in files]) as decoded:
+        with isolated.GdcmDecoded([(f, 512 * 512 * 8) for f in files]) as decoded:
             return float(sum(np.asarray(decoded.result(f).pixels).mean() for f in files))
     finally:
-        gdcm_child._MAX_CHILDREN = saved
+        isolated._MAX_CHILDREN = saved
 
 
 def main(argv=None) -> None:

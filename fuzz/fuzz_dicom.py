@@ -17,11 +17,11 @@ from common import MAX_BYTES, instrumented, main, names_input, scratch_file  # n
 with instrumented("napari_wscovid", "pydicom"):
     # load_ct imports its readers lazily: import them here so that they are instrumented too
     import napari_wscovid.io.dicom  # noqa: F401
-    from napari_wscovid.io import CTLoadError, gdcm_child, load_ct
+    from napari_wscovid.io import CTLoadError, isolated, load_ct
 
 # GDCM decodes in a child process that is stopped at a time limit; keep a hung decoder's refusal
 # inside libFuzzer's -timeout (60 s in run_all), or the refusal itself would count as a hang.
-gdcm_child._START_SECONDS = 20.0
+isolated._START_SECONDS = 20.0
 
 NAME = "fuzzed.dcm"
 

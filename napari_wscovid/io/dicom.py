@@ -26,7 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .formats import PADDING_HU_THRESHOLD, reorient_nearest_identity
-from .gdcm_child import GdcmDecoded
+from .isolated import GdcmDecoded
 from .volume import DEFAULT_MAX_BYTES, CTLoadError, CTVolume, SeriesInfo, check_load_size, pseudonymous_key
 
 logger = logging.getLogger(__name__)
@@ -571,7 +571,7 @@ def _padding_mask(raw: np.ndarray, h: FileHeader) -> np.ndarray | None:
 def decode_file(h: FileHeader, gdcm: GdcmDecoded | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode one file to (HU float32 (frames, rows, cols), padding mask or None).
 
-    Files for GDCM are decoded in a child process (``gdcm_child``): pass the series' ``gdcm``
+    Files for GDCM are decoded in a child process (``isolated``): pass the series' ``gdcm``
     batch, or the file gets a child of its own.
     """
     library, plugin = pixel_route(h.transfer_syntax, h.name)
@@ -616,7 +616,7 @@ def _decoded_bytes(h: FileHeader) -> int:
 
 def _read_with_gdcm(path: Path):
     """The file as a SimpleITK image, read by GDCM from a copy that pydicom re-wrote (run in the
-    ``gdcm_child`` process, never in the viewer's).
+    ``isolated`` process, never in the viewer's).
 
     GDCM trusts element lengths that pydicom checks: a stray element after the pixel data of a 1 kB
     file made it allocate 2 to 3.6 GB, and an element of unknown VR in the file meta header 740 MB
@@ -703,7 +703,7 @@ def _jpeg_frame_size(frame: bytes, name: str) -> tuple[int, int] | None:
     4, and a Huffman table holds the codes its counts announce. GDCM's libjpeg trusts these: a
     32 x 32 JPEG Lossless frame whose Huffman counts ran past their segment made it take 1.5 GB, one
     with bytes that were no marker after its frame header 3.2 GB, and one of 18-bit precision
-    crashed it (found by fuzzing; GDCM now runs in a child process, ``gdcm_child``, so such a crash
+    crashed it (found by fuzzing; GDCM now runs in a child process, ``isolated``, so such a crash
     costs a refusal, not the viewer). The walk is ours because no library
     we depend on parses a JPEG header publicly; it stops at the scan, so it costs microseconds.
     """

@@ -42,16 +42,19 @@ def available_memory_bytes() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
-def check_load_size(name: str, n_voxels: int, detail: str, max_bytes: int) -> None:
+def check_load_size(
+    name: str, n_voxels: int, detail: str, max_bytes: int, available: int | None | str = "now"
+) -> None:
     """Refuse, before any pixel is read, a volume above ``max_bytes`` or above the memory the
-    system has left, naming both figures."""
+    system has left (``available`` bytes; by default measured now), naming both figures."""
     estimate = int(n_voxels) * BYTES_PER_VOXEL
     if estimate > max_bytes:
         raise CTLoadError(
             f"{name} would need about {estimate / 1024**3:.2f} GiB ({detail}, {BYTES_PER_VOXEL} bytes per "
             f"voxel), above the limit max_bytes={max_bytes / 1024**3:.2f} GiB; refused before reading pixels"
         )
-    available = available_memory_bytes()
+    if available == "now":
+        available = available_memory_bytes()
     if available is not None and estimate > available:
         raise CTLoadError(
             f"{name} would need about {estimate / 1024**3:.2f} GiB ({detail}) but only "

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_wscovid.io import CTLoadError, gdcm_child, load_ct
+from napari_wscovid.io import CTLoadError, isolated, load_ct
 from napari_wscovid.io import dicom as dicom_io
 
 CASES = Path(__file__).resolve().parents[1] / "data" / "fuzz_regressions"
@@ -145,10 +145,10 @@ def gdcm_without_header_checks(monkeypatch):
     script = (
         "import sys; from pathlib import Path; import napari_wscovid.io.dicom as d; "
         "d._check_encapsulated = lambda ds, name: None; "
-        "from napari_wscovid.io.gdcm_child import _child; sys.exit(_child(Path(sys.argv[1])))"
+        "from napari_wscovid.io.isolated import _child; sys.exit(_child(Path(sys.argv[1])))"
     )
     command = [sys.executable, "-c", script]
-    monkeypatch.setattr(gdcm_child, "_child_command", lambda folder: [*command, str(folder)])
+    monkeypatch.setattr(isolated, "_child_command", lambda folder: [*command, str(folder)])
 
 
 def test_a_decoder_crash_refuses_the_file_and_the_others_still_decode(tmp_path, gdcm_without_header_checks):
@@ -160,7 +160,7 @@ def test_a_decoder_crash_refuses_the_file_and_the_others_still_decode(tmp_path, 
     shutil.copy(SEEDS / "jpeg_lossless_sv1.dcm", files[0])
     shutil.copy(CASES / "jpeg_18_bit_precision_gdcm_segfault.dcm", files[1])
     shutil.copy(SEEDS / "jpeg_lossless_sv1.dcm", files[2])
-    with gdcm_child.GdcmDecoded([(f, 32 * 32 * 8) for f in files]) as decoded:
+    with isolated.GdcmDecoded([(f, 32 * 32 * 8) for f in files]) as decoded:
         with pytest.raises(CTLoadError, match=r"crashing\.dcm: the JPEG decoder \(GDCM\) crashed \(SIG"):
             decoded.result(files[1])
         first, last = (np.asarray(decoded.result(f).pixels) for f in (files[0], files[2]))
@@ -185,8 +185,79 @@ def test_a_hung_decoder_is_stopped_and_named(tmp_path, monkeypatch):
         "Path(sys.argv[1], 'started').write_text('0'); time.sleep(60)"
     )
     command = [sys.executable, "-c", script]
-    monkeypatch.setattr(gdcm_child, "_child_command", lambda folder: [*command, str(folder)])
-    monkeypatch.setattr(gdcm_child, "_START_SECONDS", 2.0)
-    monkeypatch.setattr(gdcm_child, "_SECONDS_PER_FILE", 0.0)
+    monkeypatch.setattr(isolated, "_child_command", lambda folder: [*command, str(folder)])
+    monkeypatch.setattr(isolated, "_START_SECONDS", 2.0)
+    monkeypatch.setattr(isolated, "_SECONDS_PER_FILE", 0.0)
     with pytest.raises(CTLoadError, match=r"jpeg_lossless_sv1\.dcm: the JPEG decoder \(GDCM\) took longer"):
         load_ct(SEEDS / "jpeg_lossless_sv1.dcm")
+
+
+# An audit of the MetaImage/NRRD/picture readers (2026-11-30): tiny headers that crashed, hung or
+# blocked ITK in the viewer's process. Each is now read in a child process and refused by name.
+_MHD = "ObjectType = Image\nNDims = 3\nDimSize = 16 16 8\nElementType = MET_SHORT\nElementDataFile = {}\n"
+_NRRD = "NRRD0004\ntype: short\ndimension: 3\nsizes: 16 16 8\nendian: little\nencoding: {}\n"
+_ITK_CASES = {
+    # a data-file pattern used as a printf format: SIGSEGV
+    "format_string.mhd": _MHD.format("%s 1 8 1"),
+    # NDims = -1 then ElementSpacing: SIGSEGV while the header was read
+    "negative_ndims.mha": "ObjectType = Image\nNDims = -1\nElementSpacing = 1\nElementType = MET_SHORT\n"
+    "ElementDataFile = LOCAL\n",
+    # an ASCII NRRD token longer than ITK's 1 kB buffer: SIGSEGV
+    "long_ascii_token.nrrd": (_NRRD.format("ascii") + "\n") + "1" * 1100,
+    # a data-file pattern with a huge field width: heap corruption, SIGABRT
+    "pattern_width.nhdr": _NRRD.format("raw") + "data file: x%0999999d.raw 1 8 1\n",
+    # the data file is the terminal: ITK waited on stdin for as long as napari's terminal was open
+    "stdin.mhd": _MHD.format("/dev/stdin"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ITK_CASES))
+def test_a_metaimage_or_nrrd_header_that_broke_itk_is_refused_by_name(name, tmp_path):
+    path = tmp_path / name
+    path.write_text(_ITK_CASES[name])
+    with pytest.raises(CTLoadError, match=name.replace(".", r"\.")):
+        load_ct(path)
+
+
+def test_a_dicom_renamed_mha_does_not_reach_gdcm_in_this_process(tmp_path):
+    """ITK picks its reader by content: the 18-bit JPEG DICOM renamed .mha went to GDCM, in the
+    viewer's process, past the DICOM route's checks, and crashed it."""
+    import shutil
+
+    path = tmp_path / "renamed.mha"
+    shutil.copy(CASES / "jpeg_18_bit_precision_gdcm_segfault.dcm", path)
+    with pytest.raises(CTLoadError, match=r"renamed\.mha: the MetaImage/NRRD reader \(ITK\) crashed"):
+        load_ct(path)
+
+
+def test_damaged_compressed_metaimage_pixels_are_refused_not_shown(tmp_path):
+    """ITK only printed "Uncompress failed" and returned an image of uninitialised memory."""
+    path = tmp_path / "garbage.mha"
+    compressed = "CompressedData = True\nCompressedDataSize = 100\nElementDataFile"
+    header = _MHD.format("LOCAL").replace("ElementDataFile", compressed)
+    path.write_bytes(header.encode() + bytes(range(100)))
+    with pytest.raises(CTLoadError, match=r"garbage\.mha: damaged pixel data .*Uncompress failed"):
+        load_ct(path)
+
+
+def test_a_looping_itk_header_is_stopped_at_the_time_limit(tmp_path, monkeypatch):
+    """24 bytes on which ITK's MetaImage reader loops forever (it was still spinning after 36 minutes)."""
+    monkeypatch.setattr(isolated, "_START_SECONDS", 8.0)
+    monkeypatch.setattr(isolated, "_SECONDS_PER_FILE", 0.0)
+    path = tmp_path / "loop.mha"
+    path.write_text("NDims = -1\nDimSize = 16\n")
+    with pytest.raises(
+        CTLoadError, match=r"loop\.mha: the MetaImage/NRRD reader \(ITK\) took longer than 8 s"
+    ):
+        load_ct(path)
+
+
+def test_a_float_tiff_named_png_loads(tmp_path):
+    """Pillow gave a read-only array for a 32-bit float image, and masking it raised a bare
+    ValueError naming no file."""
+    from PIL import Image
+
+    path = tmp_path / "float.png"
+    Image.fromarray(np.full((64, 64), -5.0, np.float32), "F").save(path, format="TIFF")
+    volume = load_ct(path)
+    assert volume.shape == (1, 64, 64) and not volume.is_hu
