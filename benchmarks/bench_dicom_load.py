@@ -45,7 +45,7 @@ def in_children(files: list[Path], max_children: int | None) -> float:
     if max_children is not None:
         isolated._MAX_CHILDREN = max_children
     try:
-        with isolated.GdcmDecoded([(f, 512 * 512 * 8) for f in files]) as decoded:
+        with isolated.Decoding("gdcm", [(f, 512 * 512 * 8) for f in files]) as decoded:
             return float(sum(np.asarray(decoded.result(f).pixels).mean() for f in files))
     finally:
         isolated._MAX_CHILDREN = saved

@@ -15,9 +15,11 @@ accession number are not accessed at all. Series are named by ``pseudonymous_key
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .formats import PADDING_HU_THRESHOLD, reorient_nearest_identity
-from .isolated import GdcmDecoded
+from .isolated import Decoding
 from .volume import DEFAULT_MAX_BYTES, CTLoadError, CTVolume, SeriesInfo, check_load_size, pseudonymous_key
 
 logger = logging.getLogger(__name__)
@@ -209,10 +211,13 @@ def read_header(path: str | os.PathLike) -> FileHeader:
     """Read one file's header (no pixels, never ``force=True``); raise CTLoadError if not DICOM."""
     path = Path(path)
     try:
+        _check_inflated_size(path)
         with open(path, "rb") as handle:
             ds = pydicom.dcmread(handle, stop_before_pixels=True)
             # pydicom rewinds to the start of the Pixel Data element it stopped at
             pixel_offset = handle.tell()
+    except CTLoadError:
+        raise
     except InvalidDicomError as exc:
         raise CTLoadError(
             f"{path.name}: not a DICOM Part 10 file (no 128-byte preamble with 'DICM' or no File Meta "
@@ -225,6 +230,44 @@ def read_header(path: str | os.PathLike) -> FileHeader:
         return _header_from_dataset(path, ds, pixel_offset)
     except Exception as exc:  # pydicom parses elements lazily: a corrupt one fails only when read here
         raise CTLoadError(f"{path.name}: unreadable DICOM header ({type(exc).__name__})") from exc
+
+
+#: The most a Deflated Explicit VR file may inflate to. pydicom inflates the whole data set at once,
+#: headers-only reads included, and holds it two to three times: a 1 MB file of zeros inflating to
+#: 1 GiB took 2.1-3.1 GB (audit). A single CT image inflates to about 0.5 MB.
+MAX_INFLATED_BYTES = 512 * 2**20
+
+
+def _check_inflated_size(path: Path) -> None:
+    """Refuse a Deflated Explicit VR file that inflates beyond ``MAX_INFLATED_BYTES``, counted in
+    1 MiB steps without keeping them; any other file costs a read of its meta header."""
+    import zlib
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        # the deflated stream starts after the preamble, "DICM", the 12-byte group length element
+        # and the group it measures
+        start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+    except Exception:
+        return  # no readable meta header, or no group length: dcmread says what is wrong
+    if str(meta.get("TransferSyntaxUID", "")) != "1.2.840.10008.1.2.1.99":
+        return
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while chunk := handle.read(2**20):
+            try:
+                data = inflater.decompress(chunk, 2**20)
+                while data:
+                    inflated += len(data)
+                    if inflated > MAX_INFLATED_BYTES:
+                        raise CTLoadError(
+                            f"{path.name}: its deflated data set inflates to more than "
+                            f"{MAX_INFLATED_BYTES // 2**20} MiB, far beyond a CT image; refused"
+                        )
+                    data = inflater.decompress(inflater.unconsumed_tail, 2**20)
+            except zlib.error:
+                return  # a damaged stream: pydicom's read names it
 
 
 def _header_from_dataset(path: Path, ds, pixel_offset: int) -> FileHeader:
@@ -568,29 +611,62 @@ def _padding_mask(raw: np.ndarray, h: FileHeader) -> np.ndarray | None:
     return (raw >= low) & (raw <= high)
 
 
-def decode_file(h: FileHeader, gdcm: GdcmDecoded | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode one file to (HU float32 (frames, rows, cols), padding mask or None).
+def decoding_child(h: FileHeader) -> tuple[str, str] | None:
+    """The child-process task (:mod:`.isolated`) and pydicom plugin that decode a file's pixels,
+    or None for uncompressed pixels, which numpy reads here.
 
-    Files for GDCM are decoded in a child process (``isolated``): pass the series' ``gdcm``
-    batch, or the file gets a child of its own.
+    Every compressed syntax goes to a child: GDCM (JPEG, JPEG-LS) took gigabytes on 1 kB files
+    and crashed on one (fuzzing), and an audit of pylibjpeg-openjpeg found a JPEG 2000 palette box
+    writing past its buffer (heap corruption), codestreams whose tile and component counts took
+    1-4 GB, and a JP2 box of length 0 on which pydicom's header parser loops forever.
     """
     library, plugin = pixel_route(h.transfer_syntax, h.name)
-    if library == "pydicom":
-        ds = pydicom.dcmread(h.path)
-        if plugin:
-            ds.pixel_array_options(decoding_plugin=plugin)
-        raw = np.asarray(ds.pixel_array)
+    if library == "simpleitk":
+        return ("gdcm", "")
+    if h.transfer_syntax in NATIVE_SYNTAXES:
+        return None
+    return ("pydicom", plugin)
+
+
+@contextlib.contextmanager
+def decoded_in_children(headers: Sequence[FileHeader]):
+    """``{path: decoding}`` for the files among ``headers`` whose pixels a child decodes (one
+    batch per task and plugin, children sharing the cores); their files go on leaving the block."""
+    batches: dict[tuple[str, str], list[FileHeader]] = defaultdict(list)
+    for h in headers:
+        route = decoding_child(h)
+        if route is not None:
+            batches[route].append(h)
+    with contextlib.ExitStack() as stack:
+        by_path = {}
+        for (task, plugin), batch in batches.items():
+            files = [(h.path, _decoded_bytes(h)) for h in batch]
+            decoding = stack.enter_context(Decoding(task, files, plugin=plugin))
+            by_path.update(dict.fromkeys((h.path for h in batch), decoding))
+        yield by_path
+
+
+def decode_file(h: FileHeader, decoded: Mapping | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode one file to (HU float32 (frames, rows, cols), padding mask or None).
+
+    Compressed pixels are decoded in a child process (:func:`decoding_child`): pass the series'
+    ``decoded`` (from :func:`decoded_in_children`), or the file gets a child of its own.
+    """
+    route = decoding_child(h)
+    if route is None:
+        raw = np.asarray(pydicom.dcmread(h.path).pixel_array)
+    elif decoded is not None and h.path in decoded:
+        raw = np.array(decoded[h.path].result(h.path).pixels)
+    else:
+        with decoded_in_children([h]) as own:
+            raw = np.array(own[h.path].result(h.path).pixels)
+    if route is None or route[0] == "pydicom":
         raw = raw.reshape((h.frames, *raw.shape[-2:])) if raw.ndim in (2, 3) else raw
         mask = _padding_mask(raw, h)
         hu = raw.astype(np.float32) * np.float32(h.slope) + np.float32(h.intercept)
     else:
         # GDCM already applies RescaleSlope/Intercept; stored values are recovered for the padding test.
-        if gdcm is None:
-            with GdcmDecoded([(h.path, _decoded_bytes(h))]) as own:
-                hu = np.array(own.result(h.path).pixels, dtype=np.float32)
-        else:
-            hu = np.array(gdcm.result(h.path).pixels, dtype=np.float32)
-        hu = hu.reshape((-1, *hu.shape[-2:]))
+        hu = raw.astype(np.float32).reshape((-1, *raw.shape[-2:]))
         mask = None
         if h.padding_value is not None:
             mask = _padding_mask(np.rint((hu - h.intercept) / h.slope).astype(np.int64), h)
@@ -877,9 +953,8 @@ def _load_group(group: _Group, max_bytes: int) -> CTVolume:
         _warn(warnings, "no Modality tag; treated as CT because SOPClassUID is CT Image Storage")
 
     plan = _plan_slices(headers, warnings, group.key)
-    by_gdcm = [h for h in headers if pixel_route(h.transfer_syntax)[0] == "simpleitk"]
-    with GdcmDecoded([(h.path, _decoded_bytes(h)) for h in by_gdcm]) as gdcm:
-        hu, mask, failures = _decode_slices(plan, headers[0], gdcm, warnings, group.key)
+    with decoded_in_children(headers) as decoded:
+        hu, mask, failures = _decode_slices(plan, headers[0], decoded, warnings, group.key)
     if failures:
         raise CTLoadError(
             f"series {group.key} is incomplete: {len(failures)} of {len(headers)} file(s) could not be "
@@ -916,25 +991,25 @@ def _load_group(group: _Group, max_bytes: int) -> CTVolume:
 
 
 def _decode_slices(
-    plan: _SlicePlan, first: FileHeader, gdcm: GdcmDecoded, warnings: list[str], key: str
+    plan: _SlicePlan, first: FileHeader, decoded: Mapping, warnings: list[str], key: str
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(HU volume, padding mask, failures) from the planned slices' files."""
     hu = np.empty((len(plan.slices), first.rows, first.cols), dtype=np.float32)
     mask = np.zeros(hu.shape, dtype=bool)
     failures: list[str] = []
     for index, candidates in enumerate(plan.slices):
-        decoded = []
+        decoded_slices = []
         for h in candidates:
             try:
-                decoded.append(decode_file(h, gdcm))
+                decoded_slices.append(decode_file(h, decoded))
             except BaseException as exc:  # one bad file must not take the viewer down (cases 3 and 5)
                 if not isinstance(exc, Exception) and not _is_decoder_panic(exc):
                     raise  # Ctrl-C, SystemExit
                 failures.append(f"{h.name}: {_decode_error_text(exc)}")
-        if len(decoded) != len(candidates):
+        if len(decoded_slices) != len(candidates):
             continue
-        first_hu, first_mask = decoded[0]
-        for (other_hu, _), h in zip(decoded[1:], candidates[1:], strict=True):
+        first_hu, first_mask = decoded_slices[0]
+        for (other_hu, _), h in zip(decoded_slices[1:], candidates[1:], strict=True):
             if not np.array_equal(other_hu, first_hu):
                 raise CTLoadError(
                     f"series {key}: {candidates[0].name} and {h.name} lie at the same position with "
@@ -1139,7 +1214,7 @@ def _load_multiframe(group: _Group, warnings: list[str]) -> CTVolume:
             f"series {group.key}: {len(group.headers)} multi-frame files in one series; load them one by one"
         )
     h = group.headers[0]
-    with GdcmDecoded([(h.path, _decoded_bytes(h))]) as gdcm:
+    with Decoding("gdcm", [(h.path, _decoded_bytes(h))]) as gdcm:
         try:
             image = gdcm.result(h.path)
         except CTLoadError as exc:

@@ -14,9 +14,14 @@ these readers run in ``python -m napari_wscovid.io.isolated``:
   pixels once the header's size has passed ``check_load_size``), so a lying header fails the
   allocation instead of taking the machine's memory;
 * under a time limit, with stdin closed;
-* one child per ITK or picture file, one per core for a DICOM series' GDCM files (starting a child
-  costs about 0.7 s); a child that dies is reported as a refusal naming the file it was on, and
-  a series' remaining files go to a fresh child.
+* one child per ITK or picture file, one per core for a DICOM series' compressed files (starting
+  a child costs about 0.7 s); a child that dies is reported as a refusal naming the file it was
+  on, and a series' remaining files go to a fresh child.
+
+An audit of the in-process DICOM decoders then found pylibjpeg-openjpeg writing past its buffer on
+a JPEG 2000 palette box (heap corruption, the process aborted), 1.3-50 kB codestreams whose tile
+and component counts took 1.2-4.4 GB, and a JP2 box of length 0 on which pydicom's own header
+parser loops forever: every compressed DICOM syntax now decodes in a child (``"pydicom"`` task).
 
 Each image comes back as a ``.npy`` file, opened memory-mapped, so it is never held twice. The
 header checks in ``dicom._check_encapsulated`` still refuse the known damages first, with their
@@ -51,7 +56,7 @@ _BASE_ADDRESS_SPACE = 1024 * 2**20
 # A decoded image is held a few times over (the decoder's buffer, the ITK image, the array).
 _COPIES_PER_IMAGE = 8
 # Seconds allowed: starting the child, then per file (a 512 x 512 JPEG Lossless slice takes ~20 ms).
-_START_SECONDS = 60.0
+_START_SECONDS = 30.0
 _SECONDS_PER_FILE = 5.0
 # A child starts in ~0.7 s: a second one pays off from a few dozen slices on.
 _FILES_PER_CHILD = 16
@@ -73,7 +78,7 @@ class DecodedImage:
     direction: tuple[float, ...]
 
 
-class _Decoding:
+class Decoding:
     """Files decoded by one kind of child (``task``); use as a context manager.
 
     ``result(path)`` returns the :class:`DecodedImage` or raises the :class:`CTLoadError` naming
@@ -81,10 +86,12 @@ class _Decoding:
     (arrays taken from them must be copied before).
     """
 
-    def __init__(self, task: str, files: Sequence[tuple[Path, int]], max_bytes: int = 0):
-        """``files``: (path, bytes its decoded pixels take as float64; 0 when only its header can
-        tell) for each file to decode."""
+    def __init__(self, task: str, files: Sequence[tuple[Path, int]], max_bytes: int = 0, plugin: str = ""):
+        """``task``: ``"gdcm"``, ``"pydicom"`` (with its decoding ``plugin``), ``"itk"`` or
+        ``"picture"``; ``files``: (path, bytes its decoded pixels take as float64; 0 when only its
+        header can tell) for each file to decode."""
         self._task = task
+        self._plugin = plugin
         self._files = [Path(p) for p, _ in files]
         self._largest = max((int(n) for _, n in files), default=0)
         self._max_bytes = int(max_bytes)
@@ -134,6 +141,7 @@ class _Decoding:
         pixel_share = _COPIES_PER_IMAGE * (self._largest or self._max_bytes // BYTES_PER_VOXEL * 8)
         job = {
             "task": self._task,
+            "plugin": self._plugin,
             "files": [str(f) for f in files],
             "max_bytes": self._max_bytes,
             # the memory free as the viewer's process sees it, for the child's size check
@@ -179,22 +187,16 @@ class _Decoding:
 
 _READERS = {
     "gdcm": "JPEG decoder (GDCM)",
+    "pydicom": "pixel decoder (pydicom)",
     "itk": "MetaImage/NRRD reader (ITK)",
     "picture": "image decoder (Pillow)",
 }
 
 
-class GdcmDecoded(_Decoding):
-    """The files of one DICOM series that GDCM decodes (JPEG and JPEG-LS, enhanced CT)."""
-
-    def __init__(self, files: Sequence[tuple[Path, int]]):
-        super().__init__("gdcm", files)
-
-
 def read_isolated(task: str, path: str | os.PathLike, max_bytes: int) -> DecodedImage:
     """One MetaImage/NRRD (``"itk"``) or PNG/JPG (``"picture"``) file read in a child process;
     its pixels are the caller's own (a writable copy that outlives the child's files)."""
-    with _Decoding(task, [(Path(path), 0)], max_bytes) as decoding:
+    with Decoding(task, [(Path(path), 0)], max_bytes) as decoding:
         image = decoding.result(Path(path))
         return DecodedImage(np.array(image.pixels), *(getattr(image, f) for f in _GRID_FIELDS))
 
@@ -283,6 +285,18 @@ def _decode_gdcm(path: Path, job: dict, save) -> dict:
     return _image_meta(image)
 
 
+def _decode_pydicom(path: Path, job: dict, save) -> dict:
+    """Stored values (no rescale) as pydicom's decoder gives them, e.g. JPEG 2000 or RLE."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if job["plugin"]:
+        ds.pixel_array_options(decoding_plugin=job["plugin"])
+    pixels = np.asarray(ds.pixel_array)
+    save(pixels)
+    return {"dimension": pixels.ndim, "components": 1, "spacing": [], "origin": [], "direction": []}
+
+
 def _decode_itk(path: Path, job: dict, save) -> dict:
     import SimpleITK as sitk
 
@@ -352,7 +366,7 @@ def _decode_picture(path: Path, job: dict, save) -> dict:
     }
 
 
-_TASKS = {"gdcm": _decode_gdcm, "itk": _decode_itk, "picture": _decode_picture}
+_TASKS = {"gdcm": _decode_gdcm, "pydicom": _decode_pydicom, "itk": _decode_itk, "picture": _decode_picture}
 
 
 def _child(folder: Path) -> int:
@@ -360,7 +374,7 @@ def _child(folder: Path) -> int:
     decode = _TASKS[job["task"]]
     import SimpleITK as sitk
 
-    from .dicom import _decode_error_text
+    from .dicom import _decode_error_text, _is_decoder_panic
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one decoder thread; a predictable footprint
     _set_address_space(int(job["soft_limit"]), int(job["hard_limit"]))
@@ -381,7 +395,9 @@ def _child(folder: Path) -> int:
             return _OUT_OF_MEMORY
         except CTLoadError as exc:
             meta = {"error": str(exc)}
-        except Exception as exc:  # the decoder's own refusal; std::bad_alloc comes through as RuntimeError
+        except BaseException as exc:  # the decoder's refusal; std::bad_alloc comes as a RuntimeError
+            if not isinstance(exc, Exception) and not _is_decoder_panic(exc):
+                raise  # a Rust decoder's panic (pylibjpeg-rle) is a refusal; Ctrl-C is not
             if "bad_alloc" in str(exc):
                 return _OUT_OF_MEMORY
             meta = {"error": f"{path.name}: {_decode_error_text(exc)}"}

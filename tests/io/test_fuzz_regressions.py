@@ -160,7 +160,7 @@ def test_a_decoder_crash_refuses_the_file_and_the_others_still_decode(tmp_path, 
     shutil.copy(SEEDS / "jpeg_lossless_sv1.dcm", files[0])
     shutil.copy(CASES / "jpeg_18_bit_precision_gdcm_segfault.dcm", files[1])
     shutil.copy(SEEDS / "jpeg_lossless_sv1.dcm", files[2])
-    with isolated.GdcmDecoded([(f, 32 * 32 * 8) for f in files]) as decoded:
+    with isolated.Decoding("gdcm", [(f, 32 * 32 * 8) for f in files]) as decoded:
         with pytest.raises(CTLoadError, match=r"crashing\.dcm: the JPEG decoder \(GDCM\) crashed \(SIG"):
             decoded.result(files[1])
         first, last = (np.asarray(decoded.result(f).pixels) for f in (files[0], files[2]))
@@ -261,3 +261,49 @@ def test_a_float_tiff_named_png_loads(tmp_path):
     Image.fromarray(np.full((64, 64), -5.0, np.float32), "F").save(path, format="TIFF")
     volume = load_ct(path)
     assert volume.shape == (1, 64, 64) and not volume.is_hu
+
+
+# An audit of the in-process DICOM decoders (2026-11-30): each compressed syntax now decodes in a
+# child process, so what broke the viewer's process is a refusal naming the file.
+
+
+def test_a_jpeg2000_decoder_writing_past_its_buffer_is_a_refusal():
+    """A JP2 palette box turns 1 component of 8 bits into N of 16, which pylibjpeg-openjpeg wrote
+    past the buffer it sized from the header: heap corruption, then an abort or a segfault."""
+    with pytest.raises(
+        CTLoadError, match=r"j2k_palette_heap_overflow\.dcm: the pixel decoder \(pydicom\) crashed"
+    ):
+        load_ct(CASES / "j2k_palette_heap_overflow.dcm")
+
+
+def test_a_jp2_box_of_length_zero_is_stopped_at_the_time_limit(monkeypatch):
+    """pydicom's JPEG 2000 header parser never advances past a JP2 box of length 0 (not 'jp2c')."""
+    monkeypatch.setattr(isolated, "_START_SECONDS", 8.0)
+    monkeypatch.setattr(isolated, "_SECONDS_PER_FILE", 0.0)
+    with pytest.raises(
+        CTLoadError, match=r"jp2_box_length_zero_hang\.dcm: the pixel decoder \(pydicom\) took longer"
+    ):
+        load_ct(CASES / "jp2_box_length_zero_hang.dcm")
+
+
+def test_a_codestream_of_many_tiles_and_components_meets_the_memory_ceiling():
+    """A 4.4 kB JPEG 2000 codestream with 1024 tiles of 1024 components made OpenJPEG take 1.2 GB."""
+    with pytest.raises(CTLoadError, match=r"j2k_tiles_components_1gb\.dcm: "):
+        load_ct(CASES / "j2k_tiles_components_1gb.dcm")
+
+
+def test_a_deflate_bomb_is_refused_before_pydicom_inflates_it(tmp_path, monkeypatch):
+    """pydicom inflates a Deflated Explicit VR data set whole, even for a header: 1 MB of deflated
+    zeros took 2.1-3.1 GB. The stream is now measured first (the cap lowered here to 1 MiB)."""
+    import pydicom
+
+    monkeypatch.setattr(dicom_io, "MAX_INFLATED_BYTES", 2**20)
+    ds = pydicom.dcmread(SEEDS / "explicit_le.dcm")
+    ds.add_new(0x00091010, "OB", bytes(4 * 2**20))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 2**20 // 8
+    with pytest.raises(CTLoadError, match=r"bomb\.dcm: its deflated data set inflates to more than 1 MiB"):
+        load_ct(path)
+    assert load_ct(SEEDS / "deflated.dcm").shape == (1, 8, 8)  # an ordinary deflated file still loads
