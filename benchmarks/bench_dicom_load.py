@@ -37,7 +37,7 @@ SERIES = {
 
 
 def in_process(files: list[Path]) -> float:
-    return float(sum(sitk.GetArrayViewFromImage(dicom_io._read_with_gdcm(f)).mean() for f in files))
+    return float(sum(sitk.GetArrayFromImage(dicom_io._read_with_gdcm(f)).mean() for f in files))
 
 
 def in_children(files: list[Path], max_children: int | None) -> float:
