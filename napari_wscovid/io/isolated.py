@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,9 +56,12 @@ logger = logging.getLogger(__name__)
 _BASE_ADDRESS_SPACE = 1024 * 2**20
 # A decoded image is held a few times over (the decoder's buffer, the ITK image, the array).
 _COPIES_PER_IMAGE = 8
-# Seconds allowed: starting the child, then per file (a 512 x 512 JPEG Lossless slice takes ~20 ms).
+# Seconds allowed to start the child (a cold start after boot measured 20 s), then to each file:
+# 5 s plus 1 s per 10 MB on disk (a 512 x 512 JPEG Lossless slice takes ~20 ms, a 105 M-voxel
+# gzipped NRRD 13 s). A hung decoder is stopped that long after it began its file.
 _START_SECONDS = 30.0
 _SECONDS_PER_FILE = 5.0
+_BYTES_PER_SECOND = 10 * 2**20
 # A child starts in ~0.7 s: a second one pays off from a few dozen slices on.
 _FILES_PER_CHILD = 16
 _MAX_CHILDREN = 4
@@ -150,22 +154,7 @@ class Decoding:
             "hard_limit": _BASE_ADDRESS_SPACE + pixel_share,
         }
         (folder / "job.json").write_text(json.dumps(job))
-        timeout = _START_SECONDS + _SECONDS_PER_FILE * len(files)
-        try:
-            completed = subprocess.run(
-                _child_command(folder),
-                stdin=subprocess.DEVNULL,  # a data file named /dev/stdin must not wait on the terminal
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=_child_environment(),
-            )
-            failure = None if completed.returncode == 0 else _death(completed.returncode, job["hard_limit"])
-            stderr = completed.stderr
-        except subprocess.TimeoutExpired as exc:
-            failure = f"took longer than {timeout:.0f} s and was stopped"
-            stderr = exc.stderr or ""
-            stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        failure, stderr = _watch(folder, files, job["hard_limit"])
         for index, file in enumerate(files):
             outcome = folder / f"{index}.json"
             if not outcome.is_file():
@@ -202,6 +191,50 @@ def read_isolated(task: str, path: str | os.PathLike, max_bytes: int) -> Decoded
 
 
 _GRID_FIELDS = ("dimension", "components", "spacing", "origin", "direction")
+
+
+def _file_seconds(path: Path) -> float:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    return _SECONDS_PER_FILE + size / _BYTES_PER_SECOND
+
+
+def _watch(folder: Path, files: list[Path], limit: int) -> tuple[str | None, str]:
+    """Run the child on ``folder``'s job; (why it failed or None, its stderr). It is stopped when
+    it has not started its first file ``_START_SECONDS`` after launch, or has spent longer on one
+    file than :func:`_file_seconds` allows (so a hang costs seconds, not minutes per series)."""
+    with open(folder / "child.stderr", "w+") as err:
+        child = subprocess.Popen(
+            _child_command(folder),
+            stdin=subprocess.DEVNULL,  # a data file named /dev/stdin must not wait on the terminal
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=_child_environment(),
+        )
+        try:
+            current, since, allowed = None, time.monotonic(), _START_SECONDS
+            while True:
+                try:
+                    returncode = child.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                started = _started(folder)
+                if started is not None and started != current and started < len(files):
+                    current, since, allowed = started, time.monotonic(), _file_seconds(files[started])
+                if time.monotonic() - since > allowed:
+                    child.kill()
+                    child.wait()
+                    err.seek(0)
+                    return f"took longer than {allowed:.0f} s and was stopped", err.read()
+        finally:
+            if child.poll() is None:  # interrupted here (Ctrl-C): no orphan decoder left running
+                child.kill()
+                child.wait()
+        err.seek(0)
+        return (None if returncode == 0 else _death(returncode, limit)), err.read()
 
 
 def _child_environment() -> dict[str, str]:
