@@ -167,7 +167,11 @@ class Decoding:
         started = _started(folder)
         if started is None or started >= len(files):
             tail = (stderr or "").strip().splitlines()[-1:] or ["no message"]
-            raise CTLoadError(f"the {_READERS[self._task]} could not be started ({tail[0][:200]})")
+            more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+            raise CTLoadError(
+                f"{files[0].name}{more}: the {_READERS[self._task]} could not be started "
+                f"({failure}; {tail[0][:200]})"
+            )
         file = files[started]
         logger.warning("%s %s on %s", _READERS[self._task], failure, file.name)
         self._results[file] = CTLoadError(f"{file.name}: the {_READERS[self._task]} {failure}; file refused")

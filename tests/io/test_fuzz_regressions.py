@@ -304,3 +304,12 @@ def test_a_deflate_bomb_is_refused_before_pydicom_inflates_it(tmp_path, monkeypa
     with pytest.raises(CTLoadError, match=r"bomb\.dcm: its deflated data set inflates to more than 1 MiB"):
         load_ct(path)
     assert load_ct(SEEDS / "deflated.dcm").shape == (1, 8, 8)  # an ordinary deflated file still loads
+
+
+def test_a_child_that_cannot_start_is_a_refusal_naming_the_file(monkeypatch):
+    """A child that dies before its first file (a broken install, no memory to import in) is
+    reported for the file asked for, as every refusal must be."""
+    command = [sys.executable, "-c", "raise SystemExit('cannot import SimpleITK')"]
+    monkeypatch.setattr(isolated, "_child_command", lambda folder: [*command, str(folder)])
+    with pytest.raises(CTLoadError, match=r"sv1\.dcm: the JPEG decoder \(GDCM\) could not be started .*ITK"):
+        load_ct(SEEDS / "jpeg_lossless_sv1.dcm")
