@@ -579,7 +579,7 @@ def plugin_image_input(path: str | Path, size: int) -> np.ndarray:
     from napari_wscovid.pipeline import model_input_kwargs
     from napari_wscovid.preprocess import prepare_slices
 
-    volume = load_ct(path)
+    volume = load_ct(path, trusted=True)  # public data sets, read by the thousand: no child per file
     lung = segment_lungs(volume)
     kwargs = model_input_kwargs(volume, lung, size)
     mask_outside_lung = bool(lung.any())

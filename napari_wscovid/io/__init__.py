@@ -39,7 +39,11 @@ __all__ = [
 
 
 def load_ct(
-    path: str | os.PathLike, series: str | int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES
+    path: str | os.PathLike,
+    series: str | int | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    trusted: bool = False,
 ) -> CTVolume:
     """Load a CT volume from a DICOM folder or file, NIfTI, MHA/MHD, NRRD or a 2-D PNG/JPG.
 
@@ -47,6 +51,10 @@ def load_ct(
     by default the largest CT series is loaded and ``volume.warnings`` says so. Arrays are (z, y, x),
     patient LPS, reoriented so index 0 is the most inferior slice. Raises CTLoadError with the file
     or series and the reason when the input cannot be loaded safely.
+
+    Native decoders read user files in a child process (:mod:`.isolated`), so that a damaged file
+    cannot crash or exhaust the caller; ``trusted=True`` reads MHA/NRRD and PNG/JPG files in this
+    process instead, with the same code (training reads thousands of known pictures).
     """
     from .dicom import load_dicom
     from .formats import format_of, load_2d_image, load_itk, load_nifti
@@ -60,9 +68,9 @@ def load_ct(
     if kind == "nifti":
         return load_nifti(path, max_bytes=max_bytes)
     if kind == "itk":
-        return load_itk(path, max_bytes=max_bytes)
+        return load_itk(path, max_bytes=max_bytes, in_process=trusted)
     if kind == "image":
-        return load_2d_image(path, max_bytes=max_bytes)
+        return load_2d_image(path, max_bytes=max_bytes, in_process=trusted)
     try:
         return load_dicom(path, series, max_bytes=max_bytes)
     except CTLoadError as exc:

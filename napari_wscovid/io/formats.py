@@ -227,7 +227,7 @@ def load_nifti(path: str | os.PathLike, *, max_bytes: int) -> CTVolume:
 # --------------------------------------------------------------------------------- MHA/MHD/NRRD
 
 
-def load_itk(path: str | os.PathLike, *, max_bytes: int) -> CTVolume:
+def load_itk(path: str | os.PathLike, *, max_bytes: int, in_process: bool = False) -> CTVolume:
     """Read MHA/MHD/NRRD with SimpleITK (LPS); its (x, y, z) spacing/origin reordered to (z, y, x).
 
     ITK reads in a child process (:mod:`.isolated`): its MetaImage and NRRD readers crash, loop or
@@ -235,7 +235,7 @@ def load_itk(path: str | os.PathLike, *, max_bytes: int) -> CTVolume:
     content, so a DICOM file renamed ``.mha`` reaches GDCM."""
     path = Path(path)
     name = path.name
-    image = read_isolated("itk", path, max_bytes)
+    image = read_isolated("itk", path, max_bytes, in_process)
     data = image.pixels
     dim = image.dimension
     direction_itk = np.eye(3)
@@ -258,13 +258,13 @@ def load_itk(path: str | os.PathLike, *, max_bytes: int) -> CTVolume:
 # ---------------------------------------------------------------------------------------- 2-D
 
 
-def load_2d_image(path: str | os.PathLike, *, max_bytes: int) -> CTVolume:
+def load_2d_image(path: str | os.PathLike, *, max_bytes: int, in_process: bool = False) -> CTVolume:
     """A PNG/JPG slice as a one-slice volume of display intensities (is_hu=False, case 27).
 
     Pillow decodes in a child process (:mod:`.isolated`): a 516 kB PNG took it 4 GB and 100 s."""
     path = Path(path)
     name = path.name
-    data = read_isolated("picture", path, max_bytes).pixels  # writable (a float TIFF's was not)
+    data = read_isolated("picture", path, max_bytes, in_process).pixels  # writable (a float TIFF's was not)
     warnings: list[str] = []
     _warn(
         warnings,

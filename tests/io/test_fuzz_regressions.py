@@ -313,3 +313,20 @@ def test_a_child_that_cannot_start_is_a_refusal_naming_the_file(monkeypatch):
     monkeypatch.setattr(isolated, "_child_command", lambda folder: [*command, str(folder)])
     with pytest.raises(CTLoadError, match=r"sv1\.dcm: the JPEG decoder \(GDCM\) could not be started .*ITK"):
         load_ct(SEEDS / "jpeg_lossless_sv1.dcm")
+
+
+def test_trusted_reading_in_this_process_gives_the_same_volume(tmp_path):
+    """``trusted=True`` (training's thousands of known pictures) skips the child, not the reader."""
+    from PIL import Image
+
+    from napari_wscovid.io.write import write_image
+
+    picture = tmp_path / "slice.png"
+    Image.fromarray((np.arange(64 * 48) % 251).astype(np.uint8).reshape(64, 48)).save(picture)
+    volume = load_ct(SEEDS / "explicit_le.dcm")
+    mha = tmp_path / "ct.mha"
+    write_image(volume, mha)
+    for path in (picture, mha):
+        isolated_volume, trusted_volume = load_ct(path), load_ct(path, trusted=True)
+        np.testing.assert_array_equal(isolated_volume.hu, trusted_volume.hu)
+        assert isolated_volume.geometry() == trusted_volume.geometry()
