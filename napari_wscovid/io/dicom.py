@@ -656,7 +656,7 @@ def decode_file(h: FileHeader, decoded: Mapping | None = None) -> tuple[np.ndarr
     if route is None:
         raw = np.asarray(pydicom.dcmread(h.path).pixel_array)
     elif decoded is not None and h.path in decoded:
-        raw = np.array(decoded[h.path].result(h.path).pixels)
+        raw = decoded[h.path].result(h.path).pixels  # a memory map, converted (copied) below
     else:
         with decoded_in_children([h]) as own:
             raw = np.array(own[h.path].result(h.path).pixels)

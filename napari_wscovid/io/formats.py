@@ -35,10 +35,12 @@ def _warn(warnings: list[str], message: str) -> None:
     logger.warning(message)
 
 
-def _check_memory(name: str, shape, max_bytes: int) -> None:
+def check_memory(name: str, shape, max_bytes: int, available: int | None | str = "now") -> int:
+    """``check_load_size`` for a volume of ``shape`` (``available`` as there); its voxel count."""
     n_voxels = int(np.prod([int(s) for s in shape], dtype=np.int64))
     size = " x ".join(str(int(s)) for s in shape)
-    check_load_size(f"{name}: {size} voxels", n_voxels, "the whole volume", max_bytes)
+    check_load_size(f"{name}: {size} voxels", n_voxels, "the whole volume", max_bytes, available)
+    return n_voxels
 
 
 def nearest_identity_geometry(shape, spacing, origin, direction):
@@ -202,7 +204,7 @@ def load_nifti(path: str | os.PathLike, *, max_bytes: int) -> CTVolume:
         raise CTLoadError(f"{name}: {len(shape)}-D image {shape}; only 3-D volumes are supported")
     if len(shape) < 2:
         raise CTLoadError(f"{name}: {len(shape)}-D image; not a volume")
-    _check_memory(name, shape, max_bytes)
+    check_memory(name, shape, max_bytes)
     warnings: list[str] = []
     affine_ras = _nifti_affine(image.header, _raw_pixdim(image, path), name, warnings)
     affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras

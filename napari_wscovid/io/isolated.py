@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from . import volume
-from .volume import BYTES_PER_VOXEL, CTLoadError, check_load_size
+from .volume import BYTES_PER_VOXEL, CTLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ _DECODER_COMPLAINTS = ("Uncompress failed",)
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """One decoded file: its pixels (memory-mapped, read-only) and the grid its reader gave."""
+    """One decoded file: its pixels and the grid its reader gave. From :class:`Decoding` the pixels
+    are a read-only memory map, valid inside its ``with`` block; from :func:`read_isolated`, a copy."""
 
     pixels: np.ndarray  # ITK/GDCM: (frames, rows, cols) or (rows, cols); pictures: (rows, cols)
     dimension: int
@@ -357,6 +358,8 @@ def _decode_pydicom(path: Path, job: dict, save) -> dict:
 def _decode_itk(path: Path, job: dict, save) -> dict:
     import SimpleITK as sitk
 
+    from .formats import check_memory
+
     name = path.name
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -371,15 +374,7 @@ def _decode_itk(path: Path, job: dict, save) -> dict:
         )
     if len(size) not in (2, 3):
         raise CTLoadError(f"{name}: {len(size)}-D image; only 2-D or 3-D images are supported")
-    n_voxels = int(np.prod([int(s) for s in size], dtype=np.int64))
-    check_load_size(
-        f"{name}: {' x '.join(str(int(s)) for s in size)} voxels",
-        n_voxels,
-        "the whole volume",
-        job["max_bytes"],
-        job["available_bytes"],
-    )
-    _raise_ceiling(job, n_voxels)
+    _raise_ceiling(job, check_memory(name, size, job["max_bytes"], job["available_bytes"]))
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -391,18 +386,13 @@ def _decode_itk(path: Path, job: dict, save) -> dict:
 def _decode_picture(path: Path, job: dict, save) -> dict:
     from PIL import Image
 
+    from .formats import check_memory
+
     name = path.name
     try:
         with Image.open(path) as image:
-            n_pixels = image.height * image.width
-            check_load_size(
-                f"{name}: 1 x {image.height} x {image.width} voxels",
-                n_pixels,
-                "the whole volume",
-                job["max_bytes"],
-                job["available_bytes"],
-            )
-            _raise_ceiling(job, n_pixels)
+            shape = (1, image.height, image.width)
+            _raise_ceiling(job, check_memory(name, shape, job["max_bytes"], job["available_bytes"]))
             data = np.asarray(image)
     except (CTLoadError, MemoryError):
         raise
@@ -430,11 +420,12 @@ def _child(folder: Path) -> int:
     job = json.loads((folder / "job.json").read_text())
     job["in_child"] = True
     decode = _TASKS[job["task"]]
-    import SimpleITK as sitk
-
     from .dicom import _decode_error_text, _is_decoder_panic
 
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one decoder thread; a predictable footprint
+    if job["task"] in ("gdcm", "itk"):  # pydicom's and Pillow's children need no ITK loaded
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one decoder thread, a predictable footprint
     _set_address_space(int(job["soft_limit"]), int(job["hard_limit"]))
     for index, file in enumerate(job["files"]):
         (folder / "started").write_text(str(index))
