@@ -520,14 +520,14 @@ def scan_dicom(path: str | os.PathLike) -> DicomScan:
                 continue
             try:
                 headers.append(read_header(file))
-            except CTLoadError:
-                skipped.append(f"{relative}: not DICOM")
+            except CTLoadError as exc:
+                # a DICOM file refused for a reason (a deflate bomb, a damaged header) says which
+                reason = str(exc).split(": ", 1)[-1]
+                skipped.append(f"{relative}: {'not DICOM' if reason.startswith('not a DICOM') else reason}")
             except OSError as exc:
                 skipped.append(f"{relative}: unreadable ({type(exc).__name__})")
     if skipped:
-        logger.info(
-            "skipped %d non-DICOM file(s) under %s: %s", len(skipped), root.name, _short_list(skipped)
-        )
+        logger.info("skipped %d file(s) under %s: %s", len(skipped), root.name, _short_list(skipped))
     return DicomScan(group_headers(headers), skipped)
 
 

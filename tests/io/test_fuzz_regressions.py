@@ -304,6 +304,10 @@ def test_a_deflate_bomb_is_refused_before_pydicom_inflates_it(tmp_path, monkeypa
     with pytest.raises(CTLoadError, match=r"bomb\.dcm: its deflated data set inflates to more than 1 MiB"):
         load_ct(path)
     assert load_ct(SEEDS / "deflated.dcm").shape == (1, 8, 8)  # an ordinary deflated file still loads
+    # in a folder the bomb is left out of the series with its reason, not as "not DICOM"
+    from napari_wscovid.io.dicom import scan_dicom
+
+    assert any("bomb.dcm: its deflated data set inflates" in s for s in scan_dicom(tmp_path).skipped)
 
 
 def test_a_child_that_cannot_start_is_a_refusal_naming_the_file(monkeypatch):
